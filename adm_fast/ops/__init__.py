@@ -1,0 +1,24 @@
+"""adm_fast's op layer: the only place that knows kernels exist.
+
+Models call these functions by name; which implementation runs is decided per
+call by the backend setting (`use_backend`, `$ADM_FAST_BACKEND`, or auto).
+"""
+
+from .dispatch import (
+    Backend,
+    BackendNotSupported,
+    backends,
+    current_backend,
+    explain,
+    register_backend,
+    set_backend,
+    use_backend,
+)
+from .group_norm_act import group_norm_act
+from .qkv_attention import qkv_attention
+from . import eager as _eager  # noqa: F401  (registers the eager backend)
+
+__all__ = [
+    "Backend", "BackendNotSupported", "backends", "current_backend", "explain",
+    "register_backend", "set_backend", "use_backend", "group_norm_act", "qkv_attention",
+]
