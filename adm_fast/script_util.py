@@ -1,0 +1,251 @@
+"""guided-diffusion's script-flag layer: the same function names, arguments,
+defaults and meanings, so existing command lines and configs carry over.
+
+Script flags differ from constructor arguments in two ways that matter:
+`attention_resolutions` is a comma list of pixel resolutions ("32,16,8"),
+turned into downsample rates here, and `channel_mult=""` picks the released
+models' per-resolution multipliers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Tuple
+
+from .models import EncoderUNetModel, SuperResModel, UNetModel
+
+NUM_CLASSES = 1000
+
+# channel_mult="" means this, per image size (guided-diffusion's choice).
+AUTO_CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+SR_CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
+    512: (1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    64: (1, 2, 3, 4),
+}
+
+
+def diffusion_defaults():
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+    )
+
+
+def classifier_defaults():
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+    )
+
+
+def model_and_diffusion_defaults():
+    res = dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=False,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+    )
+    res.update(diffusion_defaults())
+    return res
+
+
+def classifier_and_diffusion_defaults():
+    res = classifier_defaults()
+    res.update(diffusion_defaults())
+    return res
+
+
+_SR_KEYS = (
+    "class_cond", "learn_sigma", "num_channels", "num_res_blocks", "num_heads",
+    "num_head_channels", "num_heads_upsample", "attention_resolutions", "dropout",
+    "diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart",
+    "rescale_timesteps", "rescale_learned_sigmas", "use_checkpoint", "use_scale_shift_norm",
+    "resblock_updown", "use_fp16",
+)
+
+
+def sr_model_and_diffusion_defaults():
+    base = model_and_diffusion_defaults()
+    res = dict(large_size=256, small_size=64)
+    res.update({k: base[k] for k in _SR_KEYS})
+    return res
+
+
+def parse_channel_mult(channel_mult, image_size: int, table=AUTO_CHANNEL_MULT,
+                       what: str = "image size"):
+    """channel_mult flag -> tuple: "" is the automatic choice, "1,2,2" explicit."""
+    if isinstance(channel_mult, (tuple, list)):
+        return tuple(channel_mult)
+    if channel_mult == "":
+        if image_size not in table:
+            sizes = ", ".join(str(s) for s in sorted(table))
+            raise ValueError(f"unsupported {what}: {image_size}; the automatic channel_mult "
+                             f"exists for {sizes}: pass channel_mult explicitly")
+        return table[image_size]
+    try:
+        values = [float(v) for v in channel_mult.split(",")]
+    except ValueError:
+        raise ValueError(f"channel_mult must be a comma list of numbers, got {channel_mult!r}")
+    return tuple(int(v) if v.is_integer() else v for v in values)
+
+
+def attention_downsample_rates(attention_resolutions, image_size: int) -> Tuple[int, ...]:
+    """"32,16,8" (pixel resolutions) -> downsample rates for an image_size UNet."""
+    if isinstance(attention_resolutions, (tuple, list)):
+        items = list(attention_resolutions)
+    else:
+        items = [r for r in str(attention_resolutions).split(",") if r.strip()]
+    rates = []
+    for r in items:
+        try:
+            res = int(r)
+        except ValueError:
+            raise ValueError(f"attention_resolutions must be a comma list of integers, "
+                             f"got {attention_resolutions!r}")
+        if res <= 0 or image_size % res:
+            raise ValueError(f"attention resolution {res} does not divide image size "
+                             f"{image_size}")
+        rates.append(image_size // res)
+    return tuple(rates)
+
+
+def create_model(image_size, num_channels, num_res_blocks, channel_mult="", learn_sigma=False,
+                 class_cond=False, use_checkpoint=False, attention_resolutions="16",
+                 num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
+                 use_scale_shift_norm=False, dropout=0, resblock_updown=False,
+                 use_fp16=False, use_new_attention_order=False):
+    return UNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=6 if learn_sigma else 3,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_downsample_rates(attention_resolutions, image_size),
+        dropout=dropout,
+        channel_mult=parse_channel_mult(channel_mult, image_size),
+        num_classes=NUM_CLASSES if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def create_classifier(image_size, classifier_use_fp16, classifier_width, classifier_depth,
+                      classifier_attention_resolutions, classifier_use_scale_shift_norm,
+                      classifier_resblock_updown, classifier_pool):
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=NUM_CLASSES,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_downsample_rates(
+            classifier_attention_resolutions, image_size),
+        channel_mult=parse_channel_mult("", image_size),
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma,
+                    class_cond, use_checkpoint, attention_resolutions, num_heads,
+                    num_head_channels, num_heads_upsample, use_scale_shift_norm, dropout,
+                    resblock_updown, use_fp16):
+    if small_size <= 0 or small_size > large_size:
+        raise ValueError(f"small_size must be in (0, large_size={large_size}], got {small_size}")
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=6 if learn_sigma else 3,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_downsample_rates(attention_resolutions, large_size),
+        dropout=dropout,
+        channel_mult=parse_channel_mult("", large_size, SR_CHANNEL_MULT, "large size"),
+        num_classes=NUM_CLASSES if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+    )
+
+
+def create_from_flags(kind: str, flags: dict):
+    """Build a model of `kind` ("unet", "classifier", "sr") from script flags;
+    flags not given take guided-diffusion's defaults, unknown ones are an error."""
+    if kind == "unet":
+        fn, defaults = create_model, model_and_diffusion_defaults()
+        keys = [k for k in defaults if k not in diffusion_defaults()] + ["learn_sigma"]
+    elif kind == "classifier":
+        fn, defaults = create_classifier, classifier_defaults()
+        keys = list(defaults)
+    elif kind == "sr":
+        fn, defaults = sr_create_model, sr_model_and_diffusion_defaults()
+        keys = [k for k in defaults if k not in diffusion_defaults()] + ["learn_sigma"]
+    else:
+        raise ValueError(f"unknown model kind {kind!r}; expected unet, classifier or sr")
+    unknown = set(flags) - set(defaults) - set(diffusion_defaults()) - {"kind"}
+    if unknown:
+        raise ValueError(f"unknown {kind} flags: {', '.join(sorted(unknown))}")
+    merged = {**defaults, **flags}
+    return fn(**{k: merged[k] for k in keys})
+
+
+def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: dict) -> None:
+    for k, v in default_dict.items():
+        v_type = str2bool if isinstance(v, bool) else (str if v is None else type(v))
+        parser.add_argument(f"--{k}", default=v, type=v_type)
+
+
+def args_to_dict(args, keys):
+    return {k: getattr(args, k) for k in keys}
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
