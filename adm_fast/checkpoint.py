@@ -25,6 +25,7 @@ from .script_util import create_from_flags
 
 _CLASSES = {c.__name__: c for c in (UNetModel, SuperResModel, EncoderUNetModel)}
 _META_CLASS, _META_CONFIG, _META_PRESET = "adm_fast.class", "adm_fast.config", "adm_fast.preset"
+_META_FLAGS = "adm_fast.flags"
 _SHOW = 12  # keys listed per category in a mismatch error
 
 
@@ -179,7 +180,10 @@ def _build(spec, meta: Dict[str, str]):
             cls = _CLASSES[meta[_META_CLASS]]
             config = json.loads(meta[_META_CONFIG])
             preset = _presets.PRESETS.get(meta.get(_META_PRESET, ""))
-            return cls(**config), preset
+            model = cls(**config)
+            if _META_FLAGS in meta:
+                model.flags = json.loads(meta[_META_FLAGS])
+            return model, preset
     raise TypeError(f"preset must be a name, a Preset or a flags dict, got {type(spec).__name__}")
 
 
@@ -213,7 +217,7 @@ def load_checkpoint(path: Union[str, os.PathLike], preset=None, device=None,
 
 def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write the model's weights as safetensors, with what rebuilds it
-    (class, constructor arguments, preset) as metadata. The file is written
+    (class, constructor arguments, script flags, preset) as metadata. The file is written
     to a temporary name and renamed, so an interrupted save leaves no
     truncated checkpoint behind."""
     from safetensors.torch import save_file
@@ -226,6 +230,9 @@ def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     preset = getattr(model, "preset", None)
     if preset is not None:
         meta[_META_PRESET] = preset.name
+    flags = getattr(model, "flags", None)
+    if flags is not None:
+        meta[_META_FLAGS] = json.dumps(flags)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = f"{path}.tmp{os.getpid()}"
     try:

@@ -10,6 +10,8 @@ models' per-resolution multipliers.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 from typing import Dict, Tuple
 
 from .models import EncoderUNetModel, SuperResModel, UNetModel
@@ -138,6 +140,24 @@ def attention_downsample_rates(attention_resolutions, image_size: int) -> Tuple[
     return tuple(rates)
 
 
+def _records_flags(kind: str):
+    """Attach the script flags a model was built from as `model.flags`
+    (with "kind"), so checkpoints and tools can tell how to rebuild it."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def build(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            model = fn(*args, **kwargs)
+            model.flags = {"kind": kind, **bound.arguments}
+            return model
+        return build
+    return wrap
+
+
+@_records_flags("unet")
 def create_model(image_size, num_channels, num_res_blocks, channel_mult="", learn_sigma=False,
                  class_cond=False, use_checkpoint=False, attention_resolutions="16",
                  num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
@@ -164,6 +184,7 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
     )
 
 
+@_records_flags("classifier")
 def create_classifier(image_size, classifier_use_fp16, classifier_width, classifier_depth,
                       classifier_attention_resolutions, classifier_use_scale_shift_norm,
                       classifier_resblock_updown, classifier_pool):
@@ -184,6 +205,7 @@ def create_classifier(image_size, classifier_use_fp16, classifier_width, classif
     )
 
 
+@_records_flags("sr")
 def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma,
                     class_cond, use_checkpoint, attention_resolutions, num_heads,
                     num_head_channels, num_heads_upsample, use_scale_shift_norm, dropout,

@@ -123,8 +123,11 @@ def test_safetensors_keeps_preset_and_is_atomic(tmp_path):
         adm_fast.save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
 
 
-def test_preset_survives_safetensors(tmp_path):
+def test_preset_and_flags_survive_safetensors(tmp_path):
     model = presets.get("64x64_classifier").build()
+    assert model.flags["kind"] == "classifier" and model.flags["classifier_depth"] == 4
     path = tmp_path / "c.safetensors"
     adm_fast.save_checkpoint(model, path)
-    assert adm_fast.load_checkpoint(path).preset.name == "64x64_classifier"
+    again = adm_fast.load_checkpoint(path)
+    assert again.preset.name == "64x64_classifier"
+    assert again.flags == model.flags
