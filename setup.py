@@ -16,6 +16,7 @@ setup(
         "torch>=2.4",
         "numpy>=1.24",
         "safetensors>=0.4",
+        "tqdm>=4.60",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest>=7"]},

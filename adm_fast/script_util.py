@@ -14,6 +14,7 @@ import functools
 import inspect
 from typing import Dict, Tuple
 
+from .diffusion import create_gaussian_diffusion
 from .models import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
@@ -162,7 +163,10 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
                  class_cond=False, use_checkpoint=False, attention_resolutions="16",
                  num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
                  use_scale_shift_norm=False, dropout=0, resblock_updown=False,
-                 use_fp16=False, use_new_attention_order=False):
+                 use_fp16=False, use_new_attention_order=False, null_class=False):
+    """guided-diffusion's create_model; null_class (an adm_fast addition, off by
+    default so released checkpoints keep their shapes) adds the "no label"
+    embedding row classifier-free guidance needs."""
     return UNetModel(
         image_size=image_size,
         in_channels=3,
@@ -181,6 +185,7 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        null_class=null_class,
     )
 
 
@@ -209,7 +214,7 @@ def create_classifier(image_size, classifier_use_fp16, classifier_width, classif
 def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma,
                     class_cond, use_checkpoint, attention_resolutions, num_heads,
                     num_head_channels, num_heads_upsample, use_scale_shift_norm, dropout,
-                    resblock_updown, use_fp16):
+                    resblock_updown, use_fp16, null_class=False):
     if small_size <= 0 or small_size > large_size:
         raise ValueError(f"small_size must be in (0, large_size={large_size}], got {small_size}")
     return SuperResModel(
@@ -229,6 +234,7 @@ def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
+        null_class=null_class,
     )
 
 
@@ -246,11 +252,70 @@ def create_from_flags(kind: str, flags: dict):
         keys = [k for k in defaults if k not in diffusion_defaults()] + ["learn_sigma"]
     else:
         raise ValueError(f"unknown model kind {kind!r}; expected unet, classifier or sr")
+    if kind != "classifier":
+        keys.append("null_class")
+        defaults["null_class"] = False
     unknown = set(flags) - set(defaults) - set(diffusion_defaults()) - {"kind"}
     if unknown:
         raise ValueError(f"unknown {kind} flags: {', '.join(sorted(unknown))}")
     merged = {**defaults, **flags}
     return fn(**{k: merged[k] for k in keys})
+
+
+def _diffusion(steps, learn_sigma, noise_schedule, use_kl, predict_xstart, rescale_timesteps,
+               rescale_learned_sigmas, timestep_respacing, **_):
+    return create_gaussian_diffusion(
+        steps=steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
+        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing)
+
+
+def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels,
+                               num_res_blocks, channel_mult, num_heads, num_head_channels,
+                               num_heads_upsample, attention_resolutions, dropout,
+                               diffusion_steps, noise_schedule, timestep_respacing, use_kl,
+                               predict_xstart, rescale_timesteps, rescale_learned_sigmas,
+                               use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
+                               use_new_attention_order, null_class=False):
+    model = create_model(
+        image_size, num_channels, num_res_blocks, channel_mult=channel_mult,
+        learn_sigma=learn_sigma, class_cond=class_cond, use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions, num_heads=num_heads,
+        num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout,
+        resblock_updown=resblock_updown, use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order, null_class=null_class)
+    return model, _diffusion(diffusion_steps, **locals())
+
+
+def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_width,
+                                    classifier_depth, classifier_attention_resolutions,
+                                    classifier_use_scale_shift_norm, classifier_resblock_updown,
+                                    classifier_pool, learn_sigma, diffusion_steps,
+                                    noise_schedule, timestep_respacing, use_kl, predict_xstart,
+                                    rescale_timesteps, rescale_learned_sigmas):
+    classifier = create_classifier(
+        image_size, classifier_use_fp16, classifier_width, classifier_depth,
+        classifier_attention_resolutions, classifier_use_scale_shift_norm,
+        classifier_resblock_updown, classifier_pool)
+    return classifier, _diffusion(diffusion_steps, **locals())
+
+
+def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigma, num_channels,
+                                  num_res_blocks, num_heads, num_head_channels,
+                                  num_heads_upsample, attention_resolutions, dropout,
+                                  diffusion_steps, noise_schedule, timestep_respacing, use_kl,
+                                  predict_xstart, rescale_timesteps, rescale_learned_sigmas,
+                                  use_checkpoint, use_scale_shift_norm, resblock_updown,
+                                  use_fp16, null_class=False):
+    model = sr_create_model(
+        large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma,
+        class_cond=class_cond, use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions, num_heads=num_heads,
+        num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout,
+        resblock_updown=resblock_updown, use_fp16=use_fp16, null_class=null_class)
+    return model, _diffusion(diffusion_steps, **locals())
 
 
 def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: dict) -> None:

@@ -38,7 +38,7 @@ class _Trunk(nn.Module):
                  num_res_blocks, attention_resolutions, dropout, channel_mult,
                  conv_resample, dims, num_classes, use_checkpoint, num_heads,
                  num_head_channels, num_heads_upsample, use_scale_shift_norm,
-                 resblock_updown, use_new_attention_order):
+                 resblock_updown, use_new_attention_order, null_class=False):
         super().__init__()
         check_dims(dims)
         if model_channels <= 0 or num_res_blocks < 0 or not channel_mult:
@@ -72,8 +72,11 @@ class _Trunk(nn.Module):
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # With null_class, row num_classes is the "no label" embedding that
+        # classifier-free guidance conditions the unconditional half on.
+        self.null_label = num_classes if null_class else None
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, emb_dim)
+            self.label_emb = nn.Embedding(num_classes + int(null_class), emb_dim)
 
         ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList(
@@ -176,13 +179,16 @@ class UNetModel(_Trunk):
                  num_classes: Optional[int] = None, use_checkpoint: bool = False,
                  use_fp16: bool = False, num_heads: int = 1, num_head_channels: int = -1,
                  num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
-                 resblock_updown: bool = False, use_new_attention_order: bool = False):
+                 resblock_updown: bool = False, use_new_attention_order: bool = False,
+                 null_class: bool = False):
         config = constructor_config(locals())
+        if null_class and num_classes is None:
+            raise ValueError("null_class needs a class-conditional model (num_classes)")
         super().__init__(image_size, in_channels, model_channels, out_channels,
                          num_res_blocks, attention_resolutions, dropout, channel_mult,
                          conv_resample, dims, num_classes, use_checkpoint, num_heads,
                          num_head_channels, num_heads_upsample, use_scale_shift_norm,
-                         resblock_updown, use_new_attention_order)
+                         resblock_updown, use_new_attention_order, null_class)
         self.config = config
         ch, ds, chans = self.__dict__.pop("_trunk_out")
         self.output_blocks = nn.ModuleList()
@@ -212,7 +218,8 @@ class UNetModel(_Trunk):
 
     def forward(self, x: Tensor, timesteps: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """x [N, C, H, W], timesteps [N] (float ok), y [N] class labels if
-        class-conditional. Returns [N, out_channels, H, W]."""
+        class-conditional (null_label for "no label" with null_class).
+        Returns [N, out_channels, H, W]."""
         self._check_input(x)
         if (y is None) != (self.num_classes is None):
             raise ValueError("pass y (class labels) if and only if the model is "

@@ -14,6 +14,8 @@ from .dispatch import (
     set_backend,
     use_backend,
 )
+from .ddim_step import ddim_step
+from .ddpm_step import ddpm_step
 from .group_norm_act import group_norm_act
 from .qkv_attention import qkv_attention
 from . import eager as _eager  # noqa: F401  (registers the eager backend)
@@ -21,4 +23,5 @@ from . import eager as _eager  # noqa: F401  (registers the eager backend)
 __all__ = [
     "Backend", "BackendNotSupported", "backends", "current_backend", "explain",
     "register_backend", "set_backend", "use_backend", "group_norm_act", "qkv_attention",
+    "ddpm_step", "ddim_step",
 ]
