@@ -12,6 +12,7 @@ from .diffusion import (ClassifierFreeGuidance, GaussianDiffusion, SpacedDiffusi
                         create_named_schedule_sampler)
 from .models import EncoderUNetModel, SuperResModel, UNetModel
 from .ops import explain, use_backend
+from .patch import patch
 from .presets import PRESETS, Preset
 from .script_util import (NUM_CLASSES, classifier_and_diffusion_defaults, classifier_defaults,
                           create_classifier, create_classifier_and_diffusion, create_model,
@@ -26,7 +27,7 @@ __all__ = [
     "classifier_cond_fn", "classifier_free_guidance", "create_gaussian_diffusion",
     "create_named_schedule_sampler", "create_classifier_and_diffusion",
     "create_model_and_diffusion", "sr_create_model_and_diffusion",
-    "ops", "presets", "CheckpointError", "UnsafeCheckpointError", "detect_preset",
+    "ops", "presets", "patch", "CheckpointError", "UnsafeCheckpointError", "detect_preset",
     "load_checkpoint", "read_state_dict", "save_checkpoint", "EncoderUNetModel",
     "SuperResModel", "UNetModel", "explain", "use_backend", "PRESETS", "Preset", "NUM_CLASSES",
     "classifier_and_diffusion_defaults", "classifier_defaults", "create_classifier",

@@ -1,11 +1,17 @@
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
-import torch
+import torch  # noqa: E402  (imports no Triton)
 
 # Tests pick backends explicitly; a user's setting must not leak in.
 os.environ.pop("ADM_FAST_BACKEND", None)
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; it
+# must be on before the kernels are defined (before adm_fast is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 REF = Path(__file__).parent / "reference"
 NUMERIC_CASES = sorted(p.stem for p in (REF / "numeric").glob("*.pt"))
@@ -57,3 +63,31 @@ def run_case(model, case: dict, x: torch.Tensor = None):
     selected = log_p[torch.arange(len(logits)), case["y"]].sum()
     (grad,) = torch.autograd.grad(selected, x)
     return logits, grad
+
+
+@contextlib.contextmanager
+def poisoned():
+    """Tensors allocated with torch.empty/empty_like start as NaN, so output
+    elements a kernel fails to write show up."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(real_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_like
+
+
+def max_err(out, ref) -> float:
+    return (out.detach().double() - ref.detach().double()).abs().max().item()
+
+
+def assert_lowp_close(out, ref64, torch_lowp, what=""):
+    """flash-attention's rule: at most twice the error torch itself makes at
+    that precision (plus a hair for exact-zero cases)."""
+    err, base = max_err(out, ref64), max_err(torch_lowp, ref64)
+    assert err <= 2 * base + 1e-6 * ref64.abs().max().item(), (what, err, base)

@@ -26,12 +26,19 @@ class TimestepBlock(nn.Module):
         raise NotImplementedError
 
 
+def takes_embedding(layer: nn.Module) -> bool:
+    """adm_fast's TimestepBlocks, and any other class whose ancestry has one so
+    named (a guided-diffusion block that adm_fast.patch left as it was)."""
+    return isinstance(layer, TimestepBlock) or any(
+        c.__name__ == "TimestepBlock" for c in type(layer).__mro__)
+
+
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """A Sequential that hands the embedding to the children that take it."""
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+            x = layer(x, emb) if takes_embedding(layer) else layer(x)
         return x
 
 

@@ -12,13 +12,14 @@ fp32 tensor `coefs` [7, B] whose rows are (see GaussianDiffusion.step_coefs):
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from . import dispatch
 from . import step_math as sm
-from .ddpm_step import check_step_args
+from .ddpm_step import check_step_args, recompute_autograd, step_fake
 
 OP = "ddim_step"
 ROWS = 7
@@ -50,3 +51,25 @@ def ddim_step(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor,
     (x_{t-1}, pred_xstart) where pred_xstart is the guided x_0."""
     check_step_args(OP, x, model_out, noise, coefs, ROWS, grad, mean_type)
     return dispatch.call(OP, x, model_out, noise, coefs, grad, mean_type, clip, float(eta))
+
+
+# --- the fused path: one custom op for every fused backend ---------------------------
+
+IMPLS: Dict[str, Callable] = {}
+
+
+@torch.library.triton_op("adm_fast::ddim_step", mutates_args=())
+def _fused(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor, grad: Optional[Tensor],
+           mean_type: str, clip: bool, eta: float, backend: str) -> Tuple[Tensor, Tensor]:
+    return IMPLS[backend]().ddim_step(x, model_out, noise, coefs, grad, mean_type, clip, eta)
+
+
+_fused.register_fake(step_fake)
+recompute_autograd(_fused, reference, 5)
+
+
+def fused(backend: str) -> Callable:
+    def run(x, model_out, noise, coefs, grad, mean_type, clip, eta):
+        return torch.ops.adm_fast.ddim_step(x, model_out, noise, coefs, grad, mean_type,
+                                            bool(clip), float(eta), backend)
+    return run

@@ -13,7 +13,7 @@ rows are (see GaussianDiffusion.step_coefs):
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -83,3 +83,55 @@ def ddpm_step(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor,
     Returns (x_{t-1}, pred_xstart)."""
     check_step_args(OP, x, model_out, noise, coefs, ROWS, grad, mean_type, var_type)
     return dispatch.call(OP, x, model_out, noise, coefs, grad, mean_type, var_type, clip)
+
+
+# --- the fused path: one custom op for every fused backend ---------------------------
+
+IMPLS: Dict[str, Callable] = {}
+
+
+@torch.library.triton_op("adm_fast::ddpm_step", mutates_args=())
+def _fused(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor, grad: Optional[Tensor],
+           mean_type: str, var_type: str, clip: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    return IMPLS[backend]().ddpm_step(x, model_out, noise, coefs, grad, mean_type, var_type,
+                                      clip)
+
+
+def step_fake(x, model_out, noise, coefs, grad, *args):
+    """Outputs typed as the eager step's: guidance promotes the sample to fp32."""
+    x0 = torch.promote_types(x.dtype, model_out.dtype)
+    sample = torch.promote_types(x0, torch.float32) if grad is not None else x0
+    return x.new_empty(x.shape, dtype=sample), x.new_empty(x.shape, dtype=x0)
+
+
+_fused.register_fake(step_fake)
+
+
+def recompute_autograd(op, reference_fn, n_tensors: int):
+    """Gradients of a step op by re-running its eager reference under autograd:
+    sampling rarely needs them, but differentiating through a step must work."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.rest = inputs[n_tensors:-1]  # the non-tensor arguments, minus backend
+
+    def backward(ctx, *grad_outputs):
+        leaves = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            outs = reference_fn(*leaves, *ctx.rest)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad(outs, wanted, grad_outputs, allow_unused=True))
+        grads = [next(got) if t is not None and t.requires_grad else None for t in leaves]
+        return tuple(grads) + (None,) * (len(ctx.needs_input_grad) - n_tensors)
+
+    op.register_autograd(backward, setup_context=setup)
+
+
+recompute_autograd(_fused, reference, 5)
+
+
+def fused(backend: str) -> Callable:
+    def run(x, model_out, noise, coefs, grad, mean_type, var_type, clip):
+        return torch.ops.adm_fast.ddpm_step(x, model_out, noise, coefs, grad, mean_type,
+                                            var_type, bool(clip), backend)
+    return run

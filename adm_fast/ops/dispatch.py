@@ -5,18 +5,21 @@ Each backend declares, per op, why it cannot run a given call
 backends by priority and takes the first that can; an explicitly chosen
 backend is strict and raises with its reasons instead of falling back.
 
-The choice is held in a context variable so that `use_backend` nests and is
-safe across threads; with no choice made, `ADM_FAST_BACKEND` (read at call
-time) or "auto" applies.
+The choice is process-wide, like torch.backends flags: `use_backend` nests
+and restores on exit; with no choice made, `ADM_FAST_BACKEND` (read at call
+time) or "auto" applies. It is a plain module-level value (not a
+ContextVar or thread-local) so that torch.compile can trace the selection
+without a graph break, guarding on the setting.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Union
+
+import torch
 
 log = logging.getLogger("adm_fast.dispatch")
 
@@ -34,8 +37,6 @@ class Backend:
 
     name: str = ""
     priority: int = 0
-    # auto never picks a backend marked explicit_only (e.g. an interpreter).
-    explicit_only: bool = False
 
     def __init__(self) -> None:
         self.ops: Dict[str, Callable] = {}
@@ -48,6 +49,11 @@ class Backend:
             return [f"{self.name} has no implementation of {op}"]
         return []
 
+    def auto_reasons(self, op: str, *args, **kwargs) -> List[str]:
+        """Why `auto` should pass over a call this backend could run (e.g. it
+        would run in an interpreter); an explicit choice ignores these."""
+        return []
+
     def reasons(self, op: str, *args, **kwargs) -> List[str]:
         why = self.unavailable_reasons()
         if why:
@@ -56,9 +62,9 @@ class Backend:
 
 
 _BACKENDS: Dict[str, Backend] = {}
-_choice: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "adm_fast_backend", default=None
-)
+# The setting: a backend name for every op, or {op: name} (ops not named: auto).
+Setting = Union[str, Mapping[str, str]]
+_STATE: Dict[str, Optional[Setting]] = {"setting": None}
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -80,35 +86,50 @@ def _check_name(name: str) -> str:
     return name
 
 
-def current_backend() -> str:
-    """The backend name in force: use_backend's, else $ADM_FAST_BACKEND, else auto."""
-    name = _choice.get()
-    if name is None:
-        name = os.environ.get("ADM_FAST_BACKEND", "").strip() or AUTO
-    return _check_name(name)
+def _check(setting: Setting) -> Setting:
+    if isinstance(setting, str):
+        return _check_name(setting)
+    for name in setting.values():
+        _check_name(name)
+    return dict(setting)
+
+
+def current_backend(op: Optional[str] = None) -> str:
+    """The backend name in force for `op`: use_backend's, else $ADM_FAST_BACKEND,
+    else auto."""
+    setting = _STATE["setting"]
+    if setting is None:
+        setting = os.environ.get("ADM_FAST_BACKEND", "").strip() or AUTO
+    if not isinstance(setting, str):
+        setting = setting.get(op, AUTO)
+    return _check_name(setting)
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
-    """Run the ops in this block on backend `name` ("auto", "eager", ...)."""
-    token = _choice.set(_check_name(name))
+def use_backend(setting: Setting):
+    """Run the ops in this block on one backend ("auto", "eager", "triton", ...),
+    or per op: use_backend({"group_norm_act": "triton"}) (others stay auto)."""
+    previous = _STATE["setting"]
+    _STATE["setting"] = _check(setting)
     try:
-        yield name
+        yield setting
     finally:
-        _choice.reset(token)
+        _STATE["setting"] = previous
 
 
-def set_backend(name: Optional[str]) -> None:
+def set_backend(setting: Optional[Setting]) -> None:
     """Set the backend for this context until changed; None restores the default."""
-    _choice.set(None if name is None else _check_name(name))
+    _STATE["setting"] = None if setting is None else _check(setting)
 
 
 class BackendNotSupported(RuntimeError):
     """The chosen backend cannot run this call; the message says why."""
 
 
-def _format(op: str, why: Dict[str, List[str]]) -> str:
-    lines = [f"no adm_fast backend can run {op} for these inputs:"]
+def _format(op: str, why: Dict[str, List[str]], chosen: Optional[str] = None) -> str:
+    head = (f"adm_fast backend {chosen!r} (chosen explicitly) cannot run {op} for these inputs:"
+            if chosen else f"no adm_fast backend can run {op} for these inputs:")
+    lines = [head]
     for name, reasons in why.items():
         lines.append(f"  {name}: " + "; ".join(reasons))
     return "\n".join(lines)
@@ -116,21 +137,18 @@ def _format(op: str, why: Dict[str, List[str]]) -> str:
 
 def select(op: str, *args, **kwargs) -> Backend:
     """The backend that will run `op` on these arguments (raises if none can)."""
-    name = current_backend()
+    name = current_backend(op)
     if name != AUTO:
         backend = _BACKENDS[name]
         why = backend.reasons(op, *args, **kwargs)
         if why:
-            raise BackendNotSupported(_format(op, {name: why}))
+            raise BackendNotSupported(_format(op, {name: why}, chosen=name))
         return backend
     rejected: Dict[str, List[str]] = {}
     for backend in backends().values():
-        if backend.explicit_only:
-            rejected[backend.name] = ["only used when chosen explicitly"]
-            continue
-        why = backend.reasons(op, *args, **kwargs)
+        why = backend.reasons(op, *args, **kwargs) or backend.auto_reasons(op, *args, **kwargs)
         if not why:
-            if rejected and log.isEnabledFor(logging.DEBUG):
+            if rejected and not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
                 log.debug("%s -> %s (%s)", op, backend.name, _format(op, rejected))
             return backend
         rejected[backend.name] = why
@@ -139,13 +157,13 @@ def select(op: str, *args, **kwargs) -> Backend:
 
 def explain(op: str, *args, **kwargs) -> str:
     """Which backend `op` would use for these arguments, and why not the others."""
-    name = current_backend()
+    name = current_backend(op)
     lines = [f"{op} (backend setting: {name})"]
     chosen = None
     for backend in backends().values():
         why = backend.reasons(op, *args, **kwargs)
-        if name == AUTO and backend.explicit_only and not why:
-            why = ["only used when chosen explicitly"]
+        if name == AUTO and not why:
+            why = backend.auto_reasons(op, *args, **kwargs)
         usable = not why and (name == AUTO or name == backend.name)
         if usable and chosen is None:
             chosen = backend.name

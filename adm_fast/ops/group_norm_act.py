@@ -10,7 +10,7 @@ dtype; the scale-shift and SiLU then run in x's dtype.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,3 +87,71 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     """
     check_args(x, num_groups, weight, bias, scale, shift)
     return dispatch.call(OP, x, num_groups, weight, bias, scale, shift, eps, act)
+
+
+# --- the fused path: one custom op for every fused backend ---------------------------
+#
+# torch.ops.adm_fast.group_norm_act returns (y, mean, rstd); its backward saves only
+# x, the per-(sample, group) mean and 1/std and the small vectors, and recomputes
+# the normalised and activated values. `backend` names the implementation in
+# IMPLS (a module with forward/backward, loaded on first use).
+
+IMPLS: Dict[str, Callable] = {}
+
+
+@torch.library.triton_op("adm_fast::group_norm_act", mutates_args=())
+def _fused(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+           scale: Optional[Tensor], shift: Optional[Tensor], num_groups: int, eps: float,
+           act: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return IMPLS[backend]().forward(x, weight, bias, scale, shift, num_groups, eps, act)
+
+
+@_fused.register_fake
+def _(x, weight, bias, scale, shift, num_groups, eps, act, backend):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.triton_op("adm_fast::group_norm_act_backward", mutates_args=())
+def _fused_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor,
+                    rstd: Tensor, num_groups: int, act: bool, need_wb: bool,
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = IMPLS[backend]().backward(dy, x, weight, bias, scale, shift, mean, rstd,
+                                      num_groups, act, need_wb)
+    # Custom ops return tensors: an absent gradient is an empty one.
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_fused_backward.register_fake
+def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act, need_wb, backend):
+    def like(t, wanted=True):
+        return torch.empty_like(t) if t is not None and wanted else x.new_empty(0)
+    return (torch.empty_like(x), like(weight, need_wb), like(bias, need_wb), like(scale),
+            like(shift))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, eps, act, backend = inputs
+    ctx.save_for_backward(x, weight, bias, scale, shift, output[1], output[2])
+    ctx.num_groups, ctx.act, ctx.backend = num_groups, act, backend
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = torch.ops.adm_fast.group_norm_act_backward(
+        dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.act,
+        bool(need[1] or need[2]), ctx.backend)
+    return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 4
+
+
+_fused.register_autograd(_backward, setup_context=_setup)
+
+
+def fused(backend: str) -> Callable:
+    """The op implementation that runs `backend`'s kernels through the custom op."""
+    def run(x, num_groups, weight, bias, scale, shift, eps, act):
+        return torch.ops.adm_fast.group_norm_act(x, weight, bias, scale, shift, num_groups,
+                                                 float(eps), bool(act), backend)[0]
+    return run

@@ -1,0 +1,80 @@
+"""The backend dispatcher: auto, strict explicit choices, explain, settings."""
+
+import pytest
+import torch
+
+import adm_fast
+from adm_fast import ops
+from adm_fast.ops import dispatch
+
+
+class Fp64Only(dispatch.Backend):
+    """A test backend that only takes fp64 inputs (and records its calls)."""
+
+    name = "fp64only"
+    priority = 100
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+        def gn(*args):
+            self.calls += 1
+            return dispatch.backends()["eager"].ops["group_norm_act"](*args)
+
+        self.ops = {"group_norm_act": gn}
+
+    def not_supported_reasons(self, op, *args, **kwargs):
+        why = super().not_supported_reasons(op, *args, **kwargs)
+        if not why and args[0].dtype != torch.float64:
+            why.append(f"dtype {args[0].dtype} is not float64")
+        return why
+
+
+@pytest.fixture
+def fp64only(monkeypatch):
+    backend = Fp64Only()
+    monkeypatch.setitem(dispatch._BACKENDS, backend.name, backend)
+    return backend
+
+
+def test_auto_picks_best_supported_and_explains(fp64only):
+    w, b = torch.ones(64), torch.zeros(64)
+    x32 = torch.randn(2, 64, 4, 4)
+    ops.group_norm_act(x32, 32, w, b)
+    assert fp64only.calls == 0  # fp32: auto falls back to eager
+    ops.group_norm_act(x32.double(), 32, w, b)
+    assert fp64only.calls == 1
+    text = adm_fast.explain("group_norm_act", x32, 32, w, b, None, None, 1e-5, True)
+    assert "fp64only: not supported: dtype torch.float32 is not float64" in text
+    assert "eager: chosen" in text
+
+
+def test_explicit_backend_is_strict(fp64only):
+    w, b = torch.ones(64), torch.zeros(64)
+    with adm_fast.use_backend("fp64only"):
+        with pytest.raises(ops.BackendNotSupported,
+                           match="'fp64only' \\(chosen explicitly\\) cannot run group_norm_act"):
+            ops.group_norm_act(torch.randn(2, 64, 4, 4), 32, w, b)
+        with pytest.raises(ops.BackendNotSupported, match="no implementation of qkv_attention"):
+            ops.qkv_attention(torch.randn(1, 6, 4), 1)
+        ops.group_norm_act(torch.randn(2, 64, 4, 4, dtype=torch.float64), 32, w, b)
+    assert fp64only.calls == 1
+
+
+def test_use_backend_nests_and_env(monkeypatch):
+    assert ops.current_backend() == "auto"
+    with adm_fast.use_backend("eager"):
+        assert ops.current_backend() == "eager"
+        with adm_fast.use_backend("auto"):
+            assert ops.current_backend() == "auto"
+        assert ops.current_backend() == "eager"
+    assert ops.current_backend() == "auto"
+    monkeypatch.setenv("ADM_FAST_BACKEND", "eager")
+    assert ops.current_backend() == "eager"
+    monkeypatch.setenv("ADM_FAST_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="unknown adm_fast backend 'cuda-magic'; known: auto, .*eager"):
+        ops.current_backend()
+    with pytest.raises(ValueError, match="unknown adm_fast backend"):
+        with adm_fast.use_backend("nope"):
+            pass

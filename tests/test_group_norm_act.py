@@ -1,0 +1,186 @@
+"""group_norm_act: the eager reference against GroupNorm from its definition
+(fp64), the Triton kernels against the reference, fwd and bwd, and bad input."""
+
+import pytest
+import torch
+
+from adm_fast import ops
+from conftest import rel_err
+
+
+def gn_act_fp64(x, g, w, b, scale, shift, eps, act):
+    """GroupNorm from its definition, in fp64."""
+    x = x.double()
+    n, c = x.shape[:2]
+    xg = x.reshape(n, g, -1)
+    mean = xg.mean(-1, keepdim=True)
+    var = ((xg - mean) ** 2).mean(-1, keepdim=True)
+    h = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    bc = (1,) * (x.dim() - 2)
+    h = h * w.double().reshape(c, *bc) + b.double().reshape(c, *bc)
+    if scale is not None:
+        h = h * (1 + scale.double().reshape(n, c, *bc)) + shift.double().reshape(n, c, *bc)
+    return h * torch.sigmoid(h) if act else h
+
+
+GN_SHAPES = [(2, 64, 8, 8), (1, 96, 7, 7), (3, 64, 5, 9), (2, 128, 16, 16), (4, 2048)]
+
+
+@pytest.mark.parametrize("shape, channels_last",
+                         [(s, False) for s in GN_SHAPES] + [(s, True) for s in GN_SHAPES[:4]])
+@pytest.mark.parametrize("mode", ["adagn", "act", "plain"])
+def test_group_norm_act_reference(shape, mode, channels_last):
+    n, c = shape[:2]
+    x = torch.randn(shape) * 3 + 1.5  # non-zero mean
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(c) + 1, torch.randn(c)
+    scale = torch.randn(n, c) if mode == "adagn" else None
+    shift = torch.randn(n, c) if mode == "adagn" else None
+    act = mode != "plain"
+    out = ops.group_norm_act(x, 32, w, b, scale, shift, act=act)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert rel_err(out, gn_act_fp64(x, 32, w, b, scale, shift, 1e-5, act)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_norm_statistics_in_fp32(dtype):
+    # A large offset ruins E[x²]−E[x]² in low precision; fp32 statistics survive it.
+    x = (torch.randn(2, 64, 8, 8) + 200).to(dtype)
+    w, b = torch.ones(64), torch.zeros(64)
+    out = ops.group_norm_act(x, 32, w, b, act=False)
+    assert out.dtype == dtype
+    ref = gn_act_fp64(x, 32, w, b, None, None, 1e-5, False)
+    eps = torch.finfo(dtype).eps
+    assert (out.double() - ref).abs().max() <= 8 * eps * ref.abs().max()
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(scale=torch.zeros(2, 32), shift=torch.zeros(2, 32)), ValueError, r"scale must have shape \(2, 64\)"),
+    (dict(num_groups=48), ValueError, "num_groups=48 must divide the 64 channels"),
+    (dict(x=torch.zeros(2, 64, 4, 4, dtype=torch.int32)), TypeError, "floating-point"),
+    (dict(weight=torch.zeros(32)), ValueError, r"weight must have shape \(64,\)"),
+    (dict(weight=torch.zeros(64, device="meta")), ValueError, "weight is on meta but x is on cpu"),
+    (dict(x=torch.zeros(64)), ValueError, r"must be \[N, C, \*spatial\]"),
+])
+def test_group_norm_act_bad_inputs(kw, err, match):
+    args = dict(x=torch.randn(2, 64, 4, 4), num_groups=32, weight=torch.ones(64),
+                bias=torch.zeros(64))
+    args.update(kw)
+    with pytest.raises(err, match=match):
+        ops.group_norm_act(**args)
+
+
+# --- the Triton kernels ------------------------------------------------------------
+
+from adm_fast import use_backend  # noqa: E402
+from conftest import DEVICE, assert_lowp_close, poisoned  # noqa: E402
+
+
+def make_inputs(shape, mode, dtype, channels_last=False, device=DEVICE):
+    n, c = shape[:2]
+    x = torch.randn(shape) * 2 + 1.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(c) * 0.5 + 1, torch.randn(c) * 0.5
+    scale = shift = None
+    if mode == "adagn":  # the halves of one embedding projection, as ResBlock makes them
+        scale, shift = (torch.randn(n, 2 * c) * 0.5).chunk(2, dim=1)
+    cast = lambda t: None if t is None else t.to(device=device)  # noqa: E731
+    return dict(x=cast(x).to(dtype), weight=cast(w), bias=cast(b),
+                scale=None if scale is None else cast(scale).to(dtype),
+                shift=None if shift is None else cast(shift).to(dtype),
+                act=mode != "plain")
+
+
+def run(backend, inp, dy):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()
+              if isinstance(v, torch.Tensor)}
+    with use_backend({"group_norm_act": backend}):
+        out = ops.group_norm_act(leaves["x"], 32, leaves["weight"], leaves["bias"],
+                                 leaves.get("scale"), leaves.get("shift"), act=inp["act"])
+    grads = torch.autograd.grad(out, list(leaves.values()), dy)
+    return out, dict(zip(leaves, grads))
+
+
+def fp64_reference(inp, dy):
+    leaves = {k: v.detach().double().requires_grad_(True) for k, v in inp.items()
+              if isinstance(v, torch.Tensor)}
+    out = gn_act_fp64(leaves["x"], 32, leaves["weight"], leaves["bias"], leaves.get("scale"),
+                      leaves.get("shift"), 1e-5, inp["act"])
+    grads = torch.autograd.grad(out, list(leaves.values()), dy.double())
+    return out, dict(zip(leaves, grads))
+
+
+@pytest.fixture(params=["fused", "split"])
+def path(request, monkeypatch):
+    """Both kernel paths: one program per group in registers, and the split
+    statistics path with tiny tiles and many splits, so every loop, split
+    combination and mask runs."""
+    import adm_fast.kernels.group_norm_act as K
+
+    if request.param == "split":
+        monkeypatch.setattr(K, "FUSED_MAX", {})
+        monkeypatch.setattr(K, "TILE", {DEVICE: 64})
+        monkeypatch.setattr(K, "TARGET_PROGRAMS", {DEVICE: 64})
+    return request.param
+
+
+TRITON_CASES = [
+    ((2, 128, 8, 8), "adagn", False),
+    ((1, 96, 7, 7), "adagn", False),
+    ((2, 64, 5, 9), "adagn", True),
+    ((1, 256, 8, 8), "act", True),
+    ((2, 64, 65), "plain", False),  # attention's norm: [N, C, T]
+    ((3, 2048), "act", False),  # the spatial_v2 pool's norm: [N, C]
+    ((1, 64, 16, 16), "act", False),  # split: several splits of several tiles
+]
+
+
+@pytest.mark.parametrize("shape, mode, channels_last", TRITON_CASES)
+def test_triton_fp32(shape, mode, channels_last, path):
+    inp = make_inputs(shape, mode, torch.float32, channels_last)
+    dy = torch.randn(shape, device=DEVICE)
+    with poisoned():
+        out, grads = run("triton", inp, dy)
+    ref, ref_grads = fp64_reference(inp, dy)
+    assert out.dtype == torch.float32 and out.stride() == inp["x"].stride()
+    assert rel_err(out, ref) <= 1e-5
+    for k in grads:
+        assert rel_err(grads[k], ref_grads[k]) <= 1e-5, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, mode, channels_last", [TRITON_CASES[0], TRITON_CASES[3]])
+def test_triton_low_precision(shape, mode, channels_last, dtype, path):
+    """Within twice torch's own error at that precision (the eager path run in
+    that dtype), forward and every gradient."""
+    inp = make_inputs(shape, mode, dtype, channels_last)
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    with poisoned():
+        out, grads = run("triton", inp, dy)
+    lowp, lowp_grads = run("eager", inp, dy)
+    ref, ref_grads = fp64_reference(inp, dy)
+    assert out.dtype == dtype
+    assert_lowp_close(out, ref, lowp, "y")
+    for k in grads:
+        assert grads[k].dtype == inp[k].dtype
+        assert_lowp_close(grads[k], ref_grads[k], lowp_grads[k], k)
+
+
+def test_triton_statistics_survive_large_offsets():
+    inp = make_inputs((2, 64, 16, 16), "plain", torch.float32)
+    inp["x"] = inp["x"] + 1000.0  # E[x²] − E[x]² would lose every digit here
+    dy = torch.randn(2, 64, 16, 16, device=DEVICE)
+    out, grads = run("triton", inp, dy)
+    ref, ref_grads = fp64_reference(inp, dy)
+    assert rel_err(out, ref) <= 1e-4 and rel_err(grads["x"], ref_grads["x"]) <= 1e-3
+
+
+def test_triton_rejects_strided_x_clearly():
+    x = torch.randn(2, 64, 8, 16, device=DEVICE)[..., ::2]
+    with use_backend("triton"), pytest.raises(ops.BackendNotSupported,
+                                               match="neither contiguous nor channels_last"):
+        ops.group_norm_act(x, 32, torch.ones(64, device=DEVICE), torch.zeros(64, device=DEVICE))
+    out = ops.group_norm_act(x, 32, torch.ones(64, device=DEVICE), torch.zeros(64, device=DEVICE))
+    assert torch.isfinite(out).all()  # auto falls back to eager
