@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["adm_fast", "adm_fast.*"]) + ["adm_fast.kernels"],
     package_dir={"adm_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "numpy>=1.24",
         "safetensors>=0.4",
         "tqdm>=4.60",

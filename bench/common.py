@@ -17,6 +17,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def commit() -> str:
+    """The commit measured: $ADM_FAST_COMMIT (set where the tree has no .git,
+    as on a lent GPU), else git's."""
+    if os.environ.get("ADM_FAST_COMMIT"):
+        return os.environ["ADM_FAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -67,3 +71,30 @@ def print_table(rows: List[Dict], keys: List[str]) -> None:
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
     for r in rows:
         print("  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)))
+
+
+# Measured device ceilings (H200: copy bandwidth, dense bf16 matmul).
+PEAK_GBPS = {"cuda": 4300.0}
+PEAK_TFLOPS_BF16 = {"cuda": 790.0}
+
+
+def median_ms(fn, device: torch.device, min_run_time: float = 0.5) -> float:
+    """Median wall time of fn() in ms: CUDA events via triton.testing.do_bench on
+    GPU, torch.utils.benchmark on CPU; never time.time() around async work."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    import torch.utils.benchmark as tb
+
+    return tb.Timer("fn()", globals={"fn": fn}).blocked_autorange(
+        min_run_time=min_run_time).median * 1e3
+
+
+def try_compile(fn):
+    """torch.compile(fn), or None where it cannot compile here."""
+    try:
+        compiled = torch.compile(fn, dynamic=False)
+        return compiled
+    except Exception:  # e.g. no C++ compiler for Inductor
+        return None

@@ -60,9 +60,11 @@ def _channel_params(w_ptr, b_ptr, s_ptr, sh_ptr, n, c, cmask, ssn, ssc, shn, shc
 def gn_stats_kernel(
     x_ptr,  # *T     input x[n, c, hw] at n*sxn + c*sxc + hw*sxhw
     part_ptr,  # *fp32  partials [N*G, SPLIT, 3]: (count, mean, M2) per split
-    HW, G, CG,  # spatial size, groups, channels per group
+    HW, G,  # spatial size, groups
     sxn, sxc, sxhw,  # strides of x, in elements
     HW_PER_SPLIT, SPLIT,  # spatial positions per split (a multiple of BLOCK_HW), splits
+    CG: tl.constexpr,  # channels per group: a constant, so group offsets' alignment is known
+    EVEN_C: tl.constexpr,  # CG == BLOCK_C: no channel mask, so channels_last loads vectorise
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Partial statistics of one (sample, group) over one range of positions."""
@@ -71,7 +73,7 @@ def gn_stats_kernel(
     n, g = ng // G, ng % G
     base = x_ptr + n * sxn + g * CG * sxc
     c = tl.arange(0, BLOCK_C)
-    cmask = c < CG
+    cmask = (c < CG) | EVEN_C
     hw0 = split * HW_PER_SPLIT
     hw_end = tl.minimum(hw0 + HW_PER_SPLIT, HW)
     count = tl.zeros([], tl.float32)
@@ -126,10 +128,10 @@ def gn_fwd_apply_kernel(
     mean_ptr, rstd_ptr,  # *fp32 [N*G]
     w_ptr, b_ptr,  # *Tw [C] affine (or dummies)
     s_ptr, sh_ptr,  # *Ts [N, C] scale and shift (or dummies)
-    C, HW, G, CG,
+    C, HW, G,
     sxn, sxc, sxhw, syn, syc, syhw,  # strides of x and y
     ssn, ssc, shn, shc,  # strides of scale and shift
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
+    CG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
     HAS_SH: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -158,10 +160,10 @@ def gn_fwd_apply_kernel(
 @triton.jit
 def gn_fwd_fused_kernel(
     x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, s_ptr, sh_ptr,
-    HW, G, CG, eps,
+    HW, G, eps,
     sxn, sxc, sxhw, syn, syc, syhw, ssn, ssc, shn, shc,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
-    HAS_SH: tl.constexpr, ACT: tl.constexpr,
+    CG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
+    HAS_SH: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """One program per (sample, group) whose elements fit in registers: one
@@ -170,7 +172,7 @@ def gn_fwd_fused_kernel(
     n, g = ng // G, ng % G
     cl = tl.arange(0, BLOCK_C)
     hw = tl.arange(0, BLOCK_HW)
-    cmask = cl < CG
+    cmask = (cl < CG) | EVEN_C
     mask = cmask[:, None] & (hw < HW)[None, :]
     c = g * CG + cl
     x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + hw[None, :] * sxhw, mask=mask,
@@ -207,10 +209,10 @@ def gn_bwd_reduce_kernel(
     x_ptr, dy_ptr,  # *T input and upstream gradient
     mean_ptr, rstd_ptr, w_ptr, b_ptr, s_ptr, sh_ptr,
     part_ptr,  # *fp32 [2, SPLIT, N, C]: Σ g and Σ g·x̂ per split
-    N, C, HW, G, CG,
+    N, C, HW, G,
     sxn, sxc, sxhw, sdn, sdc, sdhw, ssn, ssc, shn, shc,
     HW_PER_SPLIT, SPLIT,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
+    CG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
     HAS_SH: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -251,8 +253,8 @@ def gn_bwd_finalize_kernel(
     ds_ptr, dsh_ptr,  # *Ts [N, C] outputs (contiguous)
     wb_ptr,  # *fp32 [2, N, C]: (1+s)·r2 and (1+s)·r1, summed over N by the caller
     coef_ptr,  # *fp32 [2, N*G]: c1 and c2
-    N, C, G, CG, inv_m, SPLIT, ssn, ssc,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
+    N, C, G, inv_m, SPLIT, ssn, ssc,
+    CG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
     HAS_SH: tl.constexpr, NEED_WB: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -289,9 +291,9 @@ def gn_bwd_apply_kernel(
     x_ptr, dy_ptr, dx_ptr,
     mean_ptr, rstd_ptr, w_ptr, b_ptr, s_ptr, sh_ptr,
     coef_ptr,  # *fp32 [2, N*G]: c1, c2
-    N, C, HW, G, CG,
+    N, C, HW, G,
     sxn, sxc, sxhw, sdn, sdc, sdhw, son, soc, sohw, ssn, ssc, shn, shc,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
+    CG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr,
     HAS_SH: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -347,11 +349,12 @@ def layout_strides(t: Tensor) -> Optional[Tuple[int, int, int]]:
     return None
 
 
-def _tiles(channels_fast: bool, hw: int, c: int, device: torch.device):
-    """(BLOCK_C, BLOCK_HW) of about TILE elements, long along the contiguous axis."""
-    tile = TILE.get(device.type, 2048)
+def _tiles(channels_fast: bool, hw: int, c: int, device: torch.device, share: int = 1):
+    """(BLOCK_C, BLOCK_HW) of about TILE/share elements, long along the contiguous
+    axis (backward kernels hold two tensors per element: share=2)."""
+    tile = max(1, TILE.get(device.type, 2048) // share)
     if channels_fast:
-        block_c = min(_pow2(c), 128, tile)
+        block_c = min(_pow2(c), 64, tile)
         return block_c, max(1, min(_pow2(hw), tile // block_c))
     block_hw = min(_pow2(hw), tile // 2)
     return max(1, min(_pow2(c), tile // block_hw)), block_hw
@@ -390,8 +393,8 @@ def forward(x: Tensor, weight, bias, scale, shift, num_groups: int, eps: float,
     if block_cg * _pow2(hw) <= FUSED_MAX.get(x.device.type, 4096):
         block_hw = _pow2(hw)
         wrap_triton(gn_fwd_fused_kernel)[(n * g,)](
-            x, y, mean, rstd, w, b, s, sh, hw, g, cg, eps, *sx, *sy, ssn, ssc, shn, shc,
-            **flags, BLOCK_C=block_cg, BLOCK_HW=block_hw,
+            x, y, mean, rstd, w, b, s, sh, hw, g, eps, *sx, *sy, ssn, ssc, shn, shc,
+            CG=cg, **flags, EVEN_C=block_cg == cg, BLOCK_C=block_cg, BLOCK_HW=block_hw,
             num_warps=4 if block_cg * block_hw <= 2048 else 8)
         return y, mean, rstd
     channels_fast = sx[1] == 1 and c > 1
@@ -399,14 +402,15 @@ def forward(x: Tensor, weight, bias, scale, shift, num_groups: int, eps: float,
     per, split = _split(n * g, hw, stat_hw, x.device)
     part = torch.empty(n * g, split, 3, device=x.device, dtype=torch.float32)
     wrap_triton(gn_stats_kernel)[(n * g, split)](
-        x, part, hw, g, cg, *sx, per, split, BLOCK_C=block_cg, BLOCK_HW=stat_hw,
+        x, part, hw, g, *sx, per, split, CG=cg, EVEN_C=block_cg == cg, BLOCK_C=block_cg,
+        BLOCK_HW=stat_hw,
         num_warps=4)
     wrap_triton(gn_stats_finalize_kernel)[(n * g,)](
         part, mean, rstd, split, eps, BLOCK_S=_pow2(split), num_warps=1)
     block_c, block_hw = _tiles(channels_fast, hw, c, x.device)
     grid = (n, triton.cdiv(c, block_c), triton.cdiv(hw, block_hw))
     wrap_triton(gn_fwd_apply_kernel)[grid](
-        x, y, mean, rstd, w, b, s, sh, c, hw, g, cg, *sx, *sy, ssn, ssc, shn, shc, **flags,
+        x, y, mean, rstd, w, b, s, sh, c, hw, g, *sx, *sy, ssn, ssc, shn, shc, CG=cg, **flags,
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
     return y, mean, rstd
 
@@ -427,23 +431,23 @@ def backward(dy: Tensor, x: Tensor, weight, bias, scale, shift, mean: Tensor, rs
                  HAS_SH=shift is not None)
     w, b, s, sh, ssn, ssc, shn, shc = _vec_args(weight, bias, scale, shift, x)
     channels_fast = sx[1] == 1 and c > 1
-    block_c, block_hw = _tiles(channels_fast, hw, c, x.device)
+    block_c, block_hw = _tiles(channels_fast, hw, c, x.device, share=2)
     per, split = _split(n * triton.cdiv(c, block_c), hw, block_hw, x.device)
     part = torch.empty(2, split, n, c, device=x.device, dtype=torch.float32)
     wrap_triton(gn_bwd_reduce_kernel)[(n, triton.cdiv(c, block_c), split)](
-        x, dy, mean, rstd, w, b, s, sh, part, n, c, hw, g, cg, *sx, *sd, ssn, ssc, shn, shc,
-        per, split, **flags, ACT=act, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+        x, dy, mean, rstd, w, b, s, sh, part, n, c, hw, g, *sx, *sd, ssn, ssc, shn, shc,
+        per, split, CG=cg, **flags, ACT=act, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
     dscale = torch.empty(n, c, device=x.device, dtype=scale.dtype) if scale is not None else None
     dshift = torch.empty(n, c, device=x.device, dtype=shift.dtype) if shift is not None else None
     wb = torch.empty(2, n, c, device=x.device, dtype=torch.float32) if need_wb else part
     coef = torch.empty(2, n * g, device=x.device, dtype=torch.float32)
     wrap_triton(gn_bwd_finalize_kernel)[(n * g,)](
         part, w, b, s, dscale if dscale is not None else part,
-        dshift if dshift is not None else part, wb, coef, n, c, g, cg, 1.0 / (cg * hw), split,
-        ssn, ssc, **flags, NEED_WB=need_wb, BLOCK_C=_pow2(cg), num_warps=1)
+        dshift if dshift is not None else part, wb, coef, n, c, g, 1.0 / (cg * hw), split,
+        ssn, ssc, CG=cg, **flags, NEED_WB=need_wb, BLOCK_C=_pow2(cg), num_warps=1)
     wrap_triton(gn_bwd_apply_kernel)[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_hw))](
-        x, dy, dx, mean, rstd, w, b, s, sh, coef, n, c, hw, g, cg, *sx, *sd, *so,
-        ssn, ssc, shn, shc, **flags, ACT=act, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+        x, dy, dx, mean, rstd, w, b, s, sh, coef, n, c, hw, g, *sx, *sd, *so,
+        ssn, ssc, shn, shc, CG=cg, **flags, ACT=act, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
     dweight = dbias = None
     if need_wb:  # sums over the batch; separate tensors, as custom-op outputs may not alias
         if weight is not None:

@@ -65,3 +65,17 @@ def test_torch_compile_traces_without_graph_breaks(setting, name):
         if setting == "gn_triton":
             ops_in_graph = str(explanation.graphs[0].graph)
             assert "adm_fast.group_norm_act" in ops_in_graph
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Inductor compiles the "
+                    "Triton kernels into the graph")
+def test_inductor_compiles_fused_ops_on_gpu():
+    case = load_case("unet_cond_scaleshift_legacyattn")
+    model = build_case(case).cuda()
+    x, t, y = case["x"].cuda(), case["t"].cuda(), case["y"].cuda()
+    with torch.no_grad():
+        ref = model(x, t, y=y)
+        with adm_fast.use_backend("auto"):
+            out = torch.compile(model)(x, t, y=y)
+    assert rel_err(out, ref) <= 1e-4

@@ -1,0 +1,293 @@
+"""Compile adm_fast's Triton kernels for NVIDIA GPUs on a machine without one.
+
+CI has no GPU, and Triton's interpreter checks what a kernel computes, not
+that it compiles. Here the launchers run on CPU tensors with the launch
+itself intercepted; each launch (kernel, arguments, meta-parameters) is then
+compiled ahead of time for sm_80/sm_90 with the very specialisation a real
+launch would get (dtypes, unit strides, 16-byte alignment), through Triton's
+bundled ptxas, and its registers, spills and vector loads are reported.
+
+    python -m adm_fast.kernels.aot            # table; exit status 1 on failure
+
+Must run without TRITON_INTERPRET (the kernels must be JIT functions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Tuple
+
+import torch
+
+
+@dataclass
+class Launch:
+    kernel: object  # triton.runtime.jit.JITFunction
+    args: tuple
+    kwargs: dict
+    grid: tuple
+    case: str = ""
+
+
+@contextlib.contextmanager
+def captured() -> Iterator[List[Launch]]:
+    """Record every Triton launch (instead of running it) inside the block."""
+    from triton.runtime.jit import JITFunction
+
+    launches: List[Launch] = []
+    real_run = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs, grid))
+
+    JITFunction.run = run
+    try:
+        yield launches
+    finally:
+        JITFunction.run = real_run
+
+
+def compile_launch(launch: Launch, arch: int):
+    """The CompiledKernel for this launch's specialisation on sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    k = launch.kernel
+    binder = create_function_from_signature(k.signature, k.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = k._pack_args(backend, launch.kwargs, bound,
+                                                         specialization, options)
+    src = ASTSource(k, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def resource_usage(compiled) -> Tuple[int, int]:
+    """(registers per thread, spill bytes) of a compiled kernel, from its cubin."""
+    from triton import knobs
+
+    cuobjdump = knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", out).group(1))
+    return regs, local
+
+
+def vector_width(compiled) -> int:
+    """The widest global load in the PTX, in bytes (16 = 128-bit vector loads)."""
+    widths = [int(v) * int(b) // 8 for v, b in
+              re.findall(r"ld\.global(?:\.[a-z]+)*\.v(\d)\.b(\d+)", compiled.asm["ptx"])]
+    scalar = [int(b) // 8 for b in re.findall(r"ld\.global(?:\.[a-z]+)*\.b(\d+)",
+                                              compiled.asm["ptx"])]
+    return max(widths + scalar, default=0)
+
+
+@contextlib.contextmanager
+def as_if_on_gpu():
+    """The launchers pick launch shapes by device type: make CPU tensors get the
+    GPU's, so that what is compiled is what a GPU would run."""
+    from . import group_norm_act
+
+    tables = (group_norm_act.TILE, group_norm_act.FUSED_MAX, group_norm_act.TARGET_PROGRAMS)
+    saved = [t.get("cpu") for t in tables]
+    for t in tables:
+        t["cpu"] = t["cuda"]
+    try:
+        yield
+    finally:
+        for t, v in zip(tables, saved):
+            t["cpu"] = v
+
+
+def representative_launches() -> List[Launch]:
+    """The launches of every kernel on ADM-like shapes, layouts and dtypes."""
+    from . import diffusion_step, group_norm_act
+
+    cases: List[Tuple[str, Callable[[], object]]] = []
+    gn_shapes = (((8, 256, 32, 32), False), ((8, 256, 32, 32), True),  # split statistics
+                 ((16, 128, 16, 16), False), ((16, 128, 16, 16), True),  # one program a group
+                 ((4, 2048), False))  # the spatial_v2 pool's [N, C]
+    for dtype in (torch.float32, torch.bfloat16):
+        dn = str(dtype).replace("torch.", "")
+        for shape, cl in gn_shapes:
+            x = torch.randn(shape, dtype=dtype)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            c, n = shape[1], shape[0]
+            w, b = torch.ones(c), torch.zeros(c)
+            s, sh = torch.zeros(n, 2 * c, dtype=dtype).chunk(2, dim=1)
+            name = f"gn {list(shape)} {'NHWC' if cl else 'NCHW'} {dn}"
+
+            def fwd(x=x, w=w, b=b, s=s, sh=sh):
+                group_norm_act.forward(x, w, b, s, sh, 32, 1e-5, True)
+
+            def bwd(x=x, w=w, b=b, s=s, sh=sh, n=n):
+                mean = torch.zeros(n, 32)
+                group_norm_act.backward(torch.randn_like(x), x, w, b, s, sh, mean, mean + 1, 32,
+                                        True, True)
+            cases += [(name + " fwd", fwd), (name + " bwd", bwd)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        dn = str(dtype).replace("torch.", "")
+        x = torch.randn(16, 3, 64, 64, dtype=dtype)
+        out = torch.randn(16, 6, 64, 64, dtype=dtype)
+        coefs = torch.rand(8, 16)
+        cases.append((f"ddpm_step {dn}", lambda x=x, out=out, c=coefs: diffusion_step.ddpm_step(
+            x, out, torch.randn_like(x), c, torch.randn_like(x), "eps", "learned_range", True)))
+        cases.append((f"ddim_step {dn}", lambda x=x, out=out, c=coefs: diffusion_step.ddim_step(
+            x, out, torch.randn_like(x), c[:7], torch.randn_like(x), "eps", True, 0.5)))
+    launches: List[Launch] = []
+    real_run = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs, grid))
+
+    JITFunction.run = run
+    try:
+        yield launches
+    finally:
+        JITFunction.run = real_run
+
+
+def compile_launch(launch: Launch, arch: int):
+    """The CompiledKernel for this launch's specialisation on sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    k = launch.kernel
+    binder = create_function_from_signature(k.signature, k.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = k._pack_args(backend, launch.kwargs, bound,
+                                                         specialization, options)
+    src = ASTSource(k, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def resource_usage(compiled) -> Tuple[int, int]:
+    """(registers per thread, spill bytes) of a compiled kernel, from its cubin."""
+    from triton import knobs
+
+    cuobjdump = knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", out).group(1))
+    return regs, local
+
+
+def vector_width(compiled) -> int:
+    """The widest global load in the PTX, in bytes (16 = 128-bit vector loads)."""
+    widths = [int(v) * int(b) // 8 for v, b in
+              re.findall(r"ld\.global(?:\.[a-z]+)*\.v(\d)\.b(\d+)", compiled.asm["ptx"])]
+    scalar = [int(b) // 8 for b in re.findall(r"ld\.global(?:\.[a-z]+)*\.b(\d+)",
+                                              compiled.asm["ptx"])]
+    return max(widths + scalar, default=0)
+
+
+@contextlib.contextmanager
+def as_if_on_gpu():
+    """The launchers pick launch shapes by device type: make CPU tensors get the
+    GPU's, so that what is compiled is what a GPU would run."""
+    from . import group_norm_act
+
+    tables = (group_norm_act.TILE, group_norm_act.FUSED_MAX, group_norm_act.TARGET_PROGRAMS)
+    saved = [t.get("cpu") for t in tables]
+    for t in tables:
+        t["cpu"] = t["cuda"]
+    try:
+        yield
+    finally:
+        for t, v in zip(tables, saved):
+            t["cpu"] = v
+
+
+def representative_launches() -> List[Launch]:
+    """The launches of every kernel on ADM-like shapes, layouts and dtypes."""
+    from . import diffusion_step, group_norm_act
+
+    cases: List[Tuple[str, Callable[[], object]]] = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        dn = str(dtype).replace("torch.", "")
+        for shape, cl in (((8, 256, 32, 32), False), ((8, 256, 32, 32), True),
+                          ((1, 128, 128, 128), False), ((1, 128, 128, 128), True)):
+            x = torch.randn(shape, dtype=dtype)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            c, n = shape[1], shape[0]
+            w, b = torch.ones(c), torch.zeros(c)
+            s, sh = torch.zeros(n, 2 * c, dtype=dtype).chunk(2, dim=1)
+            name = f"gn {list(shape)} {'NHWC' if cl else 'NCHW'} {dn}"
+
+            def fwd(x=x, w=w, b=b, s=s, sh=sh):
+                group_norm_act.forward(x, w, b, s, sh, 32, 1e-5, True)
+
+            def bwd(x=x, w=w, b=b, s=s, sh=sh, n=n):
+                mean = torch.zeros(n, 32)
+                group_norm_act.backward(torch.randn_like(x), x, w, b, s, sh, mean, mean + 1, 32,
+                                        True, True)
+            cases += [(name + " fwd", fwd), (name + " bwd", bwd)]
+        x = torch.randn(16, 3, 64, 64, dtype=dtype)
+        out = torch.randn(16, 6, 64, 64, dtype=dtype)
+        coefs = torch.rand(8, 16)
+        cases.append((f"ddpm_step {dn}", lambda x=x, out=out, c=coefs: diffusion_step.ddpm_step(
+            x, out, torch.randn_like(x), c, torch.randn_like(x), "eps", "learned_range", True)))
+        cases.append((f"ddim_step {dn}", lambda x=x, out=out, c=coefs: diffusion_step.ddim_step(
+            x, out, torch.randn_like(x), c[:7], torch.randn_like(x), "eps", True, 0.5)))
+    launches: List[Launch] = []
+    for name, run in cases:
+        with as_if_on_gpu(), captured() as got:
+            run()
+        for launch in got:
+            launch.case = name
+        launches += got
+    return launches
+
+
+def main(archs=(90, 80)) -> int:
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: ahead-of-time compilation needs JIT kernels")
+        return 2
+    failures, spills, seen = 0, 0, set()
+    print(f"{'case':<34} {'kernel':<26} {'arch':>4} {'regs':>4} {'spill':>5} {'vec':>3}")
+    for launch in representative_launches():
+        for arch in archs:
+            name = launch.kernel.fn.__name__
+            if (name, launch.case, arch) in seen:
+                continue
+            seen.add((name, launch.case, arch))
+            try:
+                compiled = compile_launch(launch, arch)
+                regs, spill = resource_usage(compiled)
+                spills += spill > 0
+                print(f"{launch.case:<34} {name:<26} {arch:>4} {regs:>4} {spill:>5} "
+                      f"{vector_width(compiled):>3}")
+            except Exception as e:  # report every failure, then fail
+                failures += 1
+                print(f"{launch.case:<34} {name:<26} {arch:>4} FAILED: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}")
+    print(f"{len(seen)} compilations: {failures} failures, {spills} with register spills")
+    return 1 if failures or spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
