@@ -25,6 +25,10 @@ from typing import Callable, Iterator, List, Tuple
 import torch
 
 
+# Shared memory one block may use (bytes): sm_90 227 KB, sm_80 163 KB.
+SHARED_LIMIT = {90: 232448, 80: 166912}
+
+
 @dataclass
 class Launch:
     kernel: object  # triton.runtime.jit.JITFunction
@@ -71,7 +75,8 @@ def compile_launch(launch: Launch, arch: int):
 
 
 def resource_usage(compiled) -> Tuple[int, int]:
-    """(registers per thread, spill bytes) of a compiled kernel, from its cubin."""
+    """(registers per thread, spill bytes: stack frame + local memory) of a
+    compiled kernel, from its cubin."""
     from triton import knobs
 
     cuobjdump = knobs.nvidia.cuobjdump.path
@@ -81,8 +86,8 @@ def resource_usage(compiled) -> Tuple[int, int]:
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
                              text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", out).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", out).group(1))
-    return regs, local
+    spill = int(re.search(r"STACK:(\d+)", out).group(1)) + int(re.search(r"LOCAL:(\d+)", out).group(1))
+    return regs, spill
 
 
 def vector_width(compiled) -> int:
@@ -95,25 +100,32 @@ def vector_width(compiled) -> int:
 
 
 @contextlib.contextmanager
-def as_if_on_gpu():
-    """The launchers pick launch shapes by device type: make CPU tensors get the
-    GPU's, so that what is compiled is what a GPU would run."""
-    from . import group_norm_act
+def as_if_on_gpu(arch: int = 90):
+    """The launchers pick launch shapes by device type (and architecture): make
+    CPU tensors get an sm_<arch> GPU's, so that what is compiled is what that
+    GPU would run."""
+    from . import group_norm_act, qkv_attention
 
     tables = (group_norm_act.TILE, group_norm_act.FUSED_MAX, group_norm_act.TARGET_PROGRAMS)
     saved = [t.get("cpu") for t in tables]
+    saved_arch = qkv_attention.TARGET_ARCH.get("cpu")
     for t in tables:
         t["cpu"] = t["cuda"]
+    qkv_attention.INTERPRETED_DEVICES.discard("cpu")
+    qkv_attention.TARGET_ARCH["cpu"] = arch
     try:
         yield
     finally:
         for t, v in zip(tables, saved):
             t["cpu"] = v
+        qkv_attention.INTERPRETED_DEVICES.add("cpu")
+        qkv_attention.TARGET_ARCH["cpu"] = saved_arch
 
 
-def representative_launches() -> List[Launch]:
-    """The launches of every kernel on ADM-like shapes, layouts and dtypes."""
-    from . import diffusion_step, group_norm_act
+def representative_launches(arch: int = 90) -> List[Launch]:
+    """The launches of every kernel on ADM-like shapes, layouts and dtypes, as
+    an sm_<arch> GPU would make them."""
+    from . import diffusion_step, group_norm_act, qkv_attention
 
     cases: List[Tuple[str, Callable[[], object]]] = []
     gn_shapes = (((8, 256, 32, 32), False), ((8, 256, 32, 32), True),  # split statistics
@@ -179,7 +191,8 @@ def compile_launch(launch: Launch, arch: int):
 
 
 def resource_usage(compiled) -> Tuple[int, int]:
-    """(registers per thread, spill bytes) of a compiled kernel, from its cubin."""
+    """(registers per thread, spill bytes: stack frame + local memory) of a
+    compiled kernel, from its cubin."""
     from triton import knobs
 
     cuobjdump = knobs.nvidia.cuobjdump.path
@@ -189,8 +202,8 @@ def resource_usage(compiled) -> Tuple[int, int]:
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
                              text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", out).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", out).group(1))
-    return regs, local
+    spill = int(re.search(r"STACK:(\d+)", out).group(1)) + int(re.search(r"LOCAL:(\d+)", out).group(1))
+    return regs, spill
 
 
 def vector_width(compiled) -> int:
@@ -203,25 +216,32 @@ def vector_width(compiled) -> int:
 
 
 @contextlib.contextmanager
-def as_if_on_gpu():
-    """The launchers pick launch shapes by device type: make CPU tensors get the
-    GPU's, so that what is compiled is what a GPU would run."""
-    from . import group_norm_act
+def as_if_on_gpu(arch: int = 90):
+    """The launchers pick launch shapes by device type (and architecture): make
+    CPU tensors get an sm_<arch> GPU's, so that what is compiled is what that
+    GPU would run."""
+    from . import group_norm_act, qkv_attention
 
     tables = (group_norm_act.TILE, group_norm_act.FUSED_MAX, group_norm_act.TARGET_PROGRAMS)
     saved = [t.get("cpu") for t in tables]
+    saved_arch = qkv_attention.TARGET_ARCH.get("cpu")
     for t in tables:
         t["cpu"] = t["cuda"]
+    qkv_attention.INTERPRETED_DEVICES.discard("cpu")
+    qkv_attention.TARGET_ARCH["cpu"] = arch
     try:
         yield
     finally:
         for t, v in zip(tables, saved):
             t["cpu"] = v
+        qkv_attention.INTERPRETED_DEVICES.add("cpu")
+        qkv_attention.TARGET_ARCH["cpu"] = saved_arch
 
 
-def representative_launches() -> List[Launch]:
-    """The launches of every kernel on ADM-like shapes, layouts and dtypes."""
-    from . import diffusion_step, group_norm_act
+def representative_launches(arch: int = 90) -> List[Launch]:
+    """The launches of every kernel on ADM-like shapes, layouts and dtypes, as
+    an sm_<arch> GPU would make them."""
+    from . import diffusion_step, group_norm_act, qkv_attention
 
     cases: List[Tuple[str, Callable[[], object]]] = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -251,14 +271,31 @@ def representative_launches() -> List[Launch]:
             x, out, torch.randn_like(x), c, torch.randn_like(x), "eps", "learned_range", True)))
         cases.append((f"ddim_step {dn}", lambda x=x, out=out, c=coefs: diffusion_step.ddim_step(
             x, out, torch.randn_like(x), c[:7], torch.randn_like(x), "eps", True, 0.5)))
+    for dtype in (torch.bfloat16, torch.float32):
+        dn = str(dtype).replace("torch.", "")
+        for heads, c, t in ((4, 64, 1024), (2, 96, 256), (2, 128, 1024), (2, 192, 256),
+                            (1, 256, 1024), (8, 64, 65)):
+            qkv = torch.randn(2, 3 * heads * c, t, dtype=dtype)
+
+            def attn(qkv=qkv, heads=heads, c=c, t=t, dtype=dtype):
+                out, lse = qkv_attention.forward(qkv, heads, True)
+                qkv_attention.backward(torch.randn(2, heads * c, t, dtype=dtype), qkv, out, lse,
+                                       heads, True)
+            cases.append((f"attention hd{c} T{t} {dn}", attn))
     launches: List[Launch] = []
     for name, run in cases:
-        with as_if_on_gpu(), captured() as got:
+        with as_if_on_gpu(arch), captured() as got:
             run()
         for launch in got:
             launch.case = name
         launches += got
     return launches
+
+
+# Kernels allowed to spill registers: fp32 attention past head dim 128, where
+# three TF32 products per tile need more registers than exist (auto leaves
+# fp32 attention to SDPA); everything else must not spill.
+SPILL_OK = re.compile(r"attention hd(192|256) .*float32")
 
 
 def main(archs=(90, 80)) -> int:
@@ -267,25 +304,34 @@ def main(archs=(90, 80)) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs JIT kernels")
         return 2
-    failures, spills, seen = 0, 0, set()
-    print(f"{'case':<34} {'kernel':<26} {'arch':>4} {'regs':>4} {'spill':>5} {'vec':>3}")
-    for launch in representative_launches():
-        for arch in archs:
+    failures, spills, count = 0, 0, 0
+    print(f"{'case':<34} {'kernel':<26} {'arch':>4} {'regs':>4} {'spill':>5} {'vec':>3} "
+          f"{'smem':>7}")
+    for arch in archs:
+        seen = set()
+        for launch in representative_launches(arch):
             name = launch.kernel.fn.__name__
-            if (name, launch.case, arch) in seen:
+            if (name, launch.case) in seen:
                 continue
-            seen.add((name, launch.case, arch))
+            seen.add((name, launch.case))
+            count += 1
             try:
                 compiled = compile_launch(launch, arch)
                 regs, spill = resource_usage(compiled)
-                spills += spill > 0
+                smem = compiled.metadata.shared
+                bad_spill = spill > 0 and not SPILL_OK.search(launch.case)
+                spills += bad_spill
+                over = smem > SHARED_LIMIT[arch]
+                failures += over
+                note = (f"  over the {SHARED_LIMIT[arch]} B shared-memory limit" if over else
+                        "  spills" if bad_spill else "")
                 print(f"{launch.case:<34} {name:<26} {arch:>4} {regs:>4} {spill:>5} "
-                      f"{vector_width(compiled):>3}")
+                      f"{vector_width(compiled):>3} {smem:>7}{note}")
             except Exception as e:  # report every failure, then fail
                 failures += 1
                 print(f"{launch.case:<34} {name:<26} {arch:>4} FAILED: {type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}")
-    print(f"{len(seen)} compilations: {failures} failures, {spills} with register spills")
+    print(f"{count} compilations: {failures} failures, {spills} with register spills")
     return 1 if failures or spills else 0
 
 

@@ -4,10 +4,8 @@ import pytest
 import torch
 
 import adm_fast
-from conftest import DEVICE, NUMERIC_CASES, build_case, case_inputs, load_case, rel_err
-
-GN_ON_TRITON = {"group_norm_act": "triton"}
-
+from conftest import (DEVICE, NUMERIC_CASES, assert_grads_close, build_case, case_inputs,
+                      load_case, rel_err)
 
 def _forward_and_grads(model, case, batch):
     """Output, input gradient and parameter gradients on the first `batch` samples."""
@@ -23,48 +21,38 @@ def _forward_and_grads(model, case, batch):
     return out, torch.autograd.grad(loss, [x] + list(model.parameters()), allow_unused=True)
 
 
-def _assert_grads_close(grads, ref_grads, tol):
-    """Per tensor, relative to its own scale, with a floor at 1e-2 of the largest
-    gradient: some gradients are zero in exact arithmetic (a conv bias right
-    before a GroupNorm) and hold only rounding noise (~1e-7 of the largest)."""
-    floor = 1e-2 * max(r.abs().max().item() for r in ref_grads if r is not None)
-    for g, r in zip(grads, ref_grads):
-        assert (g is None) == (r is None)
-        if g is not None:
-            scale = max(r.abs().max().item(), floor)
-            assert (g - r).abs().max().item() <= tol * scale
-
-
 @pytest.mark.parametrize("name", NUMERIC_CASES)
-def test_reference_models_on_triton_group_norm(name):
+def test_reference_models_on_triton(name):
     """Forward, input gradient (the classifier's grad_log_p_y) and parameter
-    gradients on the Triton GroupNorm kernels equal eager within 1e-4."""
+    gradients with every op on the Triton kernels equal eager within 1e-4."""
     case = load_case(name)
     model = build_case(case).to(DEVICE)
     batch = 1 if DEVICE == "cpu" else len(case["x"])  # the interpreter is slow
-    ref_out, ref_grads = _forward_and_grads(model, case, batch)
-    with adm_fast.use_backend(GN_ON_TRITON):
+    with adm_fast.use_backend("eager"):
+        ref_out, ref_grads = _forward_and_grads(model, case, batch)
+    with adm_fast.use_backend("triton"):
         out, grads = _forward_and_grads(model, case, batch)
     assert rel_err(out, ref_out) <= 1e-4
     assert rel_err(out, case["out"][:batch].to(DEVICE)) <= 1e-4
-    _assert_grads_close(grads, ref_grads, 1e-4)
+    assert_grads_close(grads, ref_grads, 1e-4)
 
 
 @pytest.mark.parametrize("setting, name", [("auto", "unet_cond_scaleshift_legacyattn"),
-                                           ("gn_triton", "unet_uncond_addnorm_newattn")])
+                                           ("triton", "unet_uncond_addnorm_newattn")])
 def test_torch_compile_traces_without_graph_breaks(setting, name):
     case = load_case(name)
     model = build_case(case).to(DEVICE)
     x, t, kw = case["x"][:1].to(DEVICE), case["t"][:1].to(DEVICE), case_inputs(case)
     kw = {k: v[:1].to(DEVICE) for k, v in kw.items()}
     torch._dynamo.reset()
-    with adm_fast.use_backend("auto" if setting == "auto" else GN_ON_TRITON):
+    with adm_fast.use_backend(setting):
         explanation = torch._dynamo.explain(model)(x, t, **kw)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
-        if setting == "gn_triton":
+        if setting == "triton":
             ops_in_graph = str(explanation.graphs[0].graph)
             assert "adm_fast.group_norm_act" in ops_in_graph
+            assert "adm_fast.qkv_attention" in ops_in_graph
 
 
 @pytest.mark.gpu
@@ -79,3 +67,35 @@ def test_inductor_compiles_fused_ops_on_gpu():
         with adm_fast.use_backend("auto"):
             out = torch.compile(model)(x, t, y=y)
     assert rel_err(out, ref) <= 1e-4
+
+
+def _saved_bytes(model, x, t, kw):
+    """Bytes autograd keeps for backward in one training step (each storage once)."""
+    seen = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x, t, **kw).square().mean()
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_fused_training_step_saves_less():
+    """A UNet with attention at 32×32 (T = 1024): the fused attention keeps qkv,
+    the output and the logsumexp instead of the T×T weights, and the fused
+    GroupNorm keeps x and per-group statistics."""
+    model = adm_fast.create_model(image_size=32, num_channels=32, num_res_blocks=1,
+                                  channel_mult="1,2", attention_resolutions="32,16",
+                                  num_head_channels=32, use_scale_shift_norm=True).to(DEVICE)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    t = torch.tensor([10], device=DEVICE)
+    with adm_fast.use_backend("eager"):
+        eager = _saved_bytes(model, x, t, {})
+    with adm_fast.use_backend("triton"):
+        fused = _saved_bytes(model, x, t, {})
+    print(f"saved for backward: eager {eager / 2**20:.1f} MiB, fused {fused / 2**20:.1f} MiB, "
+          f"ratio {fused / eager:.2f}")
+    assert fused < 0.7 * eager

@@ -45,3 +45,101 @@ def test_qkv_attention_reference(legacy, heads, c, t):
 def test_qkv_attention_bad_inputs(qkv, heads, err, match):
     with pytest.raises(err, match=match):
         ops.qkv_attention(qkv, heads)
+
+
+# --- the Triton kernels and the SDPA backend -------------------------------------------
+
+import adm_fast  # noqa: E402
+from conftest import DEVICE, assert_lowp_close, poisoned  # noqa: E402
+
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+# T: 8², 8² + the pooled token, 16², and 32² (batch 1, one layout per head dim to
+# keep the interpreter run short).
+FP32_CASES = [(t, c, legacy, 1 if t == 1024 else 2)
+              for c in HEAD_DIMS for t in (64, 65, 256) for legacy in (True, False)]
+FP32_CASES += [(1024, c, i % 2 == 0, 1) for i, c in enumerate(HEAD_DIMS)]
+
+
+def attention_case(batch, heads, c, t, dtype):
+    return ((torch.randn(batch, 3 * heads * c, t, device=DEVICE) + 0.3).to(dtype)
+            .requires_grad_(True))
+
+
+def run_backend(backend, qkv, heads, legacy, dout):
+    leaf = qkv.detach().clone().requires_grad_(True)
+    with adm_fast.use_backend({"qkv_attention": backend}):
+        out = ops.qkv_attention(leaf, heads, legacy=legacy)
+    (grad,) = torch.autograd.grad(out, leaf, dout)
+    return out, grad
+
+
+def exact(qkv, heads, legacy, dout):
+    leaf = qkv.detach().double().requires_grad_(True)
+    out = attention_fp64(leaf, heads, legacy)
+    (grad,) = torch.autograd.grad(out, leaf, dout.double())
+    return out, grad
+
+
+@pytest.mark.parametrize("t, c, legacy, batch", FP32_CASES)
+def test_triton_fp32(t, c, legacy, batch):
+    heads = 1 if c >= 192 else 2
+    qkv = attention_case(batch, heads, c, t, torch.float32)
+    dout = torch.randn(batch, heads * c, t, device=DEVICE)
+    with poisoned():
+        out, grad = run_backend("triton", qkv, heads, legacy, dout)
+    ref, ref_grad = exact(qkv, heads, legacy, dout)
+    assert rel_err(out, ref) <= 2e-5 and rel_err(grad, ref_grad) <= 2e-5
+
+
+@pytest.mark.parametrize("tiles", [(16, 16), (16, 32), (32, 16)])
+@pytest.mark.parametrize("legacy", [True, False])
+def test_triton_small_tiles(tiles, legacy, monkeypatch):
+    """The small tiles GPUs use for fp32 and long heads: every mask and loop."""
+    import adm_fast.kernels.qkv_attention as A
+
+    monkeypatch.setattr(A, "INTERPRETER_CONFIG", (*tiles, 4, 1))
+    qkv = attention_case(1, 2, 96, 65, torch.float32)
+    dout = torch.randn(1, 2 * 96, 65, device=DEVICE)
+    out, grad = run_backend("triton", qkv, 2, legacy, dout)
+    ref, ref_grad = exact(qkv, 2, legacy, dout)
+    assert rel_err(out, ref) <= 2e-5 and rel_err(grad, ref_grad) <= 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+@pytest.mark.parametrize("t, c, legacy", [(65, 64, False), (256, 128, True), (64, 96, True),
+                                          (64, 192, False)])
+def test_low_precision_within_twice_torch(t, c, legacy, backend, dtype):
+    """Forward and dqkv within twice the error of the eager path at that
+    precision (guided-diffusion's arithmetic), both against fp64."""
+    heads = 2
+    qkv = attention_case(2, heads, c, t, dtype)
+    dout = torch.randn(2, heads * c, t, device=DEVICE).to(dtype)
+    with poisoned():
+        out, grad = run_backend(backend, qkv, heads, legacy, dout)
+    lowp, lowp_grad = run_backend("eager", qkv, heads, legacy, dout)
+    ref, ref_grad = exact(qkv, heads, legacy, dout)
+    assert out.dtype == grad.dtype == dtype
+    assert_lowp_close(out, ref, lowp, "out")
+    assert_lowp_close(grad, ref_grad, lowp_grad, "dqkv")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sdpa_fp32(legacy):
+    qkv = attention_case(2, 3, 64, 65, torch.float32)
+    dout = torch.randn(2, 3 * 64, 65, device=DEVICE)
+    out, grad = run_backend("sdpa", qkv, 3, legacy, dout)
+    ref, ref_grad = exact(qkv, 3, legacy, dout)
+    assert rel_err(out, ref) <= 2e-5 and rel_err(grad, ref_grad) <= 2e-5
+
+
+def test_auto_on_cpu_is_sdpa():
+    qkv = torch.randn(1, 3 * 64, 16)
+    assert "sdpa: chosen" in ops.explain("qkv_attention", qkv, 1, True)
+
+
+def test_triton_rejects_strided_tokens_clearly():
+    qkv = torch.randn(1, 3 * 64, 32, device=DEVICE)[..., ::2]
+    with adm_fast.use_backend("triton"), pytest.raises(ops.BackendNotSupported,
+                                                       match="tokens are not contiguous"):
+        ops.qkv_attention(qkv, 1)

@@ -46,20 +46,22 @@ def test_load_checkpoint_pt_and_safetensors(name, tmp_path):
 @pytest.mark.parametrize("name", NUMERIC_CASES)
 def test_checkpointing_changes_nothing(name):
     """use_checkpoint (res and attention blocks) gives the same outputs, grads
-    and double-backward grads (a gradient penalty on the input)."""
+    and double-backward grads (a gradient penalty on the input). Double backward
+    runs on the eager backend: the fused ones (Triton, SDPA) are first-order."""
     case = load_case(name)
     kind = case["flags"]["kind"]
     kw = {} if kind == "classifier" else case_inputs(case)
     results = []
-    for flag in (False, True):
-        model = build_case(case).set_checkpointing(flag).train()
-        x = case["x"].clone().requires_grad_(True)
-        out = model(x, case["t"], **kw)
-        params = [p for p in model.parameters()]
-        (gx,) = torch.autograd.grad(out.square().mean(), x, create_graph=True)
-        penalty = gx.square().sum()
-        gp = torch.autograd.grad(penalty, params, allow_unused=True)
-        results.append([out, gx] + [g for g in gp if g is not None])
+    with adm_fast.use_backend("eager"):
+        for flag in (False, True):
+            model = build_case(case).set_checkpointing(flag).train()
+            x = case["x"].clone().requires_grad_(True)
+            out = model(x, case["t"], **kw)
+            params = [p for p in model.parameters()]
+            (gx,) = torch.autograd.grad(out.square().mean(), x, create_graph=True)
+            penalty = gx.square().sum()
+            gp = torch.autograd.grad(penalty, params, allow_unused=True)
+            results.append([out, gx] + [g for g in gp if g is not None])
     assert len(results[0]) == len(results[1]) > 2
     for a, b in zip(*results):
         assert rel_err(b, a) <= 1e-6

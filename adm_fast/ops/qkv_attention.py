@@ -14,8 +14,10 @@ softmax runs in fp32 and is cast back, the products run in qkv's dtype.
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
@@ -68,3 +70,68 @@ def qkv_attention(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
     """
     check_args(qkv, num_heads)
     return dispatch.call(OP, qkv, num_heads, legacy)
+
+
+# --- the fused path: one custom op for every fused backend ---------------------------
+#
+# torch.ops.adm_fast.qkv_attention returns (out, lse); the backward saves only
+# qkv, out and the per-row logsumexp and recomputes the T×T weights, so training
+# memory does not grow with T².
+
+IMPLS: Dict[str, Callable] = {}
+
+
+@torch.library.triton_op("adm_fast::qkv_attention", mutates_args=())
+def _fused(qkv: Tensor, num_heads: int, legacy: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    return IMPLS[backend]().forward(qkv, num_heads, legacy)
+
+
+@_fused.register_fake
+def _(qkv, num_heads, legacy, backend):
+    n, width, t = qkv.shape
+    out = qkv.new_empty((n, width // 3, t))
+    return out, qkv.new_empty((n, num_heads, t), dtype=torch.float32)
+
+
+@torch.library.triton_op("adm_fast::qkv_attention_backward", mutates_args=())
+def _fused_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
+                    legacy: bool, backend: str) -> Tensor:
+    return IMPLS[backend]().backward(dout, qkv, out, lse, num_heads, legacy)
+
+
+@_fused_backward.register_fake
+def _(dout, qkv, out, lse, num_heads, legacy, backend):
+    return torch.empty_like(qkv)
+
+
+def _setup(ctx, inputs, output):
+    qkv, num_heads, legacy, backend = inputs
+    ctx.save_for_backward(qkv, output[0], output[1])
+    ctx.num_heads, ctx.legacy, ctx.backend = num_heads, legacy, backend
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    dqkv = torch.ops.adm_fast.qkv_attention_backward(dout, qkv, out, lse, ctx.num_heads,
+                                                     ctx.legacy, ctx.backend)
+    return dqkv, None, None, None
+
+
+_fused.register_autograd(_backward, setup_context=_setup)
+
+
+def fused(backend: str) -> Callable:
+    def run(qkv, num_heads, legacy):
+        return torch.ops.adm_fast.qkv_attention(qkv, num_heads, bool(legacy), backend)[0]
+    return run
+
+
+def sdpa(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
+    """Attention through torch's scaled_dot_product_attention: q, k, v copied to
+    [N, H, T, C] (the layout its fast kernels need), the output copied back."""
+    n, width, t = qkv.shape
+    c = width // (3 * num_heads)
+    q, k, v = (p.reshape(n, num_heads, c, t).transpose(-1, -2).contiguous()
+               for p in split_heads(qkv, num_heads, legacy))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(-1, -2).reshape(n, num_heads * c, t)

@@ -19,9 +19,11 @@ from .ddim_step import IMPLS as DDIM_IMPLS, OP as DDIM_STEP, fused as ddim_fused
 from .ddpm_step import IMPLS as DDPM_IMPLS, OP as DDPM_STEP, fused as ddpm_fused
 from .dispatch import Backend, register_backend
 from .group_norm_act import IMPLS as GN_IMPLS, OP as GROUP_NORM_ACT, fused as gn_fused
+from .qkv_attention import IMPLS as ATTN_IMPLS, OP as QKV_ATTENTION, fused as attn_fused
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GROUP_CHANNELS = 1024
+MAX_HEAD_DIM = 256
 
 
 def _load():
@@ -32,7 +34,7 @@ def _load():
     except Exception as e:  # ImportError, or a broken install
         return f"triton is not importable ({type(e).__name__}: {e})", {}, False
     mods = {name: importlib.import_module(f"adm_fast.kernels.{name}")
-            for name in ("group_norm_act", "diffusion_step")}
+            for name in ("group_norm_act", "diffusion_step", "qkv_attention")}
     interpreted = type(mods["diffusion_step"].ddpm_step_kernel).__name__ == "InterpretedFunction"
     return None, mods, interpreted
 
@@ -73,10 +75,12 @@ class TritonBackend(Backend):
             GROUP_NORM_ACT: gn_fused(self.name),
             DDPM_STEP: ddpm_fused(self.name),
             DDIM_STEP: ddim_fused(self.name),
+            QKV_ATTENTION: attn_fused(self.name),
         }
         GN_IMPLS[self.name] = functools.partial(_KERNELS.get, "group_norm_act")
         DDPM_IMPLS[self.name] = functools.partial(_KERNELS.get, "diffusion_step")
         DDIM_IMPLS[self.name] = functools.partial(_KERNELS.get, "diffusion_step")
+        ATTN_IMPLS[self.name] = functools.partial(_KERNELS.get, "qkv_attention")
 
     def unavailable_reasons(self) -> List[str]:
         return [_TRITON_ERROR] if _TRITON_ERROR else []
@@ -85,6 +89,9 @@ class TritonBackend(Backend):
         tensors = [a for a in args if isinstance(a, Tensor)]
         if any(t.device.type == "cpu" for t in tensors):
             return ["CPU tensors would run in Triton's interpreter, which auto never picks"]
+        if op == QKV_ATTENTION and args[0].dtype == torch.float32:
+            return ["fp32 attention runs three TF32 products on small tiles here; auto "
+                    "leaves it to SDPA"]
         return []
 
     def not_supported_reasons(self, op, *args, **kwargs) -> List[str]:
@@ -93,7 +100,20 @@ class TritonBackend(Backend):
             return why
         if op == GROUP_NORM_ACT:
             return self._gn_reasons(*args)
+        if op == QKV_ATTENTION:
+            return self._attention_reasons(*args)
         return self._step_reasons(*args)
+
+    def _attention_reasons(self, qkv, num_heads, legacy) -> List[str]:
+        why = _device_reasons([qkv]) + _dtype_reasons([("qkv", qkv)])
+        head = qkv.shape[1] // (3 * num_heads)
+        if not 1 <= head <= MAX_HEAD_DIM:
+            why.append(f"head dim {head} is outside 1..{MAX_HEAD_DIM}")
+        if qkv.stride(-1) != 1:
+            why.append("qkv's tokens are not contiguous (stride of the last dim != 1)")
+        if qkv.numel() == 0:
+            why.append("qkv is empty")
+        return why
 
     def _gn_reasons(self, x, num_groups, weight, bias, scale, shift, eps, act) -> List[str]:
         why = _device_reasons([x, weight, bias, scale, shift])
