@@ -133,9 +133,10 @@ def test_sdpa_fp32(legacy):
     assert rel_err(out, ref) <= 2e-5 and rel_err(grad, ref_grad) <= 2e-5
 
 
-def test_auto_on_cpu_is_sdpa():
-    qkv = torch.randn(1, 3 * 64, 16)
-    assert "sdpa: chosen" in ops.explain("qkv_attention", qkv, 1, True)
+def test_auto_on_cpu_follows_measurements():
+    """On CPU, SDPA from 1024 tokens, eager below (adm_fast.ops.preferences)."""
+    assert "sdpa: chosen" in ops.explain("qkv_attention", torch.randn(1, 3 * 64, 1024), 1, True)
+    assert "eager: chosen" in ops.explain("qkv_attention", torch.randn(1, 3 * 64, 256), 1, True)
 
 
 def test_triton_rejects_strided_tokens_clearly():

@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
+from .preferences import preferred
+
 log = logging.getLogger("adm_fast.dispatch")
 
 AUTO = "auto"
@@ -145,7 +147,7 @@ def select(op: str, *args, **kwargs) -> Backend:
             raise BackendNotSupported(_format(op, {name: why}, chosen=name))
         return backend
     rejected: Dict[str, List[str]] = {}
-    for backend in backends().values():
+    for backend in _auto_order(op, args):
         why = backend.reasons(op, *args, **kwargs) or backend.auto_reasons(op, *args, **kwargs)
         if not why:
             if rejected and not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
@@ -155,12 +157,20 @@ def select(op: str, *args, **kwargs) -> Backend:
     raise BackendNotSupported(_format(op, rejected))
 
 
+def _auto_order(op: str, args) -> List[Backend]:
+    """Backends for `auto`: measured preferences first, then by priority."""
+    ranked = list(backends().values())
+    first = [_BACKENDS[n] for n in preferred(op, args) if n in _BACKENDS] if args else []
+    return first + [b for b in ranked if b not in first]
+
+
 def explain(op: str, *args, **kwargs) -> str:
     """Which backend `op` would use for these arguments, and why not the others."""
     name = current_backend(op)
     lines = [f"{op} (backend setting: {name})"]
     chosen = None
-    for backend in backends().values():
+    order = _auto_order(op, args) if name == AUTO else list(backends().values())
+    for backend in order:
         why = backend.reasons(op, *args, **kwargs)
         if name == AUTO and not why:
             why = backend.auto_reasons(op, *args, **kwargs)

@@ -1,0 +1,54 @@
+"""Measured backend preferences that `auto` applies before the static priorities.
+
+Each rule names a device type and an op, optional bounds on the call's
+features, and the backends to prefer, in order, among those that support the
+call; the first matching rule wins, and backends it does not name follow by
+priority. Rules come from the benchmarks (bench/, rows in bench/results/);
+bench/gpu_check prints candidate rules for the GPU it ran on.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+RULES: List[Dict] = [
+    # CPU (2 threads, fp32; bench/bench_qkv_attention.py, 2026-11-29): SDPA's
+    # flash kernel wins from 1024 tokens (1.4–2.9× eager at N=4), while below
+    # 1024 its layout copies cost more than it saves (0.6–0.98×).
+    {"device": "cpu", "op": "qkv_attention", "min_tokens": 768, "order": ["sdpa"]},
+    {"device": "cpu", "op": "qkv_attention", "order": ["eager", "sdpa"]},
+]
+
+
+def features(op: str, args) -> Dict:
+    """What rules may test: device type, dtype, and for attention tokens and
+    head dim."""
+    x = args[0]
+    feats = {"device": x.device.type, "dtype": x.dtype}
+    if op == "qkv_attention":
+        qkv, heads = args[0], args[1]
+        feats["tokens"] = qkv.shape[-1]
+        feats["head_dim"] = qkv.shape[1] // (3 * heads)
+    return feats
+
+
+def _matches(rule: Dict, op: str, feats: Dict) -> bool:
+    if rule["op"] != op or rule["device"] != feats["device"]:
+        return False
+    if "dtype" in rule and str(feats["dtype"]).replace("torch.", "") != rule["dtype"]:
+        return False
+    for key, name in (("min_tokens", "tokens"), ("min_head_dim", "head_dim")):
+        if key in rule and feats.get(name, 0) < rule[key]:
+            return False
+    for key, name in (("max_tokens", "tokens"), ("max_head_dim", "head_dim")):
+        if key in rule and feats.get(name, 0) > rule[key]:
+            return False
+    return True
+
+
+def preferred(op: str, args) -> List[str]:
+    feats = features(op, args)
+    for rule in RULES:
+        if _matches(rule, op, feats):
+            return list(rule["order"])
+    return []
