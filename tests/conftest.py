@@ -13,6 +13,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+def _cpu_ext() -> bool:
+    from adm_fast import ops
+
+    return not ops.backends()["cpu"].unavailable_reasons()
+
+
+CPU_EXT = _cpu_ext()
+
 REF = Path(__file__).parent / "reference"
 NUMERIC_CASES = sorted(p.stem for p in (REF / "numeric").glob("*.pt"))
 MANIFESTS = sorted(p.stem for p in (REF / "manifests").glob("*.json"))

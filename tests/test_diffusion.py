@@ -65,18 +65,25 @@ def reference_loop(d, model, shape, cond_fn, kw, ddim=False, eta=0.0):
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0.5"])
 def test_same_seed_same_images(sampler, unet, classifier):
+    """guided-diffusion's draw order: bit for bit on the eager backend, to
+    rounding on the default (fused) backends; deterministic under a seed."""
     d = adm_fast.create_gaussian_diffusion(learn_sigma=True, timestep_respacing="6")
     cond_fn = adm_fast.classifier_cond_fn(classifier, 3.0)
     kw = {"y": torch.tensor([3, 7])}
     shape = (2, 3, 32, 32)
     ddim = sampler != "ddpm"
-    torch.manual_seed(123)
-    ref = reference_loop(d, unet, shape, cond_fn, kw, ddim=ddim, eta=0.5)
-    torch.manual_seed(123)
     loop = d.ddim_sample_loop if ddim else d.p_sample_loop
     extra = {"eta": 0.5} if ddim else {}
+    with adm_fast.use_backend("eager"):
+        torch.manual_seed(123)
+        ref = reference_loop(d, unet, shape, cond_fn, kw, ddim=ddim, eta=0.5)
+        torch.manual_seed(123)
+        assert torch.equal(loop(unet, shape, cond_fn=cond_fn, model_kwargs=kw, **extra), ref)
+    torch.manual_seed(123)
     ours = loop(unet, shape, cond_fn=cond_fn, model_kwargs=kw, **extra)
-    assert torch.equal(ours, ref)
+    # Fused steps round differently; x_0 = a·x − b·eps cancels (a, b ~ 100 near
+    # t = T), so six steps drift by ~1e-5 of the sample's range.
+    assert rel_err(ours, ref) <= 1e-4
     torch.manual_seed(123)
     assert torch.equal(loop(unet, shape, cond_fn=cond_fn, model_kwargs=kw, **extra), ours)
     torch.manual_seed(124)
@@ -112,11 +119,13 @@ def test_classifier_cond_fn_low_precision(classifier):
     assert rel_err(g, ref) < 0.2  # bf16 everywhere: a coarse but faithful gradient
 
 
-# --- fused op path == composite path, for every mean and variance type -------------
+# --- the step op's reference == the composite path, for every mean and variance type --
+# (the fused kernels are checked against the step op in test_diffusion_step.py)
 
 @pytest.mark.parametrize("mean_type", list(ModelMeanType))
 @pytest.mark.parametrize("var_type", list(ModelVarType))
-def test_fused_step_equals_composite(mean_type, var_type, monkeypatch):
+@adm_fast.use_backend("eager")
+def test_step_op_equals_composite(mean_type, var_type, monkeypatch):
     d = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 50), model_mean_type=mean_type,
                           model_var_type=var_type, loss_type=LossType.MSE)
     learned = var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)

@@ -74,7 +74,7 @@ def test_group_norm_act_bad_inputs(kw, err, match):
 # --- the Triton kernels ------------------------------------------------------------
 
 from adm_fast import use_backend  # noqa: E402
-from conftest import DEVICE, assert_lowp_close, poisoned  # noqa: E402
+from conftest import CPU_EXT, DEVICE, assert_lowp_close, poisoned  # noqa: E402
 
 
 def make_inputs(shape, mode, dtype, channels_last=False, device=DEVICE):
@@ -143,6 +143,10 @@ def test_triton_fp32(shape, mode, channels_last, path):
     dy = torch.randn(shape, device=DEVICE)
     with poisoned():
         out, grads = run("triton", inp, dy)
+    _check_fp32(inp, dy, out, grads)
+
+
+def _check_fp32(inp, dy, out, grads):
     ref, ref_grads = fp64_reference(inp, dy)
     assert out.dtype == torch.float32 and out.stride() == inp["x"].stride()
     assert rel_err(out, ref) <= 1e-5
@@ -166,6 +170,46 @@ def test_triton_low_precision(shape, mode, channels_last, dtype, path):
     for k in grads:
         assert grads[k].dtype == inp[k].dtype
         assert_lowp_close(grads[k], ref_grads[k], lowp_grads[k], k)
+
+
+CPU_CASES = [(s, m) for s, m, cl in TRITON_CASES if not cl] + [((2, 256, 32, 32), "adagn")]
+
+
+@pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
+@pytest.mark.parametrize("shape, mode", CPU_CASES)
+def test_cpu_fp32(shape, mode):
+    inp = make_inputs(shape, mode, torch.float32, device="cpu")
+    dy = torch.randn(shape)
+    with poisoned():
+        out, grads = run("cpu", inp, dy)
+    _check_fp32(inp, dy, out, grads)
+
+
+@pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, mode", [((2, 128, 8, 8), "adagn"), ((1, 96, 7, 7), "act"),
+                                         ((2, 64, 65), "plain")])
+def test_cpu_low_precision(shape, mode, dtype):
+    inp = make_inputs(shape, mode, dtype, device="cpu")
+    dy = torch.randn(shape).to(dtype)
+    with poisoned():
+        out, grads = run("cpu", inp, dy)
+    lowp, lowp_grads = run("eager", inp, dy)
+    ref, ref_grads = fp64_reference(inp, dy)
+    assert out.dtype == dtype
+    assert_lowp_close(out, ref, lowp, "y")
+    for k in grads:
+        assert grads[k].dtype == inp[k].dtype
+        assert_lowp_close(grads[k], ref_grads[k], lowp_grads[k], k)
+
+
+@pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
+def test_cpu_backend_leaves_channels_last_to_eager():
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
+    w, b = torch.ones(64), torch.zeros(64)
+    with use_backend("cpu"), pytest.raises(ops.BackendNotSupported, match="channels_last"):
+        ops.group_norm_act(x, 32, w, b)
+    assert "eager: chosen" in ops.explain("group_norm_act", x, 32, w, b, None, None, 1e-5, True)
 
 
 def test_triton_statistics_survive_large_offsets():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import adm_fast
-from conftest import (DEVICE, NUMERIC_CASES, assert_grads_close, build_case, case_inputs,
-                      load_case, rel_err)
+from conftest import (CPU_EXT, DEVICE, NUMERIC_CASES, assert_grads_close, build_case,
+                      case_inputs, load_case, rel_err)
 
 def _forward_and_grads(model, case, batch):
     """Output, input gradient and parameter gradients on the first `batch` samples."""
@@ -34,6 +34,20 @@ def test_reference_models_on_triton(name):
         out, grads = _forward_and_grads(model, case, batch)
     assert rel_err(out, ref_out) <= 1e-4
     assert rel_err(out, case["out"][:batch].to(DEVICE)) <= 1e-4
+    assert_grads_close(grads, ref_grads, 1e-4)
+
+
+@pytest.mark.skipif(not CPU_EXT or DEVICE != "cpu", reason="the C++ CPU extension is not built")
+@pytest.mark.parametrize("name", NUMERIC_CASES)
+def test_reference_models_on_cpu_kernels(name):
+    """The default CPU path (C++ GroupNorm and steps) equals eager within 1e-4."""
+    case = load_case(name)
+    model = build_case(case)
+    with adm_fast.use_backend("eager"):
+        ref_out, ref_grads = _forward_and_grads(model, case, len(case["x"]))
+    with adm_fast.use_backend({"group_norm_act": "cpu"}):
+        out, grads = _forward_and_grads(model, case, len(case["x"]))
+    assert rel_err(out, ref_out) <= 1e-4 and rel_err(out, case["out"]) <= 1e-4
     assert_grads_close(grads, ref_grads, 1e-4)
 
 

@@ -19,6 +19,8 @@ from .ddpm_step import ddpm_step
 from .group_norm_act import group_norm_act
 from .qkv_attention import qkv_attention
 from . import eager as _eager  # noqa: F401  (registers the eager backend)
+from . import cpu_backend as _cpu_backend  # noqa: F401  (registers the CPU backend)
+from . import cuda_backend as _cuda_backend  # noqa: F401  (registers the CUDA backend)
 from . import sdpa_backend as _sdpa_backend  # noqa: F401  (registers the SDPA backend)
 from . import triton_backend as _triton_backend  # noqa: F401  (registers the Triton backend)
 

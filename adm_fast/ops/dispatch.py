@@ -51,6 +51,10 @@ class Backend:
             return [f"{self.name} has no implementation of {op}"]
         return []
 
+    def notes(self) -> str:
+        """Where this backend runs, for `adm-fast info`."""
+        return ""
+
     def auto_reasons(self, op: str, *args, **kwargs) -> List[str]:
         """Why `auto` should pass over a call this backend could run (e.g. it
         would run in an interpreter); an explicit choice ignores these."""

@@ -15,6 +15,9 @@ class EagerBackend(Backend):
     name = "eager"
     priority = 0
 
+    def notes(self) -> str:
+        return "everywhere: guided-diffusion's arithmetic, the reference"
+
     def __init__(self) -> None:
         super().__init__()
         self.ops = {

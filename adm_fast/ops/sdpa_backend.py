@@ -26,6 +26,9 @@ class SdpaBackend(Backend):
         super().__init__()
         self.ops = {QKV_ATTENTION: sdpa}
 
+    def notes(self) -> str:
+        return "any device: torch.nn.functional.scaled_dot_product_attention"
+
     def not_supported_reasons(self, op, *args, **kwargs) -> List[str]:
         why = super().not_supported_reasons(op, *args, **kwargs)
         if why:

@@ -85,6 +85,12 @@ class TritonBackend(Backend):
     def unavailable_reasons(self) -> List[str]:
         return [_TRITON_ERROR] if _TRITON_ERROR else []
 
+    def notes(self) -> str:
+        if _INTERPRETED:
+            return "kernels defined for Triton's interpreter (TRITON_INTERPRET=1): CPU tensors"
+        gpu = "" if torch.cuda.is_available() else "; no CUDA device here"
+        return "CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 at import)" + gpu
+
     def auto_reasons(self, op, *args, **kwargs) -> List[str]:
         tensors = [a for a in args if isinstance(a, Tensor)]
         if any(t.device.type == "cpu" for t in tensors):

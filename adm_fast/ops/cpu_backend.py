@@ -1,0 +1,127 @@
+"""The CPU backend: fused C++ kernels from csrc/cpu (the adm_fast._C_cpu extension).
+
+Loading the extension registers torch.ops.adm_fast_cpu.*; their fake
+implementations here let torch.compile trace them. The package works without
+it (eager, SDPA, Triton); `python -m adm_fast.info` says whether it is built.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+from torch import Tensor
+
+from .ddim_step import IMPLS as DDIM_IMPLS, OP as DDIM_STEP, fused as ddim_fused
+from .ddpm_step import IMPLS as DDPM_IMPLS, OP as DDPM_STEP, fused as ddpm_fused, step_fake
+from .dispatch import Backend, register_backend
+from .group_norm_act import IMPLS as GN_IMPLS, OP as GROUP_NORM_ACT, fused as gn_fused
+
+_MEAN = {"eps": 0, "x_start": 1, "x_prev": 2}
+_VAR = {"learned": 0, "learned_range": 1, "fixed": 2}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _load():
+    if os.environ.get("ADM_FAST_NO_EXT") == "1":
+        return None, "extensions disabled by ADM_FAST_NO_EXT=1"
+    try:
+        from .. import _C_cpu
+    except ImportError as e:
+        return None, (f"the C++ CPU extension is not built ({e}); reinstall with "
+                      f"pip install --no-build-isolation -e .")
+    return _C_cpu, None
+
+
+_EXT, _ERROR = _load()
+
+if _EXT is not None:
+    @torch.library.register_fake("adm_fast_cpu::group_norm_act_fwd")
+    def _(x, weight, bias, scale, shift, num_groups, eps, act):
+        stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("adm_fast_cpu::group_norm_act_bwd")
+    def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act, need_wb):
+        def like(t, wanted=True):
+            return torch.empty_like(t) if t is not None and wanted else x.new_empty(0)
+        return (torch.empty_like(x), like(weight, need_wb), like(bias, need_wb), like(scale),
+                like(shift))
+
+    torch.library.register_fake("adm_fast_cpu::ddpm_step", step_fake)
+    torch.library.register_fake("adm_fast_cpu::ddim_step", step_fake)
+
+
+class _Kernels:
+    """What the adm_fast custom ops call for backend "cpu"."""
+
+    @staticmethod
+    def forward(x, weight, bias, scale, shift, num_groups, eps, act):
+        return torch.ops.adm_fast_cpu.group_norm_act_fwd(x, weight, bias, scale, shift,
+                                                         num_groups, eps, act)
+
+    @staticmethod
+    def backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act, need_wb):
+        grads = torch.ops.adm_fast_cpu.group_norm_act_bwd(dy, x, weight, bias, scale, shift,
+                                                          mean, rstd, num_groups, act, need_wb)
+        return tuple(g if g.numel() or t is None else None  # "empty" means "not asked for"
+                     for g, t in zip(grads, (x, weight, bias, scale, shift)))
+
+    @staticmethod
+    def ddpm_step(x, model_out, noise, coefs, grad, mean_type, var_type, clip):
+        return torch.ops.adm_fast_cpu.ddpm_step(x, model_out, noise, coefs, grad,
+                                                _MEAN[mean_type], _VAR[var_type], clip)
+
+    @staticmethod
+    def ddim_step(x, model_out, noise, coefs, grad, mean_type, clip, eta):
+        return torch.ops.adm_fast_cpu.ddim_step(x, model_out, noise, coefs, grad,
+                                                _MEAN[mean_type], clip, eta)
+
+
+def _kernels():
+    return _Kernels
+
+
+def build_info() -> str:
+    return _EXT.build_info() if _EXT is not None else _ERROR
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    priority = 30
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = {
+            GROUP_NORM_ACT: gn_fused(self.name),
+            DDPM_STEP: ddpm_fused(self.name),
+            DDIM_STEP: ddim_fused(self.name),
+        }
+        for impls in (GN_IMPLS, DDPM_IMPLS, DDIM_IMPLS):
+            impls[self.name] = _kernels
+
+    def unavailable_reasons(self) -> List[str]:
+        return [_ERROR] if _ERROR else []
+
+    def notes(self) -> str:
+        return "CPU tensors, NCHW-contiguous"
+
+    def not_supported_reasons(self, op, *args, **kwargs) -> List[str]:
+        why = super().not_supported_reasons(op, *args, **kwargs)
+        if why:
+            return why
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if any(t.device.type != "cpu" for t in tensors):
+            why.append("inputs are not all CPU tensors")
+        x = args[0]
+        if x.dtype not in _FLOATS:
+            why.append(f"x dtype {x.dtype} is not one of fp32/bf16/fp16")
+        if op == GROUP_NORM_ACT and not x.is_contiguous():
+            why.append("x is not NCHW-contiguous (channels_last runs on eager here)")
+        if x.numel() == 0:
+            why.append("x is empty")
+        return why
+
+
+register_backend(CpuBackend())

@@ -1,0 +1,237 @@
+// The only CUDA-side file that touches tensors: checks, allocation (through
+// PyTorch's caching allocator), launches on PyTorch's current stream with
+// every launch's status checked, and the torch.library registration of the
+// adm_fast_cuda ops. Built only against a CUDA build of PyTorch.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace adm_fast_cuda {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "adm_fast CUDA kernels take fp32/fp16/bf16, got ", t.scalar_type());
+  }
+  return DType::kFloat;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "adm_fast CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+
+void check_cuda(const Tensor& t, const Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device());
+}
+
+Tensor f32(const optional<Tensor>& t, const Tensor& like, const char* name) {
+  if (!t.has_value()) return Tensor();
+  check_cuda(*t, like, name);
+  return t->to(at::kFloat).contiguous();
+}
+
+const float* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// x as [N, C, HW]: NCHW-contiguous, or channels_last for 4-D.
+bool layout_of(const Tensor& x) {
+  if (x.is_contiguous()) return false;
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "x must be contiguous or channels_last");
+  return true;
+}
+
+GroupNormArgs args_of(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& s,
+                      const Tensor& sh, int64_t groups, double eps, bool act) {
+  TORCH_CHECK(x.dim() >= 2 && groups > 0 && x.size(1) % groups == 0,
+              "x must be [N, C, *spatial] with num_groups dividing C");
+  GroupNormArgs a{};
+  a.dtype = dtype_of(x);
+  a.x = x.data_ptr();
+  a.weight = ptr(w);
+  a.bias = ptr(b);
+  a.scale = ptr(s);
+  a.shift = ptr(sh);
+  a.n = x.size(0);
+  a.c = x.size(1);
+  a.hw = x.numel() / std::max<int64_t>(1, a.n * a.c);
+  a.groups = groups;
+  a.eps = static_cast<float>(eps);
+  a.act = act;
+  a.channels_last = layout_of(x);
+  a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return a;
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_act_fwd_op(
+    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& scale, const optional<Tensor>& shift, int64_t groups, double eps,
+    bool act) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor w = f32(weight, x, "weight"), b = f32(bias, x, "bias"), s = f32(scale, x, "scale"),
+         sh = f32(shift, x, "shift");
+  GroupNormArgs a = args_of(x, w, b, s, sh, groups, eps, act);
+  Tensor y = at::empty_like(x);
+  Tensor mean = at::empty({a.n, groups}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::empty({a.n, groups}, x.options().dtype(at::kFloat));
+  a.y = y.data_ptr();
+  a.mean = mean.data_ptr<float>();
+  a.rstd = rstd.data_ptr<float>();
+  Tensor ws = at::empty({std::max<int64_t>(1, group_norm_act_forward_workspace(a))},
+                        x.options().dtype(at::kFloat));
+  check_launch(group_norm_act_forward(a, ws.data_ptr<float>(),
+                                      c10::cuda::getCurrentCUDAStream().stream()),
+               "group_norm_act forward");
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_bwd_op(
+    const Tensor& dy, const Tensor& x, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& scale, const optional<Tensor>& shift,
+    const Tensor& mean, const Tensor& rstd, int64_t groups, bool act, bool need_wb) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor w = f32(weight, x, "weight"), b = f32(bias, x, "bias"), s = f32(scale, x, "scale"),
+         sh = f32(shift, x, "shift");
+  GroupNormBackwardArgs a{};
+  a.fwd = args_of(x, w, b, s, sh, groups, 0.0, act);
+  Tensor g = dy.to(x.scalar_type()).contiguous(
+      a.fwd.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  Tensor m = mean.to(at::kFloat).contiguous(), r = rstd.to(at::kFloat).contiguous();
+  Tensor dx = at::empty_like(x);
+  auto opts = x.options().dtype(at::kFloat);
+  Tensor ds = scale.has_value() ? at::empty({a.fwd.n, a.fwd.c}, opts) : Tensor();
+  Tensor dsh = shift.has_value() ? at::empty({a.fwd.n, a.fwd.c}, opts) : Tensor();
+  Tensor t1 = need_wb ? at::empty({a.fwd.n, a.fwd.c}, opts) : Tensor();
+  Tensor t2 = need_wb ? at::empty({a.fwd.n, a.fwd.c}, opts) : Tensor();
+  a.dy = g.data_ptr();
+  a.dx = dx.data_ptr();
+  a.mean = m.data_ptr<float>();
+  a.rstd = r.data_ptr<float>();
+  a.dscale = ds.defined() ? ds.data_ptr<float>() : nullptr;
+  a.dshift = dsh.defined() ? dsh.data_ptr<float>() : nullptr;
+  a.t1 = need_wb ? t1.data_ptr<float>() : nullptr;
+  a.t2 = need_wb ? t2.data_ptr<float>() : nullptr;
+  Tensor ws = at::empty({std::max<int64_t>(1, group_norm_act_backward_workspace(a))}, opts);
+  check_launch(group_norm_act_backward(a, ws.data_ptr<float>(),
+                                       c10::cuda::getCurrentCUDAStream().stream()),
+               "group_norm_act backward");
+  Tensor none = x.new_empty({0});
+  return {dx,
+          need_wb && weight.has_value() ? t2.sum(0).to(weight->scalar_type()) : none,
+          need_wb && bias.has_value() ? t1.sum(0).to(bias->scalar_type()) : x.new_empty({0}),
+          ds.defined() ? ds.to(scale->scalar_type()) : x.new_empty({0}),
+          dsh.defined() ? dsh.to(shift->scalar_type()) : x.new_empty({0})};
+}
+
+StepArgs step_args(const Tensor& x, const Tensor& model_out, const Tensor& noise,
+                   const Tensor& coefs, const Tensor& grad, int64_t rows) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "x must be a contiguous CUDA tensor");
+  check_cuda(model_out, x, "model_out");
+  check_cuda(noise, x, "noise");
+  check_cuda(coefs, x, "coefs");
+  TORCH_CHECK(model_out.is_contiguous() && noise.is_contiguous(),
+              "model_out and noise must be contiguous");
+  TORCH_CHECK(noise.scalar_type() == x.scalar_type(), "noise must have x's dtype");
+  StepArgs a{};
+  a.dtype = dtype_of(x);
+  a.out_dtype = dtype_of(model_out);
+  a.x = x.data_ptr();
+  a.model_out = model_out.data_ptr();
+  a.noise = noise.data_ptr();
+  if (grad.defined()) {
+    check_cuda(grad, x, "grad");
+    TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
+                "grad must be contiguous with x's dtype");
+    a.grad = grad.data_ptr();
+  }
+  a.b = x.size(0);
+  a.chw = x.numel() / std::max<int64_t>(1, a.b);
+  a.out_stride = model_out.stride(0);
+  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == rows && coefs.size(1) == a.b,
+              "coefs must be [", rows, ", B]");
+  return a;
+}
+
+std::tuple<Tensor, Tensor> run_step(const Tensor& x, const Tensor& model_out, const Tensor& noise,
+                                    const Tensor& coefs, const optional<Tensor>& grad,
+                                    int64_t rows, int64_t mean_type, bool clip, bool ddim,
+                                    int64_t var_type, double eta) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor c = coefs.to(at::kFloat).contiguous();
+  StepArgs a = step_args(x, model_out, noise, c, grad.has_value() ? *grad : Tensor(), rows);
+  Tensor sample = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  Tensor x0 = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  a.coefs = c.data_ptr<float>();
+  a.sample = sample.data_ptr<float>();
+  a.x0 = x0.data_ptr<float>();
+  a.mean_type = static_cast<int>(mean_type);
+  a.clip = clip;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(ddim ? ddim_step(a, static_cast<float>(eta), stream)
+                    : ddpm_step(a, static_cast<int>(var_type), stream),
+               ddim ? "ddim_step" : "ddpm_step");
+  const auto x0_type = at::promote_types(x.scalar_type(), model_out.scalar_type());
+  const auto s_type = grad.has_value() ? at::promote_types(x0_type, at::kFloat) : x0_type;
+  return {sample.to(s_type), x0.to(x0_type)};
+}
+
+std::tuple<Tensor, Tensor> ddpm_step_op(const Tensor& x, const Tensor& model_out,
+                                        const Tensor& noise, const Tensor& coefs,
+                                        const optional<Tensor>& grad, int64_t mean_type,
+                                        int64_t var_type, bool clip) {
+  return run_step(x, model_out, noise, coefs, grad, 8, mean_type, clip, false, var_type, 0.0);
+}
+
+std::tuple<Tensor, Tensor> ddim_step_op(const Tensor& x, const Tensor& model_out,
+                                        const Tensor& noise, const Tensor& coefs,
+                                        const optional<Tensor>& grad, int64_t mean_type,
+                                        bool clip, double eta) {
+  return run_step(x, model_out, noise, coefs, grad, 7, mean_type, clip, true, 0, eta);
+}
+
+}  // namespace
+}  // namespace adm_fast_cuda
+
+TORCH_LIBRARY(adm_fast_cuda, m) {
+  m.def(
+      "group_norm_act_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? "
+      "shift, int num_groups, float eps, bool act) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_act_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
+      "Tensor? shift, Tensor mean, Tensor rstd, int num_groups, bool act, bool need_wb) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ddpm_step(Tensor x, Tensor model_out, Tensor noise, Tensor coefs, Tensor? grad, "
+      "int mean_type, int var_type, bool clip) -> (Tensor, Tensor)");
+  m.def(
+      "ddim_step(Tensor x, Tensor model_out, Tensor noise, Tensor coefs, Tensor? grad, "
+      "int mean_type, bool clip, float eta) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(adm_fast_cuda, CUDA, m) {
+  m.impl("group_norm_act_fwd", &adm_fast_cuda::group_norm_act_fwd_op);
+  m.impl("group_norm_act_bwd", &adm_fast_cuda::group_norm_act_bwd_op);
+  m.impl("ddpm_step", &adm_fast_cuda::ddpm_step_op);
+  m.impl("ddim_step", &adm_fast_cuda::ddim_step_op);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("build_info", [] {
+    return std::string("CUDA runtime ") + std::to_string(CUDART_VERSION);
+  });
+}

@@ -1,0 +1,124 @@
+// One DDPM / DDIM sampling step in CUDA, one pass over x_t, the model output,
+// the guidance gradient and the noise. Blocks are laid out (chunk, sample) so
+// the sample's coefficients are block-wide scalars. Arithmetic in the order of
+// adm_fast/ops/step_math.py, in fp32.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace adm_fast_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float pred_x0(float x, float out, float a, float b, int mean_type,
+                                         bool clip) {
+  float x0 = mean_type == 0 ? a * x - b * out : (mean_type == 1 ? out : a * out - b * x);
+  return clip ? fminf(fmaxf(x0, -1.0f), 1.0f) : x0;
+}
+
+template <typename T, typename To>
+__global__ void ddpm_kernel(const T* __restrict__ x, const To* __restrict__ out,
+                            const T* __restrict__ noise, const T* __restrict__ grad,
+                            const float* __restrict__ coefs, float* __restrict__ sample,
+                            float* __restrict__ x0_out, int64_t b, int64_t chw, int64_t out_stride,
+                            int mean_type, int var_type, bool clip) {
+  const int64_t n = blockIdx.y, i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= chw) return;
+  const float a = coefs[n], bb = coefs[b + n], c1 = coefs[2 * b + n], c2 = coefs[3 * b + n];
+  const float lo = coefs[4 * b + n], hi = coefs[5 * b + n], fixed_var = coefs[6 * b + n];
+  const float nonzero = coefs[7 * b + n];
+  const int64_t row = n * chw + i;
+  const float xv = to_f(x[row]), o = to_f(out[n * out_stride + i]);
+  float log_var, var;
+  if (var_type == 2) {
+    log_var = lo;
+    var = fixed_var;
+  } else {
+    const float v = to_f(out[n * out_stride + chw + i]);
+    log_var = var_type == 1 ? ((v + 1.0f) / 2.0f) * hi + (1.0f - (v + 1.0f) / 2.0f) * lo : v;
+    var = expf(log_var);
+  }
+  const float x0 = pred_x0(xv, o, a, bb, mean_type, clip);
+  float mean = mean_type == 2 ? o : c1 * x0 + c2 * xv;
+  if (grad != nullptr) mean += var * to_f(grad[row]);
+  sample[row] = mean + nonzero * expf(0.5f * log_var) * to_f(noise[row]);
+  x0_out[row] = x0;
+}
+
+template <typename T, typename To>
+__global__ void ddim_kernel(const T* __restrict__ x, const To* __restrict__ out,
+                            const T* __restrict__ noise, const T* __restrict__ grad,
+                            const float* __restrict__ coefs, float* __restrict__ sample,
+                            float* __restrict__ x0_out, int64_t b, int64_t chw, int64_t out_stride,
+                            int mean_type, bool clip, float eta) {
+  const int64_t n = blockIdx.y, i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= chw) return;
+  const float a = coefs[n], bb = coefs[b + n], recip = coefs[2 * b + n];
+  const float recipm1 = coefs[3 * b + n], ab = coefs[4 * b + n], ab_prev = coefs[5 * b + n];
+  const float nonzero = coefs[6 * b + n];
+  const int64_t row = n * chw + i;
+  const float xv = to_f(x[row]);
+  float x0 = pred_x0(xv, to_f(out[n * out_stride + i]), a, bb, mean_type, clip);
+  if (grad != nullptr) {
+    float eps = (recip * xv - x0) / recipm1;
+    eps = eps - sqrtf(1.0f - ab) * to_f(grad[row]);
+    x0 = recip * xv - recipm1 * eps;
+  }
+  const float eps = (recip * xv - x0) / recipm1;
+  const float sigma = eta * sqrtf((1.0f - ab_prev) / (1.0f - ab)) * sqrtf(1.0f - ab / ab_prev);
+  float s = x0 * sqrtf(ab_prev) + sqrtf(1.0f - ab_prev - sigma * sigma) * eps;
+  if (eta != 0.0f) s += nonzero * sigma * to_f(noise[row]);
+  sample[row] = s;
+  x0_out[row] = x0;
+}
+
+template <typename F>
+cudaError_t dispatch2(DType t, DType to, F&& f) {
+  auto inner = [&](auto xt) -> cudaError_t {
+    using X = decltype(xt);
+    switch (to) {
+      case DType::kFloat: return f(X{}, float{});
+      case DType::kHalf: return f(X{}, __half{});
+      case DType::kBFloat16: return f(X{}, __nv_bfloat16{});
+    }
+    return cudaErrorInvalidValue;
+  };
+  switch (t) {
+    case DType::kFloat: return inner(float{});
+    case DType::kHalf: return inner(__half{});
+    case DType::kBFloat16: return inner(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+dim3 grid_for(const StepArgs& a) {
+  return dim3(unsigned((a.chw + kThreads - 1) / kThreads), unsigned(a.b));
+}
+
+}  // namespace
+
+cudaError_t ddpm_step(const StepArgs& a, int var_type, cudaStream_t stream) {
+  return dispatch2(a.dtype, a.out_dtype, [&](auto xt, auto ot) {
+    using T = decltype(xt);
+    using To = decltype(ot);
+    ddpm_kernel<T, To><<<grid_for(a), kThreads, 0, stream>>>(
+        static_cast<const T*>(a.x), static_cast<const To*>(a.model_out),
+        static_cast<const T*>(a.noise), static_cast<const T*>(a.grad), a.coefs, a.sample, a.x0,
+        a.b, a.chw, a.out_stride, a.mean_type, var_type, a.clip);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t ddim_step(const StepArgs& a, float eta, cudaStream_t stream) {
+  return dispatch2(a.dtype, a.out_dtype, [&](auto xt, auto ot) {
+    using T = decltype(xt);
+    using To = decltype(ot);
+    ddim_kernel<T, To><<<grid_for(a), kThreads, 0, stream>>>(
+        static_cast<const T*>(a.x), static_cast<const To*>(a.model_out),
+        static_cast<const T*>(a.noise), static_cast<const T*>(a.grad), a.coefs, a.sample, a.x0,
+        a.b, a.chw, a.out_stride, a.mean_type, a.clip, eta);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace adm_fast_cuda
