@@ -45,11 +45,19 @@ def run(backend, x, w, b, s, sh):
         return ops.group_norm_act(x, 32, w, b, s, sh)
 
 
+def usable(backend: str) -> bool:
+    return not adm_fast.ops.backends()[backend].unavailable_reasons()
+
+
 def bench_case(n, c, hw, dtype, device, with_compile):
     x, w, b, s, sh = inputs(n, c, hw, dtype, device)
     exact = reference(x.double(), 32, w.double(), b.double(), s.double(), sh.double())
     nbytes = x.numel() * x.element_size()
-    impls = {"adm_fast": lambda *a: run("auto", *a), "eager": lambda *a: run("eager", *a)}
+    fused = [b for b in ("cuda", "triton") if device.type == "cuda" and usable(b)] or \
+        [b for b in ("cpu",) if device.type == "cpu" and usable(b)]
+    impls = {"adm_fast": lambda *a: run("auto", *a)}
+    impls.update({b: (lambda *a, b=b: run(b, *a)) for b in fused})
+    impls["eager"] = lambda *a: run("eager", *a)
     if with_compile:
         compiled = try_compile(lambda x, w, b, s, sh: reference(x, 32, w, b, s, sh))
         if compiled is not None:
@@ -107,6 +115,18 @@ def main():
                 rows += bench_case(n, c, hw, dtype, device, with_compile)
     print_table(rows, ["impl", "N", "C", "HW", "dtype", "pass", "ms", "GB/s", "%peak",
                        "max_err", "x_vs_eager", "x_vs_compile"])
+    if device.type == "cuda" and usable("cuda"):
+        print("cuda vs triton (fwd + bwd ms per shape), for adm_fast/ops/preferences.py:")
+        totals = {}
+        for r in rows:
+            if r["impl"] in ("cuda", "triton"):
+                key = (r["N"], r["C"], r["HW"], r["dtype"])
+                totals.setdefault(key, {})
+                totals[key][r["impl"]] = totals[key].get(r["impl"], 0.0) + float(r["ms"])
+        for (n, c, hw, dt), total in totals.items():
+            if len(total) == 2:
+                print(f"  N={n} C={c} HW={hw} {dt}: cuda {total['cuda']:.4f} "
+                      f"triton {total['triton']:.4f} -> {min(total, key=total.get)}")
     if not args.no_save:
         print("appended to", append_rows("group_norm_act", [{**ctx, **r} for r in rows]))
 

@@ -1,14 +1,18 @@
-"""Whole-model CPU timing of ADM layouts: forward and a training step
-(forward + backward), per backend, medians via torch.utils.benchmark.
+"""Whole-model timing of ADM layouts: forward (no grad) and a training step
+(forward + backward), adm_fast's default backends against the eager reference
+and torch.compile of the eager model, interleaved in rounds in one process
+(medians via torch.utils.benchmark), with the max |Δ| of each output against
+eager.
 
-    python bench/bench_models.py [--layouts ...] [--backends eager auto]
+    python bench/bench_models.py [--layouts ...] [--rounds 3] [--compile] [--no_save]
 
-Rows go to bench/results/models_cpu.csv with device, commit and date.
+Rows go to bench/results/models_<device>.csv with device, commit and date.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import torch
 import torch.utils.benchmark as tb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, context, print_table  # noqa: E402
+from common import append_rows, context, median_ms, print_table  # noqa: E402
 
 import adm_fast  # noqa: E402
 from adm_fast.script_util import create_from_flags  # noqa: E402
@@ -36,50 +40,93 @@ LAYOUTS = {
 }
 
 
-def inputs(flags, batch):
+def inputs(flags, batch, device):
     size = flags["image_size"]
-    x = torch.randn(batch, 3, size, size)
-    t = torch.randint(0, 1000, (batch,)).float()
-    kw = {"y": torch.randint(0, 1000, (batch,))} if flags.get("class_cond") else {}
+    x = torch.randn(batch, 3, size, size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device).float()
+    kw = {"y": torch.randint(0, 1000, (batch,), device=device)} if flags.get("class_cond") else {}
     return x, t, kw
+
+
+def _timer(fn, device, min_run_time):
+    if device.type == "cuda":
+        return median_ms(fn, device)
+    return tb.Timer("fn()", globals={"fn": fn}).blocked_autorange(
+        min_run_time=min_run_time).median * 1e3
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    p.add_argument("--backends", nargs="+", default=["eager"])
-    p.add_argument("--min_run_time", type=float, default=2.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min_run_time", type=float, default=1.0)
+    p.add_argument("--compile", action="store_true",
+                   help="also torch.compile of the eager model (forward only: building the "
+                        "training graph too takes many minutes on a small CPU)")
     p.add_argument("--no_save", action="store_true")
     args = p.parse_args()
-    ctx = context(torch.device("cpu"))
-    rows = []
+    device = torch.device(args.device)
+    ctx, rows = context(device), []
     for name in args.layouts:
         flags, batch = LAYOUTS[name]
         flags = dict(flags)
-        model = create_from_flags(flags.pop("kind"), flags)
-        x, t, kw = inputs(LAYOUTS[name][0], batch)
-        params = sum(p.numel() for p in model.parameters())
+        kind = flags.pop("kind")
+        model = create_from_flags(kind, flags).to(device)
+        for prm in model.parameters():  # zero-initialised heads would hide differences
+            torch.nn.init.normal_(prm, std=0.02)
+        x, t, kw = inputs(LAYOUTS[name][0], batch, device)
 
-        def fwd():
-            with torch.no_grad():
-                model(x, t, **kw)
+        def forward(m, setting):
+            def run():
+                with torch.no_grad(), adm_fast.use_backend(setting):
+                    return m(x, t, **kw)
+            return run
 
-        def train_step():
-            model.zero_grad(set_to_none=True)
-            model(x, t, **kw).float().square().mean().backward()
+        def step(m, setting):
+            def run():
+                m.zero_grad(set_to_none=True)
+                with adm_fast.use_backend(setting):
+                    m(x, t, **kw).float().square().mean().backward()
+            return run
 
-        for backend in args.backends:
-            for what, fn in (("forward", fwd), ("train_step", train_step)):
-                with adm_fast.use_backend(backend):
-                    m = tb.Timer("fn()", globals={"fn": fn}).blocked_autorange(
-                        min_run_time=args.min_run_time)
-                rows.append({**ctx, "layout": name, "batch": batch, "params": params,
-                             "backend": backend, "what": what,
-                             "median_ms": f"{m.median * 1e3:.2f}",
-                             "img_per_s": f"{batch / m.median:.2f}"})
-    print_table(rows, ["layout", "batch", "backend", "what", "median_ms", "img_per_s"])
+        impls = {"eager": (model, "eager"), "adm_fast": (model, "auto")}
+        with torch.no_grad(), adm_fast.use_backend("eager"):
+            ref = model(x, t, **kw)
+        errors = {}
+        if args.compile:
+            compiled = torch.compile(model, dynamic=False)
+            try:
+                with torch.no_grad(), adm_fast.use_backend("eager"):
+                    errors["compile(eager)"] = (compiled(x, t, **kw) - ref).abs().max().item()
+                impls["compile(eager)"] = (compiled, "eager")
+            except Exception as e:  # say so and go on without it
+                print(f"  {name}: torch.compile failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]}")
+        times = {(i, w): [] for i in impls for w in ("forward", "train_step")}
+        for _ in range(args.rounds):  # interleaved: each round times every impl
+            for impl, (m, setting) in impls.items():
+                with torch.no_grad(), adm_fast.use_backend(setting):
+                    errors[impl] = (m(x, t, **kw).float() - ref.float()).abs().max().item()
+                times[(impl, "forward")].append(_timer(forward(m, setting), device,
+                                                       args.min_run_time))
+                if not impl.startswith("compile"):
+                    times[(impl, "train_step")].append(_timer(step(m, setting), device,
+                                                              args.min_run_time))
+        for what in ("forward", "train_step"):
+            eager_ms = statistics.median(times[("eager", what)])
+            for impl in impls:
+                if not times[(impl, what)]:
+                    continue
+                ms = statistics.median(times[(impl, what)])
+                rows.append({**ctx, "layout": name, "batch": batch, "impl": impl, "what": what,
+                             "median_ms": f"{ms:.2f}", "img_per_s": f"{batch * 1e3 / ms:.2f}",
+                             "x_vs_eager": f"{eager_ms / ms:.2f}",
+                             "max_abs_diff": f"{errors[impl]:.2e}"})
+    print_table(rows, ["layout", "batch", "impl", "what", "median_ms", "img_per_s", "x_vs_eager",
+                       "max_abs_diff"])
     if not args.no_save:
-        print("appended to", append_rows("models_cpu", rows))
+        print("appended to", append_rows(f"models_{device.type}", rows))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ from conftest import (CPU_EXT, DEVICE, REF, assert_lowp_close, poisoned,  # noqa
                       rel_err)
 
 STEPS_ON_TRITON = {"ddpm_step": "triton", "ddim_step": "triton"}
-FUSED = ["triton"] + (["cpu"] if CPU_EXT and DEVICE == "cpu" else [])
+FUSED = ["triton"] + (["cpu"] if CPU_EXT and DEVICE == "cpu" else []) + (
+    ["cuda"] if DEVICE == "cuda" and not ops.backends()["cuda"].unavailable_reasons() else [])
 CASES = sorted(p.stem for p in (REF / "diffusion").glob("*.pt"))
 
 

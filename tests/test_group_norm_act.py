@@ -212,6 +212,39 @@ def test_cpu_backend_leaves_channels_last_to_eager():
     assert "eager: chosen" in ops.explain("group_norm_act", x, 32, w, b, None, None, 1e-5, True)
 
 
+CUDA_EXT = DEVICE == "cuda" and not ops.backends()["cuda"].unavailable_reasons()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_EXT, reason="needs a GPU and the CUDA extension")
+@pytest.mark.parametrize("shape, mode, channels_last", TRITON_CASES + [((2, 256, 32, 32), "adagn",
+                                                                         True)])
+def test_cuda_fp32(shape, mode, channels_last):
+    inp = make_inputs(shape, mode, torch.float32, channels_last)
+    dy = torch.randn(shape, device=DEVICE)
+    with poisoned():
+        out, grads = run("cuda", inp, dy)
+    _check_fp32(inp, dy, out, grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_EXT, reason="needs a GPU and the CUDA extension")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, mode, channels_last", [TRITON_CASES[0], TRITON_CASES[3],
+                                                        ((4, 128, 64, 64), "adagn", True)])
+def test_cuda_low_precision(shape, mode, channels_last, dtype):
+    inp = make_inputs(shape, mode, dtype, channels_last)
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    with poisoned():
+        out, grads = run("cuda", inp, dy)
+    lowp, lowp_grads = run("eager", inp, dy)
+    ref, ref_grads = fp64_reference(inp, dy)
+    assert out.dtype == dtype
+    assert_lowp_close(out, ref, lowp, "y")
+    for k in grads:
+        assert_lowp_close(grads[k], ref_grads[k], lowp_grads[k], k)
+
+
 def test_triton_statistics_survive_large_offsets():
     inp = make_inputs((2, 64, 16, 16), "plain", torch.float32)
     inp["x"] = inp["x"] + 1000.0  # E[x²] − E[x]² would lose every digit here

@@ -51,6 +51,21 @@ def test_reference_models_on_cpu_kernels(name):
     assert_grads_close(grads, ref_grads, 1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" or bool(adm_fast.ops.backends()["cuda"].unavailable_reasons()),
+                    reason="needs a GPU and the CUDA extension")
+@pytest.mark.parametrize("name", NUMERIC_CASES)
+def test_reference_models_on_cuda_kernels(name):
+    case = load_case(name)
+    model = build_case(case).to(DEVICE)
+    with adm_fast.use_backend("eager"):
+        ref_out, ref_grads = _forward_and_grads(model, case, len(case["x"]))
+    with adm_fast.use_backend({"group_norm_act": "cuda"}):
+        out, grads = _forward_and_grads(model, case, len(case["x"]))
+    assert rel_err(out, ref_out) <= 1e-4
+    assert_grads_close(grads, ref_grads, 1e-4)
+
+
 @pytest.mark.parametrize("setting, name", [("auto", "unet_cond_scaleshift_legacyattn"),
                                            ("triton", "unet_uncond_addnorm_newattn")])
 def test_torch_compile_traces_without_graph_breaks(setting, name):

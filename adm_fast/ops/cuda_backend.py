@@ -14,12 +14,11 @@ import torch
 from torch import Tensor
 
 from .ddim_step import IMPLS as DDIM_IMPLS, OP as DDIM_STEP, fused as ddim_fused
-from .ddpm_step import IMPLS as DDPM_IMPLS, OP as DDPM_STEP, fused as ddpm_fused, step_fake
+from .ddpm_step import IMPLS as DDPM_IMPLS, OP as DDPM_STEP, fused as ddpm_fused
 from .dispatch import Backend, register_backend
+from .extension_ops import ExtensionKernels, register_fakes
 from .group_norm_act import IMPLS as GN_IMPLS, OP as GROUP_NORM_ACT, fused as gn_fused
 
-_MEAN = {"eps": 0, "x_start": 1, "x_prev": 2}
-_VAR = {"learned": 0, "learned_range": 1, "fixed": 2}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -38,50 +37,13 @@ def _load():
 _EXT, _ERROR = _load()
 
 if _EXT is not None:
-    @torch.library.register_fake("adm_fast_cuda::group_norm_act_fwd")
-    def _(x, weight, bias, scale, shift, num_groups, eps, act):
-        stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-        return torch.empty_like(x), stats, torch.empty_like(stats)
+    register_fakes("adm_fast_cuda")
 
-    @torch.library.register_fake("adm_fast_cuda::group_norm_act_bwd")
-    def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act, need_wb):
-        def like(t, wanted=True):
-            return torch.empty_like(t) if t is not None and wanted else x.new_empty(0)
-        return (torch.empty_like(x), like(weight, need_wb), like(bias, need_wb), like(scale),
-                like(shift))
-
-    torch.library.register_fake("adm_fast_cuda::ddpm_step", step_fake)
-    torch.library.register_fake("adm_fast_cuda::ddim_step", step_fake)
-
-
-class _Kernels:
-    """What the adm_fast custom ops call for backend "cuda"."""
-
-    @staticmethod
-    def forward(x, weight, bias, scale, shift, num_groups, eps, act):
-        return torch.ops.adm_fast_cuda.group_norm_act_fwd(x, weight, bias, scale, shift,
-                                                          num_groups, eps, act)
-
-    @staticmethod
-    def backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act, need_wb):
-        grads = torch.ops.adm_fast_cuda.group_norm_act_bwd(dy, x, weight, bias, scale, shift,
-                                                           mean, rstd, num_groups, act, need_wb)
-        return tuple(g if g.numel() or t is None else None
-                     for g, t in zip(grads, (x, weight, bias, scale, shift)))
-
-    @staticmethod
-    def ddpm_step(x, model_out, noise, coefs, grad, mean_type, var_type, clip):
-        return torch.ops.adm_fast_cuda.ddpm_step(x, model_out, noise, coefs, grad,
-                                                 _MEAN[mean_type], _VAR[var_type], clip)
-
-    @staticmethod
-    def ddim_step(x, model_out, noise, coefs, grad, mean_type, clip, eta):
-        return torch.ops.adm_fast_cuda.ddim_step(x, model_out, noise, coefs, grad,
-                                                 _MEAN[mean_type], clip, eta)
+_KERNELS = ExtensionKernels("adm_fast_cuda")
 
 
 def _kernels():
-    return _Kernels
+    return _KERNELS
 
 
 def build_info() -> str:
