@@ -53,15 +53,25 @@ def context(device: torch.device) -> Dict[str, str]:
 
 
 def append_rows(name: str, rows: List[Dict]) -> Path:
-    """Append rows to bench/results/<name>.csv (header written once)."""
+    """Append rows to bench/results/<name>.csv. When a benchmark gained
+    columns, the file is rewritten with the union (old rows leave them blank)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.csv"
-    fields = list(rows[0])
-    new = not path.exists() or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
+    old: List[Dict] = []
+    fields: List[str] = []
+    if path.exists() and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            old = list(reader)
+    extra = [k for r in rows for k in r if k not in fields]
+    fields += list(dict.fromkeys(extra))
+    mode = "w" if extra or not old else "a"
+    with open(path, mode, newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        if mode == "w":
             w.writeheader()
+            w.writerows(old)
         w.writerows(rows)
     return path
 
