@@ -20,7 +20,6 @@ allocate and pick tile sizes.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch

@@ -1,6 +1,5 @@
 """Loops, guidance, DPM-Solver++, schedule samplers and input errors."""
 
-import math
 
 import numpy as np
 import pytest
