@@ -97,13 +97,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a few shapes only")
-    p.add_argument("--compile", action="store_true", help="also torch.compile (slow to build)")
+    p.add_argument("--compile", action="store_true",
+                   help="also torch.compile of the eager chain (slow to build: the first "
+                        "--compile_shapes shapes, largest batch, first dtype)")
+    p.add_argument("--compile_shapes", type=int, default=3)
+    p.add_argument("--dtypes", nargs="+", default=None, help="e.g. bfloat16 float16")
     p.add_argument("--no_save", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
     shapes = SHAPES[:3] if args.quick else SHAPES
     batches = (1, 8) if args.quick else BATCHES
-    dtypes = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32,)
+    dtypes = ([getattr(torch, d) for d in args.dtypes] if args.dtypes else
+              (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32,))
     ctx = context(device)
     rows = []
     for dtype in dtypes:
@@ -111,7 +116,8 @@ def main():
             for n in batches:
                 if device.type == "cpu" and n * c * hw > 8 * 256 * 1024:
                     continue
-                with_compile = args.compile and dtype == dtypes[0] and n == batches[-1]
+                with_compile = (args.compile and dtype == dtypes[0] and n == batches[-1]
+                                and (c, hw) in shapes[:args.compile_shapes])
                 rows += bench_case(n, c, hw, dtype, device, with_compile)
     print_table(rows, ["impl", "N", "C", "HW", "dtype", "pass", "ms", "GB/s", "%peak",
                        "max_err", "x_vs_eager", "x_vs_compile"])
