@@ -20,6 +20,7 @@ from torch import Tensor
 from . import dispatch
 from . import step_math as sm
 from .ddpm_step import check_step_args, recompute_autograd, step_fake
+from .group_norm_act import needs_custom_op
 
 OP = "ddim_step"
 ROWS = 7
@@ -70,6 +71,9 @@ recompute_autograd(_fused, reference, 5)
 
 def fused(backend: str) -> Callable:
     def run(x, model_out, noise, coefs, grad, mean_type, clip, eta):
-        return torch.ops.adm_fast.ddim_step(x, model_out, noise, coefs, grad, mean_type,
-                                            bool(clip), float(eta), backend)
+        if needs_custom_op(x, model_out, noise, coefs, grad):
+            return torch.ops.adm_fast.ddim_step(x, model_out, noise, coefs, grad, mean_type,
+                                                bool(clip), float(eta), backend)
+        return IMPLS[backend]().ddim_step(x, model_out, noise, coefs, grad, mean_type,
+                                          bool(clip), float(eta))
     return run

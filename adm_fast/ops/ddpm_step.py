@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
+from .group_norm_act import needs_custom_op
 from . import step_math as sm
 
 OP = "ddpm_step"
@@ -132,6 +133,9 @@ recompute_autograd(_fused, reference, 5)
 
 def fused(backend: str) -> Callable:
     def run(x, model_out, noise, coefs, grad, mean_type, var_type, clip):
-        return torch.ops.adm_fast.ddpm_step(x, model_out, noise, coefs, grad, mean_type,
-                                            var_type, bool(clip), backend)
+        if needs_custom_op(x, model_out, noise, coefs, grad):
+            return torch.ops.adm_fast.ddpm_step(x, model_out, noise, coefs, grad, mean_type,
+                                                var_type, bool(clip), backend)
+        return IMPLS[backend]().ddpm_step(x, model_out, noise, coefs, grad, mean_type,
+                                          var_type, bool(clip))
     return run

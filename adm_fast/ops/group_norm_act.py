@@ -150,8 +150,21 @@ _fused.register_autograd(_backward, setup_context=_setup)
 
 
 def fused(backend: str) -> Callable:
-    """The op implementation that runs `backend`'s kernels through the custom op."""
+    """The op implementation that runs `backend`'s kernels: through the custom op
+    when autograd or torch.compile need it, straight to the kernels otherwise
+    (sampling), which saves the custom op's dispatch on every call."""
     def run(x, num_groups, weight, bias, scale, shift, eps, act):
-        return torch.ops.adm_fast.group_norm_act(x, weight, bias, scale, shift, num_groups,
-                                                 float(eps), bool(act), backend)[0]
+        if needs_custom_op(x, weight, bias, scale, shift):
+            return torch.ops.adm_fast.group_norm_act(x, weight, bias, scale, shift, num_groups,
+                                                     float(eps), bool(act), backend)[0]
+        return IMPLS[backend]().forward(x, weight, bias, scale, shift, num_groups, float(eps),
+                                        bool(act))[0]
     return run
+
+
+def needs_custom_op(*tensors) -> bool:
+    """Whether a call must go through the custom op: under torch.compile, or
+    when autograd will want its backward."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
+from .group_norm_act import needs_custom_op
 
 OP = "qkv_attention"
 
@@ -122,7 +123,9 @@ _fused.register_autograd(_backward, setup_context=_setup)
 
 def fused(backend: str) -> Callable:
     def run(qkv, num_heads, legacy):
-        return torch.ops.adm_fast.qkv_attention(qkv, num_heads, bool(legacy), backend)[0]
+        if needs_custom_op(qkv):
+            return torch.ops.adm_fast.qkv_attention(qkv, num_heads, bool(legacy), backend)[0]
+        return IMPLS[backend]().forward(qkv, num_heads, bool(legacy))[0]
     return run
 
 
