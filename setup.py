@@ -64,6 +64,7 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "pillow>=9",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest>=7"]},

@@ -133,6 +133,16 @@ def _mismatch_error(path: str, target: str, diff, shapes) -> CheckpointError:
     return CheckpointError("\n".join(lines))
 
 
+def check_fits(state_dict: Mapping[str, Tensor], model: nn.Module, path: str,
+               target: str) -> None:
+    """Raise CheckpointError (missing / unexpected / mis-shaped keys and the
+    closest preset) unless state_dict has exactly model's keys and shapes."""
+    shapes = _shapes(state_dict)
+    diff = _diff(shapes, [(k, tuple(v.shape)) for k, v in model.state_dict().items()])
+    if any(diff):
+        raise _mismatch_error(path, target, diff, shapes)
+
+
 def detect_preset(state_dict: Mapping[str, Tensor], filename: str = "") -> Preset:
     """The preset whose layout this state_dict has (meta tensors are fine).
 
@@ -215,11 +225,13 @@ def load_checkpoint(path: Union[str, os.PathLike], preset=None, device=None,
     return model.to(device or "cpu").eval()
 
 
-def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Write the model's weights as safetensors, with what rebuilds it
-    (class, constructor arguments, script flags, preset) as metadata. The file is written
-    to a temporary name and renamed, so an interrupted save leaves no
-    truncated checkpoint behind."""
+def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike],
+                    state_dict: Optional[Mapping[str, Tensor]] = None) -> None:
+    """Write the model's weights (or `state_dict`, weights for the same model,
+    e.g. an EMA) as safetensors, with what rebuilds it (class, constructor
+    arguments, script flags, preset) as metadata. The file is written to a
+    temporary name, flushed to disk and renamed, so an interrupted save leaves
+    no truncated checkpoint behind."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
@@ -233,11 +245,29 @@ def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     flags = getattr(model, "flags", None)
     if flags is not None:
         meta[_META_FLAGS] = json.dumps(flags)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    if state_dict is not None:
+        diff = _diff(_shapes(state_dict), [(k, tuple(v.shape)) for k, v in own.items()])
+        if any(diff):
+            raise _mismatch_error(path, f"the {cls} it is saved for", diff,
+                                  _shapes(state_dict))
+        own = state_dict
+    tensors = {k: v.detach().contiguous().cpu() for k, v in own.items()}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=meta)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_path(path: str) -> None:
+    """Flush a written file to disk, so that a rename after it never exposes
+    a file whose data a crash could still lose."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

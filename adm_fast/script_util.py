@@ -192,7 +192,10 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
 @_records_flags("classifier")
 def create_classifier(image_size, classifier_use_fp16, classifier_width, classifier_depth,
                       classifier_attention_resolutions, classifier_use_scale_shift_norm,
-                      classifier_resblock_updown, classifier_pool):
+                      classifier_resblock_updown, classifier_pool, classifier_channel_mult=""):
+    """guided-diffusion's create_classifier; classifier_channel_mult (an
+    adm_fast addition; "" keeps guided-diffusion's choice per image size) lets
+    small classifiers exist for sizes guided-diffusion has no table for."""
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=3,
@@ -201,7 +204,7 @@ def create_classifier(image_size, classifier_use_fp16, classifier_width, classif
         num_res_blocks=classifier_depth,
         attention_resolutions=attention_downsample_rates(
             classifier_attention_resolutions, image_size),
-        channel_mult=parse_channel_mult("", image_size),
+        channel_mult=parse_channel_mult(classifier_channel_mult, image_size),
         use_fp16=classifier_use_fp16,
         num_head_channels=64,
         use_scale_shift_norm=classifier_use_scale_shift_norm,
@@ -245,7 +248,7 @@ def create_from_flags(kind: str, flags: dict):
         fn, defaults = create_model, model_and_diffusion_defaults()
         keys = [k for k in defaults if k not in diffusion_defaults()] + ["learn_sigma"]
     elif kind == "classifier":
-        fn, defaults = create_classifier, classifier_defaults()
+        fn, defaults = create_classifier, {**classifier_defaults(), "classifier_channel_mult": ""}
         keys = list(defaults)
     elif kind == "sr":
         fn, defaults = sr_create_model, sr_model_and_diffusion_defaults()
@@ -293,11 +296,12 @@ def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_
                                     classifier_use_scale_shift_norm, classifier_resblock_updown,
                                     classifier_pool, learn_sigma, diffusion_steps,
                                     noise_schedule, timestep_respacing, use_kl, predict_xstart,
-                                    rescale_timesteps, rescale_learned_sigmas):
+                                    rescale_timesteps, rescale_learned_sigmas,
+                                    classifier_channel_mult=""):
     classifier = create_classifier(
         image_size, classifier_use_fp16, classifier_width, classifier_depth,
         classifier_attention_resolutions, classifier_use_scale_shift_norm,
-        classifier_resblock_updown, classifier_pool)
+        classifier_resblock_updown, classifier_pool, classifier_channel_mult)
     return classifier, _diffusion(diffusion_steps, **locals())
 
 

@@ -1,0 +1,288 @@
+"""The training loop shared by diffusion models and noisy classifiers.
+
+One iteration: this rank's slice of the global batch, split into
+microbatches (gradients synchronised once, on the last), a mixed-precision
+optimizer step, the EMAs, the learning-rate schedule, logs, checkpoints.
+
+Randomness that shapes the gradient (timesteps, noise, label dropout) is drawn
+for the whole global batch from a generator seeded by (seed, step), and each
+rank takes its strided share, matching the data shards (file i of a global
+batch lives on rank i % world_size). So a run on N processes computes the same
+update as one process with the same global batch, and a resumed run the same
+as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import checkpoint as ckpt
+from . import state as st
+from .distributed import World, barrier
+from .metrics import Metrics
+from .precision import MixedPrecisionTrainer
+
+log = logging.getLogger("adm_fast.train")
+
+
+def parse_ema_rates(ema_rate) -> List[str]:
+    if ema_rate in (None, ""):
+        return []
+    rates = [r.strip() for r in str(ema_rate).split(",") if r.strip()]
+    for r in rates:
+        try:
+            ok = 0.0 < float(r) < 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--ema_rate takes comma-separated rates in (0, 1), got {r!r}")
+    return rates
+
+
+class TrainLoop:
+    """Subclasses define `losses(model, x, cond, t, weights, noise)` →
+    (scalar loss for backward, {name: per-sample values} to log)."""
+
+    def __init__(self, *, model, diffusion, data, world: World, log_dir: str, batch_size: int,
+                 lr: float = 1e-4, weight_decay: float = 0.0, microbatch: int = -1,
+                 ema_rate="", log_interval: int = 10, save_interval: int = 10000,
+                 resume: Optional[Dict] = None, precision: str = "fp32",
+                 fp16_scale_growth: float = 1e-3, initial_lg_loss_scale: float = 20.0,
+                 schedule_sampler=None, lr_anneal_steps: int = 0, max_steps: int = 0,
+                 seed: int = 0, max_grad_norm: Optional[float] = None, progress: bool = True,
+                 run_info: Optional[Dict] = None):
+        self.world, self.log_dir = world, log_dir
+        self.diffusion, self.data = diffusion, data
+        if batch_size < 1 or batch_size % world.world_size:
+            raise ValueError(f"--batch_size {batch_size} (the global batch) must be a positive "
+                             f"multiple of the world size {world.world_size}")
+        self.global_batch = batch_size
+        self.local_batch = batch_size // world.world_size
+        self.microbatch = microbatch if 0 < microbatch < self.local_batch else self.local_batch
+        self.lr, self.lr_anneal_steps, self.max_steps = lr, lr_anneal_steps, max_steps
+        self.log_interval, self.save_interval = max(1, log_interval), max(1, save_interval)
+        self.ema_rates = parse_ema_rates(ema_rate)
+        self.sampler, self.seed, self.progress = schedule_sampler, seed, progress
+        self.run_info = dict(run_info or {})
+        self.model = model.to(world.device)
+        self.mp = MixedPrecisionTrainer(self.model, precision=precision,
+                                        initial_lg_loss_scale=initial_lg_loss_scale,
+                                        fp16_scale_growth=fp16_scale_growth,
+                                        max_grad_norm=max_grad_norm)
+        self.opt = torch.optim.AdamW(self.mp.master_params, lr=lr, weight_decay=weight_decay)
+        self.step = 0
+        self.emas = [[p.detach().clone() for p in self.mp.master_params] for _ in self.ema_rates]
+        if resume is not None:
+            self._restore(resume)
+        else:
+            torch.manual_seed(seed + world.rank)  # dropout differs per rank, as it should
+        self.ddp = self.model
+        if world.distributed:
+            self.ddp = DDP(self.model, device_ids=[world.device] if world.device.type == "cuda"
+                           else None, broadcast_buffers=False, bucket_cap_mb=128,
+                           find_unused_parameters=False)
+        if world.is_main:
+            os.makedirs(log_dir, exist_ok=True)
+        self.metrics = Metrics(log_dir, enabled=world.is_main)
+
+    # --- randomness -------------------------------------------------------
+    def generator(self) -> torch.Generator:
+        g = torch.Generator(self.world.device)
+        g.manual_seed((self.seed * 1_000_003 + self.step * 7919 + 17) % (2 ** 63))
+        return g
+
+    def share(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's strided share of a tensor drawn for the global batch."""
+        return x[self.world.rank::self.world.world_size]
+
+    def draw_timesteps(self, gen: torch.Generator):
+        num_t = self.diffusion.num_timesteps
+        w = torch.as_tensor(self.sampler.weights(), dtype=torch.float64, device=self.world.device)
+        p = w / w.sum()
+        t = torch.multinomial(p, self.global_batch, replacement=True, generator=gen)
+        weights = (1.0 / (num_t * p[t])).float()
+        return self.share(t), self.share(weights)
+
+    # --- one iteration ----------------------------------------------------
+    def run_step(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> bool:
+        dev = self.world.device
+        gen = self.generator()
+        t, weights = self.draw_timesteps(gen)
+        noise = self.share(torch.randn((self.global_batch,) + tuple(batch.shape[1:]),
+                                       generator=gen, device=dev))
+        cond = self.prepare_cond(cond, gen)
+        batch = batch.to(dev, non_blocking=True)
+        if batch.shape[0] != self.local_batch:
+            raise RuntimeError(f"data gave a batch of {batch.shape[0]}, expected the per-rank "
+                               f"batch {self.local_batch}")
+        self.mp.zero_grad()
+        n = self.local_batch
+        for i in range(0, n, self.microbatch):
+            sl = slice(i, min(i + self.microbatch, n))
+            last = sl.stop >= n
+            micro_cond = {k: v[sl] for k, v in cond.items()}
+            sync = last or not isinstance(self.ddp, DDP)
+            ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with self.mp.autocast():
+                    loss, terms = self.losses(self.ddp, batch[sl], micro_cond, t[sl],
+                                              weights[sl], noise[sl])
+                # weighting by the microbatch's share gives the same gradient as
+                # one pass over the whole batch, whatever --microbatch is
+                self.mp.backward(loss * ((sl.stop - sl.start) / n))
+            self.metrics.add_losses(terms, t[sl], self.diffusion.num_timesteps)
+            self.after_microbatch(t[sl], terms)
+        took = self.mp.optimize(self.opt)
+        if took:
+            for rate, ema in zip(self.ema_rates, self.emas):
+                torch._foreach_lerp_(ema, [p.detach() for p in self.mp.master_params],
+                                     1.0 - float(rate))
+        self.step += 1
+        self._anneal_lr()
+        self.metrics.add("grad_norm", self.mp.grad_norm)
+        self.metrics.add("param_norm", self.mp.param_norm)
+        if self.mp.precision == "fp16":
+            self.metrics.add("lg_loss_scale", self.mp.lg_loss_scale)
+        return took
+
+    def prepare_cond(self, cond, gen):
+        return {k: v.to(self.world.device, non_blocking=True) for k, v in cond.items()}
+
+    def after_microbatch(self, t, terms):
+        pass
+
+    def losses(self, model, x, cond, t, weights, noise):
+        raise NotImplementedError("TrainLoop subclasses define losses()")
+
+    def _anneal_lr(self):
+        if self.lr_anneal_steps:
+            frac = min(self.step / self.lr_anneal_steps, 1.0)
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * (1.0 - frac)
+
+    # --- the loop -----------------------------------------------------------
+    def done(self) -> bool:
+        if self.max_steps and self.step >= self.max_steps:
+            return True
+        return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
+
+    def run(self) -> int:
+        """Train until --max_steps / --lr_anneal_steps (forever when neither is
+        set), saving every save_interval steps and at the end. Returns the step."""
+        total = self.max_steps or self.lr_anneal_steps or None
+        bar = None
+        if self.progress and self.world.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
+        log.info("training from step %d: global batch %d = %d rank(s) x %d per rank "
+                 "(microbatch %d), precision %s, device %s", self.step, self.global_batch,
+                 self.world.world_size, self.local_batch, self.microbatch, self.mp.precision,
+                 self.world.device)
+        start, start_step, last_saved = time.perf_counter(), self.step, None
+        while not self.done():
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            if bar is not None:
+                bar.update(1)
+            if self.step % self.log_interval == 0:
+                now = time.perf_counter()
+                self.log_row(now - start, self.step - start_step)
+                start, start_step = now, self.step
+            if self.step % self.save_interval == 0:
+                self.save()
+                last_saved = self.step
+        if self.step != start_step:  # the tail since the last log line
+            self.log_row(time.perf_counter() - start, self.step - start_step)
+        if last_saved != self.step:
+            self.save()
+        if bar is not None:
+            bar.close()
+        return self.step
+
+    def log_row(self, seconds: float, steps: int) -> Dict:
+        extra = {"samples": self.step * self.global_batch,
+                 "samples_per_s": steps * self.global_batch / max(seconds, 1e-9),
+                 "lr": self.opt.param_groups[0]["lr"], "skipped_steps": self.mp.skipped_steps}
+        if self.world.device.type == "cuda":
+            extra["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.world.device) / 2 ** 20
+        else:
+            extra["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return self.metrics.dump(self.step, extra, self.world)
+
+    # --- checkpoints --------------------------------------------------------
+    def save(self) -> None:
+        rngs = self._gather_rng()
+        if self.world.is_main:
+            os.makedirs(self.log_dir, exist_ok=True)
+            files = [st.model_file(self.step)]
+            ckpt.save_checkpoint(self.model, os.path.join(self.log_dir, files[0]),
+                                 state_dict=self.mp.master_params_to_state_dict(
+                                     self.mp.master_params))
+            for rate, ema in zip(self.ema_rates, self.emas):
+                files.append(st.ema_file(rate, self.step))
+                ckpt.save_checkpoint(self.model, os.path.join(self.log_dir, files[-1]),
+                                     state_dict=self.mp.master_params_to_state_dict(ema))
+            files.append(st.state_file(self.step))
+            st.save_state({
+                "step": self.step, "optimizer": self.opt.state_dict(),
+                "precision": self.mp.state_dict(), "sampler": st.sampler_state(self.sampler),
+                "rng": rngs, "world_size": self.world.world_size,
+                "global_batch": self.global_batch, "ema_rates": list(self.ema_rates),
+                "run": {k: v for k, v in self.run_info.items()
+                        if isinstance(v, (str, int, float, bool))},
+            }, os.path.join(self.log_dir, files[-1]))
+            st.mark_latest(self.log_dir, self.step, files)
+            log.info("saved checkpoint at step %d in %s", self.step, self.log_dir)
+        barrier(self.world)
+
+    def _gather_rng(self) -> List[Dict[str, torch.Tensor]]:
+        mine = st.rng_state(self.world.device)
+        if not self.world.distributed:
+            return [mine]
+        out: List = [None] * self.world.world_size
+        torch.distributed.all_gather_object(out, {k: v.cpu() for k, v in mine.items()})
+        return out
+
+    def _restore(self, resume: Dict) -> None:
+        ckpt.check_fits(resume["weights"], self.model, resume["path"],
+                        "the model these flags build")
+        self.mp.load_model_state_dict(resume["weights"])
+        for i, rate in enumerate(self.ema_rates):
+            sd = resume["emas"].get(rate)
+            if sd is None:
+                log.warning("no EMA %s at step %d: starting it from the model", rate,
+                            resume["step"])
+                continue
+            ckpt.check_fits(sd, self.model, f"EMA {rate} of {resume['path']}",
+                            "the model these flags build")
+            self.emas[i] = [p.to(self.world.device)
+                            for p in self.mp.state_dict_to_master_params(sd)]
+        self.step = resume["step"]
+        state = resume["state"]
+        if state is None:
+            log.warning("%s has no training state beside it: optimizer, loss scale and RNG "
+                        "start fresh at step %d", resume["path"], self.step)
+            torch.manual_seed(self.seed + self.world.rank + self.step)
+            return
+        if state.get("global_batch") not in (None, self.global_batch):
+            log.warning("resuming with global batch %d, the run had %s", self.global_batch,
+                        state["global_batch"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.mp.load_state_dict(state["precision"])
+        st.load_sampler_state(self.sampler, state.get("sampler"))
+        rngs = state.get("rng") or []
+        if len(rngs) == self.world.world_size:
+            st.set_rng_state(rngs[self.world.rank], self.world.device)
+        else:
+            log.warning("the checkpoint holds RNG states of %d rank(s), this run has %d: "
+                        "reseeding", len(rngs), self.world.world_size)
+            torch.manual_seed(self.seed + self.world.rank + self.step)
+        self._anneal_lr()

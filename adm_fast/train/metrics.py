@@ -1,0 +1,131 @@
+"""Training logs: means over each log interval, as guided-diffusion logs them
+(every loss term also per quartile of t: `mse_q0` … `mse_q3`), printed as one
+line and appended to progress.jsonl and progress.csv in the log dir.
+
+Values accumulate as tensors and are read once per interval, so logging adds
+no host synchronisation to the steps in between.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from typing import Dict, Optional
+
+import torch
+
+log = logging.getLogger("adm_fast.train")
+
+
+class Metrics:
+    def __init__(self, log_dir: Optional[str], enabled: bool = True):
+        self.log_dir = log_dir if enabled else None
+        self._sums: Dict[str, torch.Tensor] = {}
+        self._counts: Dict[str, torch.Tensor] = {}
+        self._scalars: Dict[str, list] = defaultdict(list)
+        self._columns: list = []
+
+    def add_losses(self, losses: Dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: int):
+        """Per-sample loss terms at timesteps t: overall means and per-quartile means."""
+        quartile = (4 * t // num_timesteps).clamp_(0, 3)
+        onehot = torch.nn.functional.one_hot(quartile, 4).to(torch.float64)
+        for key, values in losses.items():
+            v = values.detach().to(torch.float64).reshape(-1)
+            self._acc(key, v.sum(), v.numel())
+            self._acc(f"{key}_q", (onehot * v[:, None]).sum(0), onehot.sum(0))
+
+    def _acc(self, key, total, count):
+        count = torch.as_tensor(count, dtype=torch.float64, device=total.device)
+        if key in self._sums:
+            self._sums[key] += total
+            self._counts[key] += count
+        else:
+            self._sums[key], self._counts[key] = total.clone(), count.clone()
+
+    def add(self, key: str, value) -> None:
+        """A scalar (python number) averaged over the interval."""
+        self._scalars[key].append(float(value))
+
+    def dump(self, step: int, extra: Optional[Dict] = None, world=None) -> Dict:
+        row = {"step": step}
+        keys = list(self._sums)
+        if keys:
+            flat = torch.cat([self._sums[k].reshape(-1) for k in keys]
+                             + [self._counts[k].reshape(-1) for k in keys])
+            if world is not None:
+                from .distributed import all_mean
+                flat = all_mean(world, flat)  # sums and counts scale alike
+            flat = flat.cpu().tolist()
+            sizes = [self._sums[k].numel() for k in keys]
+            offset, totals, counts = 0, {}, {}
+            for k, n in zip(keys, sizes):
+                totals[k] = flat[offset:offset + n]
+                counts[k] = flat[offset + sum(sizes):offset + sum(sizes) + n]
+                offset += n
+            for k in keys:
+                if k.endswith("_q"):
+                    for q, (s, c) in enumerate(zip(totals[k], counts[k])):
+                        if c:
+                            row[f"{k}{q}"] = s / c
+                else:
+                    row[k] = totals[k][0] / max(counts[k][0], 1.0)
+        for k, values in self._scalars.items():
+            row[k] = sum(values) / len(values)
+        row.update(extra or {})
+        self._sums.clear()
+        self._counts.clear()
+        self._scalars.clear()
+        if self.log_dir is not None:
+            self._write(row)
+            log.info(format_row(row))
+        return row
+
+    def _write(self, row: Dict) -> None:
+        with open(os.path.join(self.log_dir, "progress.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        path = os.path.join(self.log_dir, "progress.csv")
+        new = [k for k in row if k not in self._columns]
+        if new or not os.path.exists(path):
+            # New keys (e.g. once every quartile has been seen): rewrite with
+            # the union of columns so the CSV stays rectangular.
+            jsonl = os.path.join(self.log_dir, "progress.jsonl")
+            with open(jsonl, encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            seen = list(self._columns)
+            for r in rows:  # rows of an earlier (resumed) run may hold other keys
+                seen += [k for k in r if k not in seen]
+            self._columns = _ordered(seen)
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=self._columns)
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            with open(path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=self._columns).writerow(row)
+
+
+_QUARTILE = re.compile(r"_q\d$")
+
+
+def _ordered(columns: list) -> list:
+    """Columns in first-seen order, each loss's quartiles right after it."""
+    bases = []
+    for c in columns:
+        base = _QUARTILE.sub("", c)
+        if base not in bases:
+            bases.append(base)
+    return sorted(columns, key=lambda c: (bases.index(_QUARTILE.sub("", c)), c))
+
+
+def format_row(row: Dict) -> str:
+    """The log line: every value but the per-quartile ones (those go to the files)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if math.isfinite(v) else str(v)
+        return str(v)
+    return " ".join(f"{k}={fmt(v)}" for k, v in row.items() if not _QUARTILE.search(k))
