@@ -110,7 +110,7 @@ class TritonBackend(Backend):
             return self._attention_reasons(*args)
         return self._step_reasons(*args)
 
-    def _attention_reasons(self, qkv, num_heads, legacy) -> List[str]:
+    def _attention_reasons(self, qkv, num_heads, legacy=True) -> List[str]:
         why = _device_reasons([qkv]) + _dtype_reasons([("qkv", qkv)])
         head = qkv.shape[1] // (3 * num_heads)
         if not 1 <= head <= MAX_HEAD_DIM:
@@ -121,7 +121,8 @@ class TritonBackend(Backend):
             why.append("qkv is empty")
         return why
 
-    def _gn_reasons(self, x, num_groups, weight, bias, scale, shift, eps, act) -> List[str]:
+    def _gn_reasons(self, x, num_groups, weight, bias, scale=None, shift=None, eps=1e-5,
+                    act=True) -> List[str]:
         why = _device_reasons([x, weight, bias, scale, shift])
         why += _dtype_reasons([("x", x), ("weight", weight), ("bias", bias), ("scale", scale),
                                ("shift", shift)])
