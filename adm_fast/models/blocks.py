@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .nn import maybe_checkpoint, norm_act, normalization, zero_module
+from .nn import maybe_checkpoint, norm_act, norm_act_conv, normalization, zero_module
 
 
 class TimestepBlock(nn.Module):
@@ -129,19 +129,30 @@ class ResBlock(TimestepBlock):
         return maybe_checkpoint(self.use_checkpoint, self._forward, x, emb)
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = norm_act(self.in_layers[0], x)
+        # Inside a checkpointed block nothing is kept anyway: no recipes there.
+        conv_on = norm_act_conv if not self.use_checkpoint else _plain_norm_act_conv
         if self.updown:
-            h, x = self.h_upd(h), self.x_upd(x)
-        h = self.in_layers[2](h)
+            h = conv_on(self.in_layers[0], x, self.in_layers[2], between=self.h_upd)
+            x = self.x_upd(x)
+        else:
+            h = conv_on(self.in_layers[0], x, self.in_layers[2])
         emb_out = self.emb_layers(emb).to(h.dtype)
-        out_norm = self.out_layers[0]
+        scale = shift = None
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = norm_act(out_norm, h, scale, shift)
         else:
-            h = norm_act(out_norm, h + emb_out[:, :, None, None])
-        h = self.out_layers[3](self.out_layers[2](h))
+            h = h + emb_out[:, :, None, None]
+        out_norm, drop, conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
+        if drop.training and drop.p > 0:
+            h = conv(drop(norm_act(out_norm, h, scale, shift)))
+        else:  # dropout is the identity here (eval, or p = 0)
+            h = conv_on(out_norm, h, conv, scale, shift)
         return self.skip_connection(x) + h
+
+
+def _plain_norm_act_conv(norm, x, conv, scale=None, shift=None, act=True, between=None):
+    h = norm_act(norm, x, scale, shift, act)
+    return conv(h if between is None else between(h))
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -196,7 +207,8 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        conv_on = norm_act_conv if not self.use_checkpoint else _plain_norm_act_conv
+        h = self.proj_out(self.attention(conv_on(self.norm, x, self.qkv, act=False)))
         return (x + h).reshape(b, c, *spatial)
 
 

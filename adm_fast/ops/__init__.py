@@ -16,7 +16,7 @@ from .dispatch import (
 )
 from .ddim_step import ddim_step
 from .ddpm_step import ddpm_step
-from .group_norm_act import group_norm_act
+from .group_norm_act import group_norm_act, group_norm_act_backend, group_norm_act_with
 from .qkv_attention import qkv_attention
 from . import eager as _eager  # noqa: F401  (registers the eager backend)
 from . import cpu_backend as _cpu_backend  # noqa: F401  (registers the CPU backend)
@@ -26,6 +26,7 @@ from . import triton_backend as _triton_backend  # noqa: F401  (registers the Tr
 
 __all__ = [
     "Backend", "BackendNotSupported", "backends", "current_backend", "explain",
-    "register_backend", "set_backend", "use_backend", "group_norm_act", "qkv_attention",
+    "register_backend", "set_backend", "use_backend", "group_norm_act", "group_norm_act_backend",
+    "group_norm_act_with", "qkv_attention",
     "ddpm_step", "ddim_step",
 ]

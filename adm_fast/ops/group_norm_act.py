@@ -89,6 +89,24 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     return dispatch.call(OP, x, num_groups, weight, bias, scale, shift, eps, act)
 
 
+def group_norm_act_backend(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+                           bias: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                           shift: Optional[Tensor] = None, eps: float = 1e-5,
+                           act: bool = True) -> str:
+    """The name of the backend group_norm_act would run these arguments on."""
+    return dispatch.select(OP, x, num_groups, weight, bias, scale, shift, eps, act).name
+
+
+def group_norm_act_with(backend: str, x: Tensor, num_groups: int, weight: Optional[Tensor],
+                        bias: Optional[Tensor], scale: Optional[Tensor] = None,
+                        shift: Optional[Tensor] = None, eps: float = 1e-5,
+                        act: bool = True) -> Tensor:
+    """group_norm_act on one named backend, whatever the current setting: a
+    value recomputed in backward must come from the backend that made it."""
+    return dispatch.backends()[backend].ops[OP](x, num_groups, weight, bias, scale, shift,
+                                                 eps, act)
+
+
 # --- the fused path: one custom op for every fused backend ---------------------------
 #
 # torch.ops.adm_fast.group_norm_act returns (y, mean, rstd); its backward saves only
@@ -134,12 +152,18 @@ def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act, need_wb, b
 def _setup(ctx, inputs, output):
     x, weight, bias, scale, shift, num_groups, eps, act, backend = inputs
     ctx.save_for_backward(x, weight, bias, scale, shift, output[1], output[2])
-    ctx.num_groups, ctx.act, ctx.backend = num_groups, act, backend
+    ctx.num_groups, ctx.act, ctx.backend, ctx.eps = num_groups, act, backend, eps
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): the kernels are not
+        # differentiable, so take this gradient through the eager reference.
+        return differentiable_grads(
+            lambda *t: reference(t[0], ctx.num_groups, *t[1:], ctx.eps, ctx.act),
+            (x, weight, bias, scale, shift), need[:5], dy) + (None,) * 4
     grads = torch.ops.adm_fast.group_norm_act_backward(
         dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.act,
         bool(need[1] or need[2]), ctx.backend)
@@ -147,6 +171,17 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _fused.register_autograd(_backward, setup_context=_setup)
+
+
+def differentiable_grads(fn, tensors, needs, grad_out):
+    """Gradients of fn(*tensors) w.r.t. the tensors needing them, with graph."""
+    leaves = [t.detach().requires_grad_(bool(n)) if t is not None else None
+              for t, n in zip(tensors, needs)]
+    out = fn(*leaves)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
+                                   allow_unused=True))
+    return tuple(next(got) if t is not None and t.requires_grad else None for t in leaves)
 
 
 def fused(backend: str) -> Callable:

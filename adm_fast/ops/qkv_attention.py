@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .group_norm_act import needs_custom_op
+from .group_norm_act import differentiable_grads, needs_custom_op
 
 OP = "qkv_attention"
 
@@ -113,6 +113,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     qkv, out, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # double backward: through the eager reference
+        (dqkv,) = differentiable_grads(lambda q: reference(q, ctx.num_heads, ctx.legacy),
+                                       (qkv,), (True,), dout)
+        return dqkv, None, None, None
     dqkv = torch.ops.adm_fast.qkv_attention_backward(dout, qkv, out, lse, ctx.num_heads,
                                                      ctx.legacy, ctx.backend)
     return dqkv, None, None, None

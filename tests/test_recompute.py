@@ -1,0 +1,94 @@
+"""Convs fed by a fused norm keep a recipe instead of their input: same
+gradients (also second order), fewer bytes kept, eager left as it was."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import adm_fast
+from adm_fast.models import nn as adm_nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from saved_bytes import SavedBytes  # noqa: E402
+
+from conftest import CPU_EXT  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not CPU_EXT, reason="needs the CPU extension (a fused backend)")
+FUSED = {"group_norm_act": "cpu"}
+
+
+def _unet():
+    torch.manual_seed(0)
+    model = adm_fast.create_model(image_size=16, num_channels=64, num_res_blocks=1,
+                                  channel_mult="1,2", attention_resolutions="8",
+                                  num_head_channels=32, learn_sigma=True, class_cond=True,
+                                  resblock_updown=True, use_scale_shift_norm=True)
+    for p in model.parameters():  # no zero-initialised layer: every grad is informative
+        p.data.add_(torch.randn_like(p) * 0.02)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 16, 16, generator=g) + 0.3
+    t = torch.tensor([3, 700])
+    y = torch.tensor([1, 5])
+    return model, x, t, y
+
+
+def _step(model, x, t, y, backend, recompute):
+    adm_nn.set_norm_act_recompute(recompute)
+    try:
+        model.zero_grad()
+        params = [p for p in model.parameters()]
+        with adm_fast.use_backend(backend), SavedBytes(exclude=params) as saved:
+            out = model(x, t, y)
+            kept = saved.nbytes()
+        with adm_fast.use_backend(backend):
+            (out.float() ** 2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in params], kept
+    finally:
+        adm_nn.set_norm_act_recompute(True)
+
+
+def test_recompute_keeps_gradients_and_saves_bytes():
+    model, x, t, y = _unet()
+    out_r, grads_r, kept_r = _step(model, x, t, y, FUSED, True)
+    out_k, grads_k, kept_k = _step(model, x, t, y, FUSED, False)
+    assert torch.equal(out_r, out_k)
+    for a, b in zip(grads_r, grads_k):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert kept_r < 0.8 * kept_k, (kept_r, kept_k)
+    _, grads_e, kept_e = _step(model, x, t, y, "eager", True)
+    _, _, kept_e_off = _step(model, x, t, y, "eager", False)
+    assert kept_e == kept_e_off  # the eager reference keeps guided-diffusion's memory
+    for a, b in zip(grads_r, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_recompute_supports_double_backward():
+    model, x, t, y = _unet()
+
+    def grad_norm(backend):
+        xi = x.clone().requires_grad_(True)
+        with adm_fast.use_backend(backend):
+            out = model(xi, t, y)
+            (g,) = torch.autograd.grad(out.pow(2).mean(), xi, create_graph=True)
+            (gg,) = torch.autograd.grad(g.pow(2).sum(), xi)
+        return g.detach(), gg
+
+    g_fused, gg_fused = grad_norm(FUSED)
+    g_eager, gg_eager = grad_norm("eager")
+    torch.testing.assert_close(g_fused, g_eager, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gg_fused, gg_eager, rtol=1e-3, atol=1e-6)
+
+
+def test_no_recipe_under_no_grad_or_checkpointing():
+    model, x, t, y = _unet()
+    with torch.no_grad(), adm_fast.use_backend(FUSED):
+        ref = model(x, t, y)
+    model.set_checkpointing(resblocks=True, attention=True)
+    x2 = x.clone().requires_grad_(True)
+    with adm_fast.use_backend(FUSED):
+        out = model(x2, t, y)
+        out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(x2.grad).all()
