@@ -1,0 +1,228 @@
+"""`adm-fast bench sample`: classifier-guided sampling throughput.
+
+Per layout, in one process: guided-diffusion's computation (the eager
+backend), adm_fast on each backend setting, and torch.compile of the eager
+models, each timed over whole sampling loops (per step: UNet forward,
+classifier forward and backward to x_t, the step update: what
+`p_sample_loop` / `ddim_sample_loop` with `classifier_cond_fn` do), in
+interleaved rounds so a noisy machine slows all of them alike. The same run
+checks agreement with eager on the same seed: one step from the same x_t,
+and the final samples of a whole loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..diffusion import classifier_cond_fn
+from ..ops import BackendNotSupported, use_backend
+from . import common
+from .flops import PEAK_TFLOPS_BF16, step_flops
+from .layouts import (TINY, BenchInputError, Layout, backend_settings, build, layout,
+                      make_diffusion)
+
+__all__ = ["SampleBenchConfig", "run_sample_bench", "TINY", "TABLE_KEYS"]
+
+TABLE_KEYS = ["preset", "batch", "steps", "sampler", "dtype", "impl", "ms_per_step",
+              "img_per_s", "x_vs_eager", "TFLOP/s", "MFU%", "step_max_abs_diff",
+              "loop_max_abs_diff"]
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclasses.dataclass
+class SampleBenchConfig:
+    presets: List[str]
+    device: torch.device
+    batch_size: int
+    steps: int = 25
+    guidance: Optional[float] = None  # None: the layout's classifier_scale
+    sampler: str = "ddpm"
+    dtype: Optional[torch.dtype] = None  # None/fp32: all fp32; bf16/fp16: use_fp16 recipe
+    backends: Optional[List[str]] = None  # None: every backend usable here
+    compile: bool = False
+    warmup: int = 0
+    repeats: int = 3
+    seed: int = 0
+    results_dir: Optional[Path] = None
+    save: bool = True
+    model_path: Optional[str] = None
+    classifier_path: Optional[str] = None
+
+
+@dataclasses.dataclass
+class _Impl:
+    label: str
+    setting: object
+    model: Callable
+    classifier: Optional[torch.nn.Module]
+    diffs: tuple = (0.0, 0.0)  # max |Δ| against eager: one step, whole loop
+
+
+def _model_fn(model, class_cond: bool):
+    """The UNet as the sampler calls it. Guidance passes y to the model too;
+    an unconditional UNet ignores it, as guided-diffusion's model_fn does."""
+    if class_cond:
+        return model
+
+    def unconditional(x, t, y=None):
+        return model(x, t)
+    return unconditional
+
+
+def _setting_str(setting) -> str:
+    if isinstance(setting, str):
+        return setting
+    return ";".join(f"{op}={name}" for op, name in setting.items()) + ";others=auto"
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "nan" if v != v else format(v, spec)
+
+
+def _plan(lay: Layout, cfg: SampleBenchConfig):
+    """(guidance scale, diffusion, backend settings): every input error of a
+    layout, found before any layout runs."""
+    scale = lay.classifier_scale if cfg.guidance is None else cfg.guidance
+    if scale > 0 and lay.classifier_flags is None:
+        raise BenchInputError(f"{lay.name} has no paired classifier: pass --guidance 0")
+    return (scale, make_diffusion(lay, cfg.sampler, cfg.steps),
+            backend_settings(cfg.backends, cfg.device, cfg.dtype or torch.float32))
+
+
+def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: Dict, log) -> List[Dict]:
+    device, dtype = cfg.device, cfg.dtype or torch.float32
+    scale, diffusion, settings = _plan(lay, cfg)
+    unet = build(lay, "unet", device, cfg.dtype, cfg.model_path)
+    classifier = (build(lay, "classifier", device, cfg.dtype, cfg.classifier_path)
+                  if scale > 0 else None)
+
+    b, size = cfg.batch_size, lay.image_size
+    shape = (b, 3, size, size)
+    g = torch.Generator().manual_seed(cfg.seed)
+    y = torch.randint(0, 1000, (b,), generator=g).to(device)
+    x_t = torch.randn(shape, generator=g).to(device)
+    x_T = torch.randn(shape, generator=g).to(device)
+    kwargs = {"y": y} if (lay.class_cond or classifier is not None) else {}
+    i_mid = diffusion.num_timesteps // 2
+    t_mid = torch.full((b,), i_mid, device=device, dtype=torch.long)
+    loop_fn = diffusion.ddim_sample_loop if cfg.sampler == "ddim" else diffusion.p_sample_loop
+    step_fn = diffusion.ddim_sample if cfg.sampler == "ddim" else diffusion.p_sample
+
+    impls = [_Impl("eager", "eager", _model_fn(unet, lay.class_cond), classifier)]
+    impls += [_Impl(label, s, impls[0].model, classifier) for label, s in settings]
+    if cfg.compile:
+        impls.append(_Impl("compile(eager)", "eager",
+                           _model_fn(torch.compile(unet, dynamic=False), lay.class_cond),
+                           None if classifier is None else torch.compile(classifier,
+                                                                         dynamic=False)))
+
+    def run_loop(impl: _Impl, noise=None):
+        cond_fn = None if impl.classifier is None else classifier_cond_fn(impl.classifier, scale)
+        with use_backend(impl.setting):
+            return loop_fn(impl.model, shape, noise=noise, cond_fn=cond_fn, model_kwargs=kwargs,
+                           device=device, progress=False)
+
+    # Validation (the first, untimed, runs; compilation happens here).
+    outs: Dict[str, tuple] = {}
+    for impl in list(impls):
+        cond_fn = None if impl.classifier is None else classifier_cond_fn(impl.classifier, scale)
+        try:
+            with use_backend(impl.setting), torch.no_grad():  # as inside the loops
+                torch.manual_seed(cfg.seed)
+                one = step_fn(impl.model, x_t, t_mid, cond_fn=cond_fn,
+                              model_kwargs=kwargs)["sample"]
+            torch.manual_seed(cfg.seed + 1)
+            outs[impl.label] = (one, run_loop(impl))
+        except BackendNotSupported as e:
+            if impl.label == "eager":
+                raise
+            log(f"  {lay.name}: {impl.label} skipped: {str(e).splitlines()[-1].strip()}")
+            impls.remove(impl)
+        except Exception as e:
+            if not impl.label.startswith("compile"):
+                raise
+            log(f"  {lay.name}: torch.compile failed, row skipped: {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+            impls.remove(impl)
+    ref_one, ref_loop = outs["eager"]
+    for impl in impls[1:]:
+        one, final = outs[impl.label]
+        d1 = (one.float() - ref_one.float()).abs().max().item()
+        dl = (final.float() - ref_loop.float()).abs().max().item()
+        impl.diffs = (d1, dl)
+        log(f"validation  {lay.name}  {impl.label} vs eager (same seed, "
+            f"{DTYPE_NAMES[dtype]}): one step max|Δ| {d1:.2e}, {cfg.steps}-step loop "
+            f"max|Δ| {dl:.2e}")
+
+    for _ in range(cfg.warmup):
+        for impl in impls:
+            run_loop(impl, x_T)
+    times: Dict[str, List[float]] = {impl.label: [] for impl in impls}
+    for _ in range(cfg.repeats):  # interleaved rounds
+        for impl in impls:
+            times[impl.label].append(common.time_once_ms(lambda: run_loop(impl, x_T), device))
+
+    t_model = torch.full((b,), diffusion.timestep_map[i_mid], device=device)
+    flops = step_flops(_model_fn(unet, lay.class_cond), x_t, t_model, kwargs, classifier, y)
+    peak = PEAK_TFLOPS_BF16.get(device.type)
+    log(f"{lay.name}: {flops['total'] / b / 1e9:.2f} GFLOP per image per step (UNet forward "
+        f"{flops['unet'] / b / 1e9:.2f}, classifier forward+backward "
+        f"{flops['classifier'] / b / 1e9:.2f}), guidance scale {scale:g}")
+    eager_ms = common.median(times["eager"])
+    rows = []
+    for impl in impls:
+        loop_ms = common.median(times[impl.label])
+        step_ms = loop_ms / cfg.steps
+        tflops = flops["total"] / (step_ms * 1e-3) / 1e12
+        d1, dl = impl.diffs
+        rows.append({
+            **ctx, "preset": lay.name, "image_size": lay.image_size, "batch": b,
+            "steps": cfg.steps, "sampler": cfg.sampler, "guidance": f"{scale:g}",
+            "dtype": DTYPE_NAMES[dtype], "impl": impl.label, "backend": _setting_str(impl.setting),
+            "compile": impl.label.startswith("compile"), "repeats": cfg.repeats,
+            "ms_per_step": f"{step_ms:.2f}", "img_per_s": f"{b * 1e3 / loop_ms:.3f}",
+            "x_vs_eager": f"{eager_ms / loop_ms:.2f}",
+            "GFLOP_per_img_step": f"{flops['total'] / b / 1e9:.3f}",
+            "TFLOP/s": _fmt(tflops, ".3f"),
+            "MFU%": _fmt(100 * tflops / peak if peak else float("nan"), ".1f"),
+            "step_max_abs_diff": f"{d1:.2e}", "loop_max_abs_diff": f"{dl:.2e}",
+        })
+    if cfg.compile:  # the next layout's models must not count against recompile limits
+        torch.compiler.reset()
+    return rows
+
+
+def run_sample_bench(cfg: SampleBenchConfig, log=print) -> List[Dict]:
+    """Benchmark every layout in cfg.presets; print the table, append the rows
+    to <results_dir>/sample_<cpu|gpu>.csv (when cfg.save) and return them."""
+    if cfg.batch_size < 1:
+        raise BenchInputError(f"--batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.steps < 1:
+        raise BenchInputError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.repeats < 1 or cfg.warmup < 0:
+        raise BenchInputError("--repeats must be at least 1 and --warmup at least 0")
+    if cfg.guidance is not None and cfg.guidance < 0:
+        raise BenchInputError(f"--guidance must be >= 0, got {cfg.guidance}")
+    if cfg.sampler not in ("ddpm", "ddim"):
+        raise BenchInputError(f"--sampler must be ddpm or ddim, got {cfg.sampler!r}")
+    layouts = [layout(name) for name in cfg.presets]
+    if (cfg.model_path or cfg.classifier_path) and len(layouts) != 1:
+        raise BenchInputError("--model_path/--classifier_path need exactly one --preset")
+    if cfg.device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchInputError("--device cuda, but CUDA is not available here")
+    for lay in layouts:
+        _plan(lay, cfg)
+    ctx = common.context(cfg.device)
+    rows: List[Dict] = []
+    for lay in layouts:
+        rows += _bench_layout(lay, cfg, ctx, log)
+    log(common.format_table(rows, TABLE_KEYS))
+    if cfg.save:
+        name = "sample_gpu.csv" if cfg.device.type == "cuda" else "sample_cpu.csv"
+        folder = Path(cfg.results_dir) if cfg.results_dir else common.default_results_dir()
+        log(f"appended to {common.append_rows(folder / name, rows)}")
+    return rows
