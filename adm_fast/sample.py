@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", help="default: cuda if available, else cpu")
     a.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on a GPU for a model "
                    "trained with use_fp16, else fp32")
+    a.add_argument("--cuda_graph", action="store_true",
+                   help="replay each whole guided step (model, classifier forward and "
+                   "backward, update) as one CUDA graph: for launch-bound models (64x64); "
+                   "ddpm and ddim, CUDA only")
     a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm bars over samples and steps on stderr (default on)")
     return p
@@ -209,6 +213,9 @@ def _prepare(args, explicit: Dict, device: torch.device, world_size: int) -> _Jo
     if args["steps"] is not None and sampler != "dpm++":
         raise InputError("--steps is for --sampler dpm++; respace the others with "
                          "--timestep_respacing")
+    if args["cuda_graph"] and (device.type != "cuda" or sampler == "dpm++"):
+        raise InputError("--cuda_graph needs a CUDA device and --sampler ddpm or ddim "
+                         f"(here: {device.type}, {sampler})")
     sr_hint = bool(args["base_samples"]) or bool({"large_size", "small_size"} & set(explicit))
     model_fallback = ({"kind": "sr" if sr_hint else "unet"}
                       if set(explicit) & (set(_CONSTRUCT["unet"]) | set(_CONSTRUCT["sr"]))
@@ -280,7 +287,8 @@ def _prepare(args, explicit: Dict, device: torch.device, world_size: int) -> _Jo
         diffusion.log_snr_timesteps(steps)  # a bad --steps is an input error, found here
     kwargs = dict(classifier=classifier, classifier_scale=scale, cfg_scale=args["cfg_scale"],
                   sampler=sampler, eta=args["eta"], steps=steps,
-                  clip_denoised=args["clip_denoised"], low_res=low_res, low_res_labels=labels)
+                  clip_denoised=args["clip_denoised"], low_res=low_res, low_res_labels=labels,
+                  cuda_graph=args["cuda_graph"])
     return _Job(model, diffusion, kwargs, {v: k for k, v in DTYPES.items()}[dtype])
 
 

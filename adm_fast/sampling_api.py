@@ -112,7 +112,7 @@ def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: 
                   steps: Optional[int] = None, clip_denoised: bool = True,
                   low_res: Optional[np.ndarray] = None, low_res_labels=None,
                   seed: Optional[int] = 0, device=None, progress: bool = False,
-                  ) -> Tuple[np.ndarray, Optional[np.ndarray], Dict]:
+                  cuda_graph: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], Dict]:
     """Sample `num_samples` images in batches of `batch_size`.
 
     sampler: "ddpm" (p_sample_loop), "ddim" (ddim_sample_loop, with eta) or
@@ -122,7 +122,8 @@ def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: 
     without a classifier. cfg_scale: classifier-free guidance weight (the model
     needs a null class). low_res, low_res_labels: super-resolution input, the
     uint8 NHWC samples (and labels, for a class-conditional model) of a base
-    model, used in order and cycled. seed: torch.manual_seed for the run
+    model, used in order and cycled. cuda_graph: replay each whole step as a
+    CUDA graph (ddpm, ddim). seed: torch.manual_seed for the run
     (the caller's RNG state is left as it was); None uses the current state.
 
     Returns (uint8 [N, H, W, 3], int64 labels [N] or None, stats) where labels
@@ -167,6 +168,10 @@ def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: 
         model_fn = _DropLabels(model)
     cond_fn = classifier_cond_fn(classifier, classifier_scale) if guided else None
     loop, loop_kwargs = _loop(diffusion, sampler, eta, steps)
+    if cuda_graph:
+        if sampler == "dpm++":
+            raise ValueError("cuda_graph runs the ddpm and ddim steps; dpm++ has no graphed step")
+        loop_kwargs["cuda_graph"] = True
     num_steps = (len(diffusion.log_snr_timesteps(int(steps))) if steps is not None
                  else diffusion.num_timesteps)
     batches = math.ceil(num_samples / batch_size)

@@ -81,41 +81,61 @@ class SamplingLoops:
                 img = out["sample"]
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                      cond_fn=None, model_kwargs=None, device=None, progress=False) -> Tensor:
-        """Samples by ancestral sampling (Algorithm 1 with cond_fn)."""
+                      cond_fn=None, model_kwargs=None, device=None, progress=False,
+                      cuda_graph=False) -> Tensor:
+        """Samples by ancestral sampling (Algorithm 1 with cond_fn). cuda_graph:
+        replay each whole step (model, cond_fn, update) as one CUDA graph."""
         final = None
         for final in self.p_sample_loop_progressive(model, shape, noise, clip_denoised,
                                                     denoised_fn, cond_fn, model_kwargs,
-                                                    device, progress):
+                                                    device, progress, cuda_graph):
             pass
         return final["sample"]
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True,
                                   denoised_fn=None, cond_fn=None, model_kwargs=None,
-                                  device=None, progress=False):
+                                  device=None, progress=False, cuda_graph=False):
         """Yields p_sample's output at every step, from t = T−1 down to 0."""
+        if cuda_graph:
+            return self._loop(self._graphed("ddpm", model, cond_fn, model_kwargs,
+                                            clip_denoised, denoised_fn),
+                              model, shape, noise, device, progress)
+
         def step(x, t, i):
             return self.p_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
         return self._loop(step, model, shape, noise, device, progress)
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                          cond_fn=None, model_kwargs=None, device=None, progress=False,
-                         eta=0.0) -> Tensor:
-        """Samples by DDIM (Algorithm 2 with cond_fn)."""
+                         eta=0.0, cuda_graph=False) -> Tensor:
+        """Samples by DDIM (Algorithm 2 with cond_fn); cuda_graph as p_sample_loop."""
         final = None
         for final in self.ddim_sample_loop_progressive(model, shape, noise, clip_denoised,
                                                        denoised_fn, cond_fn, model_kwargs,
-                                                       device, progress, eta):
+                                                       device, progress, eta, cuda_graph):
             pass
         return final["sample"]
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True,
                                      denoised_fn=None, cond_fn=None, model_kwargs=None,
-                                     device=None, progress=False, eta=0.0):
+                                     device=None, progress=False, eta=0.0, cuda_graph=False):
+        if cuda_graph:
+            return self._loop(self._graphed("ddim", model, cond_fn, model_kwargs,
+                                            clip_denoised, denoised_fn, eta),
+                              model, shape, noise, device, progress)
+
         def step(x, t, i):
             return self.ddim_sample(model, x, t, clip_denoised, denoised_fn, cond_fn,
                                     model_kwargs, eta)
         return self._loop(step, model, shape, noise, device, progress)
+
+    def _graphed(self, kind, model, cond_fn, model_kwargs, clip_denoised, denoised_fn,
+                 eta=0.0):
+        if denoised_fn is not None:
+            raise ValueError("cuda_graph=True runs the fused step; a denoised_fn (a Python "
+                             "hook) cannot be part of the graph")
+        from .graphed import GraphedStep
+        return GraphedStep(self, kind, model, cond_fn, model_kwargs, clip_denoised, eta)
 
     def dpm_solver_sample_loop(self, model, shape, noise=None, clip_denoised=True,
                                denoised_fn=None, cond_fn=None, model_kwargs=None, device=None,
