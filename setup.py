@@ -57,6 +57,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["adm_fast", "adm_fast.*"]) + ["adm_fast.kernels"],
     package_dir={"adm_fast.kernels": "kernels"},
+    package_data={"adm_fast.demo": ["weights/*.safetensors", "heldout_digits.npz"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[

@@ -96,7 +96,7 @@ def _train(kind, flags, world, log_dir, precision, fp16_key) -> int:
         max_grad_norm=flags["max_grad_norm"] or None, progress=flags["progress"],
         run_info={"kind": kind, **{k: v for k, v in flags.items() if k != "resume_checkpoint"}})
     log.info("%s: %d images in this rank's shard, %d classes; log dir %s", kind,
-             data.num_images, len(data.classes), log_dir)
+             data.num_images, len(data.classes or []), log_dir)
     if kind == "diffusion":
         loop = DiffusionTrainLoop(
             fp16_scale_growth=flags["fp16_scale_growth"], lr_anneal_steps=flags["lr_anneal_steps"],

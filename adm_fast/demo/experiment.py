@@ -1,0 +1,241 @@
+"""The demo's experiment: guided sampling at several classifier scales, judged
+by an independent clean classifier, and timed against the eager reference.
+
+Every scale starts from the same seed, so sample i sees the same x_T and the
+same per-step noise at every scale: the grids differ only by the guidance.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..checkpoint import load_checkpoint
+from ..diffusion import classifier_cond_fn, create_gaussian_diffusion
+from ..models import EncoderUNetModel, UNetModel
+from . import digits
+from .train import PARTS, SCHEDULE
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+class DemoError(ValueError):
+    """Weights or settings the demo cannot use; reported in one line, exit 2."""
+
+
+@dataclass
+class Row:
+    scale: float
+    fidelity: float
+    diversity: float
+    images_per_s: float
+    eager_images_per_s: Optional[float]
+    seconds: float
+
+
+def _schedule() -> Dict[str, str]:
+    return dict(zip(SCHEDULE[0::2], SCHEDULE[1::2]))
+
+
+def load_models(weights_dir: str = WEIGHTS_DIR, device="cpu") -> Dict[str, torch.nn.Module]:
+    """The three demo models in fp32, eval mode, on `device`, checked to be
+    what the demo expects."""
+    models = {}
+    for part in PARTS:
+        path = os.path.join(weights_dir, f"{part}.safetensors")
+        if not os.path.isfile(path):
+            raise DemoError(f"missing {path}: the demo needs {', '.join(PARTS)}.safetensors "
+                            "(run with --train to make them)")
+        models[part] = load_checkpoint(path, device=device)
+    unet, clf, clean = (models[p] for p in PARTS)
+    if not isinstance(unet, UNetModel) or unet.num_classes is not None:
+        raise DemoError(f"{weights_dir}: diffusion.safetensors must be an unconditional UNet")
+    for name, m in (("classifier", clf), ("clean", clean)):
+        if not isinstance(m, EncoderUNetModel):
+            raise DemoError(f"{weights_dir}: {name}.safetensors must be a classifier")
+        if m.image_size != unet.image_size:
+            raise DemoError(f"{weights_dir}: {name} is for {m.image_size}px images, the "
+                            f"diffusion model makes {unet.image_size}px ones")
+    if clean.pool != "attention":
+        raise DemoError(f"{weights_dir}: the clean classifier must pool 'attention' (its pooled "
+                        "token is the feature that diversity is measured on)")
+    return models
+
+
+def make_diffusion(steps: int):
+    s = _schedule()
+    return create_gaussian_diffusion(steps=int(s["--diffusion_steps"]),
+                                     learn_sigma=s["--learn_sigma"] == "True",
+                                     noise_schedule=s["--noise_schedule"],
+                                     timestep_respacing=str(steps))
+
+
+def demo_labels(num_samples: int) -> torch.Tensor:
+    """Digits 0..9 in turn, so every digit is asked for equally often."""
+    return torch.arange(num_samples) % digits.NUM_DIGITS
+
+
+def _unconditional(model):
+    # The labels in model_kwargs are for cond_fn; the diffusion model has none.
+    def model_fn(x, t, y=None):
+        return model(x, t)
+    return model_fn
+
+
+def _batches(labels: torch.Tensor, batch_size: int):
+    return [labels[i:i + batch_size] for i in range(0, len(labels), batch_size)]
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":  # the GPU's queued work belongs to the time measured
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def sample(models, diffusion, scale: float, labels: torch.Tensor, batch_size: int,
+           seed: int, max_steps: Optional[int] = None) -> Tuple[Optional[np.ndarray], float, int]:
+    """(uint8 NHWC samples or None, seconds, loop steps run).
+
+    Ancestral sampling with guided-diffusion's cond_fn; scale 0 skips the
+    classifier (its shift would be exactly zero). With max_steps, only the
+    first batch's first max_steps steps run (a timing probe; no images).
+    """
+    cond_fn = classifier_cond_fn(models["classifier"], scale) if scale else None
+    model_fn = _unconditional(models["diffusion"])
+    size = models["diffusion"].image_size
+    device = next(models["diffusion"].parameters()).device
+    out, steps_run = [], 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        start = _clock(device)
+        for y in _batches(labels.to(device), batch_size):
+            loop = diffusion.p_sample_loop_progressive(
+                model_fn, (len(y), 3, size, size), cond_fn=cond_fn, model_kwargs={"y": y},
+                device=device)
+            if max_steps is not None:
+                for _ in itertools.islice(loop, max_steps):
+                    steps_run += 1
+                return None, _clock(device) - start, steps_run
+            final = None
+            for final in loop:
+                steps_run += 1
+            out.append(((final["sample"] + 1) * 127.5).clamp(0, 255).to(torch.uint8))
+        seconds = _clock(device) - start
+    images = torch.cat(out).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return images, seconds, steps_run
+
+
+@torch.no_grad()
+def judge(clean: EncoderUNetModel, images: np.ndarray,
+          batch_size: int = 500) -> Tuple[np.ndarray, np.ndarray]:
+    """(predicted digit [N], L2-normalised features [N, D]) from the clean classifier.
+
+    The features are the attention pool's pooled token before its output
+    projection: the classifier's penultimate representation. Only the 10
+    digit logits are compared: the other 990 of guided-diffusion's 1000
+    outputs were never a target.
+    """
+    feats: List[torch.Tensor] = []
+    hook = clean.out[2].c_proj.register_forward_pre_hook(
+        lambda _m, args: feats.append(args[0][:, :, 0]))
+    preds = []
+    device = next(clean.parameters()).device
+    try:
+        x_all = digits.to_model_input(images).to(device)
+        for x in x_all.split(batch_size):
+            logits = clean(x, torch.zeros(len(x), dtype=torch.long, device=device))
+            preds.append(logits[:, :digits.NUM_DIGITS].argmax(dim=1))
+    finally:
+        hook.remove()
+    f = torch.cat(feats).flatten(1).float()
+    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.cat(preds).cpu().numpy(), f.cpu().numpy()
+
+
+def fidelity(preds: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(preds == labels))
+
+
+def diversity(features: np.ndarray, labels: np.ndarray) -> float:
+    """Mean pairwise distance among samples of the same label, averaged over
+    labels with at least two samples."""
+    per_label = []
+    for d in np.unique(labels):
+        f = features[labels == d].astype(np.float64)
+        n = len(f)
+        if n < 2:
+            continue
+        dist = np.sqrt(np.maximum(((f[:, None] - f[None]) ** 2).sum(-1), 0.0))
+        per_label.append(dist[np.triu_indices(n, 1)].mean())
+    return float(np.mean(per_label)) if per_label else float("nan")
+
+
+def heldout_reference(clean: EncoderUNetModel) -> Tuple[float, float]:
+    """(fidelity, diversity) of the real held-out digits, by their true labels."""
+    images8, labels = digits.load_heldout()
+    preds, feats = judge(clean, digits.upsample(images8))
+    return fidelity(preds, labels), diversity(feats, labels)
+
+
+def warm_up(models, diffusion, batch_size: int) -> None:
+    """One guided step per backend before timing: the first call pays for
+    loading extensions and picking kernels, which is no sampler's speed."""
+    y = demo_labels(min(2, batch_size))
+    for backend in ("auto", "eager"):
+        with ops.use_backend(backend):
+            sample(models, diffusion, 1.0, y, len(y), seed=0, max_steps=1)
+
+
+def run_scale(models, diffusion, scale: float, num_samples: int, batch_size: int, seed: int,
+              eager_steps: int) -> Tuple[Row, np.ndarray]:
+    """Sample one scale on the default backend, judge it, and time the eager
+    reference on the first `eager_steps` steps of one batch (per step the work
+    is the same at every timestep, so it scales to the full run)."""
+    labels = demo_labels(num_samples)
+    images, seconds, _ = sample(models, diffusion, scale, labels, batch_size, seed)
+    preds, feats = judge(models["clean"], images)
+    y = labels.numpy()
+    eager = None
+    if eager_steps:
+        probe = labels[:batch_size]
+        with ops.use_backend("eager"):
+            secs, run = sample(models, diffusion, scale, probe, batch_size, seed,
+                               max_steps=eager_steps)[1:]
+        eager = len(probe) / (secs / run * diffusion.num_timesteps)
+    row = Row(scale, fidelity(preds, y), diversity(feats, y), num_samples / seconds, eager,
+              seconds)
+    return row, images
+
+
+def grid(images: np.ndarray, labels: Sequence[int], max_cols: int = 10, zoom: int = 2,
+         pad: int = 2) -> np.ndarray:
+    """One row per digit asked for (up to its first `max_cols` samples), zoomed for viewing."""
+    labels = np.asarray(labels)
+    cols = min(max_cols, int(np.bincount(labels, minlength=digits.NUM_DIGITS).max()))
+    h, w = images.shape[1] * zoom, images.shape[2] * zoom
+    rows = digits.NUM_DIGITS
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 64, dtype=np.uint8)
+    for d in range(rows):
+        for c, i in enumerate(np.flatnonzero(labels == d)[:cols]):
+            img = images[i].repeat(zoom, axis=0).repeat(zoom, axis=1)
+            top, left = pad + d * (h + pad), pad + c * (w + pad)
+            out[top:top + h, left:left + w] = img
+    return out
+
+
+def save_grid(images: np.ndarray, labels: Sequence[int], path: str) -> str:
+    from PIL import Image
+
+    Image.fromarray(grid(images, labels)).save(path)
+    return path
+
+
+def scale_name(scale: float) -> str:
+    return f"scale_{scale:g}.png"
