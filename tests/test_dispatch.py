@@ -41,7 +41,7 @@ def fp64only(monkeypatch):
 
 def test_auto_picks_best_supported_and_explains(fp64only):
     w, b = torch.ones(64), torch.zeros(64)
-    x32 = torch.randn(2, 64, 4, 4)
+    x32 = torch.randn(2, 64, 16, 16)  # above the CPU preference for eager on small maps
     ops.group_norm_act(x32, 32, w, b)
     assert fp64only.calls == 0  # fp32: auto falls back to eager
     ops.group_norm_act(x32.double(), 32, w, b)
@@ -79,3 +79,21 @@ def test_use_backend_nests_and_env(monkeypatch):
     with pytest.raises(ValueError, match="unknown adm_fast backend"):
         with adm_fast.use_backend("nope"):
             pass
+
+
+def test_measured_preferences_order_auto():
+    """On CPU, eager for GroupNorm on small maps (8×8 and below when autograd
+    wants the backward, 4×4 without), the fused CPU kernels from 16×16 up."""
+    from adm_fast.ops.dispatch import select
+    w, b = torch.ones(64), torch.zeros(64)
+    small, big = torch.randn(2, 64, 8, 8), torch.randn(2, 64, 16, 16)
+    fused = "cpu" if CPU_EXT else "eager"
+    assert select("group_norm_act", small, 32, w, b, None, None, 1e-5, True).name == fused
+    assert select("group_norm_act", small.requires_grad_(), 32, w, b, None, None, 1e-5,
+                  True).name == "eager"
+    with torch.no_grad():
+        assert select("group_norm_act", small, 32, w, b, None, None, 1e-5, True).name == fused
+    assert select("group_norm_act", big.requires_grad_(), 32, w, b, None, None, 1e-5,
+                  True).name == fused
+    tiny = torch.randn(2, 64, 4, 4)
+    assert select("group_norm_act", tiny, 32, w, b, None, None, 1e-5, True).name == "eager"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .group_norm_act import differentiable_grads, needs_custom_op
+from .group_norm_act import differentiable_grads, needs_grad
 
 OP = "qkv_attention"
 
@@ -125,10 +125,31 @@ def _backward(ctx, dout, _dlse):
 _fused.register_autograd(_backward, setup_context=_setup)
 
 
+class _Direct(torch.autograd.Function):
+    """The custom op's autograd without its dispatch, for eager-mode training
+    (as group_norm_act's)."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, legacy, backend):
+        out, lse = IMPLS[backend]().forward(qkv, num_heads, legacy)
+        _setup(ctx, (qkv, num_heads, legacy, backend), (out, lse))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if torch.is_grad_enabled():
+            return _backward(ctx, dout, None)
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = IMPLS[ctx.backend]().backward(dout, qkv, out, lse, ctx.num_heads, ctx.legacy)
+        return dqkv, None, None, None
+
+
 def fused(backend: str) -> Callable:
     def run(qkv, num_heads, legacy):
-        if needs_custom_op(qkv):
+        if torch.compiler.is_compiling():
             return torch.ops.adm_fast.qkv_attention(qkv, num_heads, bool(legacy), backend)[0]
+        if needs_grad(qkv):
+            return _Direct.apply(qkv, num_heads, bool(legacy), backend)
         return IMPLS[backend]().forward(qkv, num_heads, bool(legacy))[0]
     return run
 
