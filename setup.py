@@ -29,12 +29,15 @@ def _flag(name: str):
     return None if value is None else value not in ("0", "", "false", "False")
 
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno"]
+# -ffp-contract=off: the step kernels must round as the eager step does (no FMA).
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
 ext_modules = []
 if _flag("ADM_FAST_CPU") is not False:
+    # -fopenmp: at::parallel_for is inline OpenMP in the headers; without the
+    # flag it compiles to a serial loop in this extension.
     ext_modules.append(CppExtension(
         "adm_fast._C_cpu", sorted(glob.glob("csrc/cpu/*.cpp")),
-        extra_compile_args={"cxx": CXX_FLAGS}))
+        extra_compile_args={"cxx": CXX_FLAGS + ["-fopenmp"]}, extra_link_args=["-fopenmp"]))
 
 want_cuda = _flag("ADM_FAST_CUDA")
 have_cuda = torch.version.cuda is not None and CUDA_HOME is not None

@@ -8,38 +8,43 @@
 #include "kernels.h"
 #include "vec.h"
 
-// No fused multiply-adds here: x_0 = a·x − b·eps cancels heavily near t = T
-// (a, b ~ 100), and contracting it would round differently from the eager
-// step the samplers are checked against.
-#if defined(__GNUC__) && !defined(__clang__)
-#define ADM_NO_FMA __attribute__((optimize("fp-contract=off")))
-#else
-#define ADM_NO_FMA
-#endif
+// No fused multiply-adds here (setup.py compiles csrc/cpu with
+// -ffp-contract=off): x_0 = a·x − b·eps cancels heavily near t = T (a, b ~
+// 100), and contracting it would round differently from the eager step the
+// samplers are checked against.
+//
+// The per-call choices (mean type, variance type, clipping, guidance, noise)
+// are template parameters, so each inner loop is branch-free and vectorises;
+// a branch inside it kept GCC from vectorising at all.
 
 namespace adm_fast_cpu {
 namespace {
 
 constexpr int64_t kGrain = 16384;
 
-ADM_NO_FMA inline float pred_x0(float x, float out, float a, float b, int mean_type, bool clip) {
-  float x0 = mean_type == 0 ? a * x - b * out : mean_type == 1 ? out : a * out - b * x;
-  return clip ? std::fmin(std::fmax(x0, -1.0f), 1.0f) : x0;
+template <int MEAN, bool CLIP>
+inline float pred_x0(float x, float out, float a, float b) {
+  float x0 = MEAN == 0 ? a * x - b * out : MEAN == 1 ? out : a * out - b * x;
+  // Selects, not std::fmin/fmax: those are library calls that keep the loop
+  // scalar (13x slower), and they would turn a NaN into ±1 where torch.clamp
+  // keeps it.
+  return CLIP ? (x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0)) : x0;
 }
 
-ADM_CLONES ADM_NO_FMA void ddpm_row(const float* x, const float* out, const float* v, const float* noise,
+template <int MEAN, int VAR, bool CLIP, bool GRAD>
+ADM_CLONES void ddpm_row(const float* x, const float* out, const float* v, const float* noise,
                          const float* grad, float* sample, float* x0_out, int64_t n,
-                         const float* k, int mean_type, int var_type, bool clip) {
+                         const float* k) {
   const float a = k[0], b = k[1], c1 = k[2], c2 = k[3], lo = k[4], hi = k[5], fixed_var = k[6],
               nonzero = k[7];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float log_var, var;
-    if (var_type == 2) {
+    if constexpr (VAR == 2) {
       log_var = lo;
       var = fixed_var;
     } else {
-      if (var_type == 1) {
+      if constexpr (VAR == 1) {
         const float frac = (v[j] + 1.0f) / 2.0f;
         log_var = frac * hi + (1.0f - frac) * lo;
       } else {
@@ -47,33 +52,67 @@ ADM_CLONES ADM_NO_FMA void ddpm_row(const float* x, const float* out, const floa
       }
       var = vexp(log_var);
     }
-    const float x0 = pred_x0(x[j], out[j], a, b, mean_type, clip);
-    float mean = mean_type == 2 ? out[j] : c1 * x0 + c2 * x[j];
-    if (grad) mean += var * grad[j];
+    const float x0 = pred_x0<MEAN, CLIP>(x[j], out[j], a, b);
+    float mean = MEAN == 2 ? out[j] : c1 * x0 + c2 * x[j];
+    if constexpr (GRAD) mean += var * grad[j];
     sample[j] = mean + nonzero * vexp(0.5f * log_var) * noise[j];
     x0_out[j] = x0;
   }
 }
 
-ADM_CLONES ADM_NO_FMA void ddim_row(const float* x, const float* out, const float* noise, const float* grad,
-                         float* sample, float* x0_out, int64_t n, const float* k, int mean_type,
-                         bool clip, float sigma, float sqrt_ab_prev, float eps_coef,
-                         float guide) {
+template <int MEAN, bool CLIP, bool GRAD, bool NOISE>
+ADM_CLONES void ddim_row(const float* x, const float* out, const float* noise, const float* grad,
+                         float* sample, float* x0_out, int64_t n, const float* k, float sigma,
+                         float sqrt_ab_prev, float eps_coef, float guide) {
   const float a = k[0], b = k[1], recip = k[2], recipm1 = k[3], nonzero = k[6];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    float x0 = pred_x0(x[j], out[j], a, b, mean_type, clip);
-    if (grad) {
+    float x0 = pred_x0<MEAN, CLIP>(x[j], out[j], a, b);
+    if constexpr (GRAD) {
       float eps = (recip * x[j] - x0) / recipm1;
       eps = eps - guide * grad[j];
       x0 = recip * x[j] - recipm1 * eps;
     }
     const float eps = (recip * x[j] - x0) / recipm1;
     float s = x0 * sqrt_ab_prev + eps_coef * eps;
-    if (sigma != 0.0f) s += nonzero * sigma * noise[j];
+    if constexpr (NOISE) s += nonzero * sigma * noise[j];
     sample[j] = s;
     x0_out[j] = x0;
   }
+}
+
+// Runtime choices -> one of the instantiations above.
+using DdpmFn = void (*)(const float*, const float*, const float*, const float*, const float*,
+                        float*, float*, int64_t, const float*);
+template <int MEAN, int VAR>
+DdpmFn ddpm_pick(bool clip, bool grad) {
+  if (clip) return grad ? ddpm_row<MEAN, VAR, true, true> : ddpm_row<MEAN, VAR, true, false>;
+  return grad ? ddpm_row<MEAN, VAR, false, true> : ddpm_row<MEAN, VAR, false, false>;
+}
+template <int MEAN>
+DdpmFn ddpm_pick(int var, bool clip, bool grad) {
+  return var == 0 ? ddpm_pick<MEAN, 0>(clip, grad) : var == 1 ? ddpm_pick<MEAN, 1>(clip, grad)
+                                                              : ddpm_pick<MEAN, 2>(clip, grad);
+}
+DdpmFn ddpm_pick(int mean, int var, bool clip, bool grad) {
+  return mean == 0 ? ddpm_pick<0>(var, clip, grad) : mean == 1 ? ddpm_pick<1>(var, clip, grad)
+                                                               : ddpm_pick<2>(var, clip, grad);
+}
+
+using DdimFn = void (*)(const float*, const float*, const float*, const float*, float*, float*,
+                        int64_t, const float*, float, float, float, float);
+template <int MEAN, bool CLIP>
+DdimFn ddim_pick(bool grad, bool noise) {
+  if (grad) return noise ? ddim_row<MEAN, CLIP, true, true> : ddim_row<MEAN, CLIP, true, false>;
+  return noise ? ddim_row<MEAN, CLIP, false, true> : ddim_row<MEAN, CLIP, false, false>;
+}
+template <int MEAN>
+DdimFn ddim_pick(bool clip, bool grad, bool noise) {
+  return clip ? ddim_pick<MEAN, true>(grad, noise) : ddim_pick<MEAN, false>(grad, noise);
+}
+DdimFn ddim_pick(int mean, bool clip, bool grad, bool noise) {
+  return mean == 0 ? ddim_pick<0>(clip, grad, noise) : mean == 1 ? ddim_pick<1>(clip, grad, noise)
+                                                                 : ddim_pick<2>(clip, grad, noise);
 }
 
 template <typename F>
@@ -92,14 +131,14 @@ void over_samples(int64_t B, int64_t CHW, F&& fn) {
 void ddpm_step(const float* x, const float* model_out, const float* noise, const float* grad,
                const float* coefs, float* sample, float* x0_out, int64_t B, int64_t CHW,
                int64_t out_stride, int mean_type, int var_type, bool clip) {
+  const DdpmFn row_fn = ddpm_pick(mean_type, var_type, clip, grad != nullptr);
   over_samples(B, CHW, [&](int64_t n, int64_t start, int64_t len) {
     float k[8];
     for (int r = 0; r < 8; ++r) k[r] = coefs[r * B + n];
     const int64_t row = n * CHW + start;
     const float* out = model_out + n * out_stride + start;
-    ddpm_row(x + row, out, var_type == 2 ? nullptr : out + CHW, noise + row,
-             grad ? grad + row : nullptr, sample + row, x0_out + row, len, k, mean_type,
-             var_type, clip);
+    row_fn(x + row, out, var_type == 2 ? nullptr : out + CHW, noise + row,
+           grad ? grad + row : nullptr, sample + row, x0_out + row, len, k);
   });
 }
 
@@ -113,10 +152,11 @@ void ddim_step(const float* x, const float* model_out, const float* noise, const
     const float sigma =
         eta * std::sqrt((1.0f - ab_prev) / (1.0f - ab)) * std::sqrt(1.0f - ab / ab_prev);
     const int64_t row = n * CHW + start;
-    ddim_row(x + row, model_out + n * out_stride + start, noise + row,
-             grad ? grad + row : nullptr, sample + row, x0_out + row, len, k, mean_type, clip,
-             sigma, std::sqrt(ab_prev), std::sqrt(1.0f - ab_prev - sigma * sigma),
-             std::sqrt(1.0f - ab));
+    // sigma is per sample: whether the noise term exists is chosen here.
+    const DdimFn row_fn = ddim_pick(mean_type, clip, grad != nullptr, sigma != 0.0f);
+    row_fn(x + row, model_out + n * out_stride + start, noise + row,
+           grad ? grad + row : nullptr, sample + row, x0_out + row, len, k, sigma,
+           std::sqrt(ab_prev), std::sqrt(1.0f - ab_prev - sigma * sigma), std::sqrt(1.0f - ab));
   });
 }
 
