@@ -20,12 +20,11 @@ RULES: List[Dict] = [
     # 1024 its layout copies cost more than it saves (0.6–0.98×).
     {"device": "cpu", "op": "qkv_attention", "min_tokens": 768, "order": ["sdpa"]},
     {"device": "cpu", "op": "qkv_attention", "order": ["eager", "sdpa"]},
-    # CPU (2 threads, fp32, 2026-11-29; one GroupNorm(32)+AdaGN+SiLU, cpu vs
-    # eager): on maps of 8×8 and below the fused kernels' fixed costs win
-    # over the work — forward+backward 0.42–0.66× eager at N=16..100, forward
-    # alone 0.62× at 4×4 — while from 16×16 up they are 1.2–4.7× faster.
+    # CPU (2 threads, fp32, 2026-11-29, OpenMP build; one GroupNorm(32)+AdaGN+
+    # SiLU, cpu vs eager): the fused forward wins at every size (1.07–6×), but
+    # forward+backward on maps of 8×8 and below is 0.67–0.88× eager from
+    # batch 4 up (the backward kernel's fixed costs), 1.0–1.4× from 16×16.
     {"device": "cpu", "op": "group_norm_act", "grad": True, "max_hw": 64, "order": ["eager"]},
-    {"device": "cpu", "op": "group_norm_act", "max_hw": 16, "order": ["eager"]},
 ]
 
 
