@@ -130,12 +130,13 @@ class ResBlock(TimestepBlock):
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # Inside a checkpointed block nothing is kept anyway: no recipes there.
-        conv_on = norm_act_conv if not self.use_checkpoint else _plain_norm_act_conv
+        recompute = not self.use_checkpoint
         if self.updown:
-            h = conv_on(self.in_layers[0], x, self.in_layers[2], between=self.h_upd)
+            h = norm_act_conv(self.in_layers[0], x, self.in_layers[2], between=self.h_upd,
+                              recompute=recompute)
             x = self.x_upd(x)
         else:
-            h = conv_on(self.in_layers[0], x, self.in_layers[2])
+            h = norm_act_conv(self.in_layers[0], x, self.in_layers[2], recompute=recompute)
         emb_out = self.emb_layers(emb).to(h.dtype)
         scale = shift = None
         if self.use_scale_shift_norm:
@@ -146,13 +147,8 @@ class ResBlock(TimestepBlock):
         if drop.training and drop.p > 0:
             h = conv(drop(norm_act(out_norm, h, scale, shift)))
         else:  # dropout is the identity here (eval, or p = 0)
-            h = conv_on(out_norm, h, conv, scale, shift)
+            h = norm_act_conv(out_norm, h, conv, scale, shift, recompute=recompute)
         return self.skip_connection(x) + h
-
-
-def _plain_norm_act_conv(norm, x, conv, scale=None, shift=None, act=True, between=None):
-    h = norm_act(norm, x, scale, shift, act)
-    return conv(h if between is None else between(h))
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -207,8 +203,8 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        conv_on = norm_act_conv if not self.use_checkpoint else _plain_norm_act_conv
-        h = self.proj_out(self.attention(conv_on(self.norm, x, self.qkv, act=False)))
+        h = self.proj_out(self.attention(norm_act_conv(
+            self.norm, x, self.qkv, act=False, recompute=not self.use_checkpoint)))
         return (x + h).reshape(b, c, *spatial)
 
 

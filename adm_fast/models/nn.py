@@ -88,7 +88,8 @@ def _unpack(saved):
 
 
 def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor = None,
-                  shift: Tensor = None, act: bool = True, between=None) -> Tensor:
+                  shift: Tensor = None, act: bool = True, between=None,
+                  recompute: bool = True) -> Tensor:
     """conv(between(norm_act(x))), `between` a parameter-free resampling or None.
 
     In training on a fused backend, the conv (and `between`) do not keep their
@@ -98,15 +99,22 @@ def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor 
     the trade flash attention makes for its weights. Tensors saved inside are
     not seen by saved_tensors_hooks of the caller (as with torch's checkpoint).
     The eager backend stays guided-diffusion's computation, memory included.
+    recompute=False (e.g. inside a checkpointed block, which keeps nothing
+    anyway) is the plain composition.
     """
-    h = norm_act(norm, x, scale, shift, act)
-    if not (_RECOMPUTE["norm_act"] and h.requires_grad and torch.is_grad_enabled()) \
-            or torch.compiler.is_compiling():
+    backend = None
+    if recompute and _RECOMPUTE["norm_act"] and torch.is_grad_enabled() \
+            and not torch.compiler.is_compiling() \
+            and any(t is not None and t.requires_grad
+                    for t in (x, norm.weight, norm.bias, scale, shift)):
+        # Chosen once: the norm runs on it and the recipe rebuilds on it.
+        backend = ops.group_norm_act_backend(x, norm.num_groups, norm.weight, norm.bias,
+                                             scale, shift, norm.eps, act)
+    if backend is None or backend == "eager":
+        h = norm_act(norm, x, scale, shift, act)
         return conv(h if between is None else between(h))
-    backend = ops.group_norm_act_backend(x, norm.num_groups, norm.weight, norm.bias, scale,
-                                         shift, norm.eps, act)
-    if backend == "eager":
-        return conv(h if between is None else between(h))
+    h = ops.group_norm_act_with(backend, x, norm.num_groups, norm.weight, norm.bias, scale,
+                                shift, norm.eps, act)
     recipes = [(h, _Recompute(x, norm, scale, shift, act, backend))]
 
     def pack(t):
