@@ -1,13 +1,19 @@
 """What the CPU and CUDA extensions share on the Python side: the fake
 implementations of their torch.library ops (so torch.compile can trace them)
 and the adapter the adm_fast custom ops call. Both extensions register the
-same four ops, under the namespaces adm_fast_cpu and adm_fast_cuda."""
+same four ops, under the namespaces adm_fast_cpu and adm_fast_cuda, and the
+backend class both are."""
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 
-from .ddpm_step import step_fake
+from .ddim_step import IMPLS as DDIM_IMPLS, OP as DDIM_STEP, fused as ddim_fused
+from .ddpm_step import IMPLS as DDPM_IMPLS, OP as DDPM_STEP, fused as ddpm_fused, step_fake
+from .dispatch import Backend
+from .group_norm_act import IMPLS as GN_IMPLS, OP as GROUP_NORM_ACT, fused as gn_fused
 
 _MEAN = {"eps": 0, "x_start": 1, "x_prev": 2}
 _VAR = {"learned": 0, "learned_range": 1, "fixed": 2}
@@ -56,3 +62,46 @@ class ExtensionKernels:
     def ddim_step(self, x, model_out, noise, coefs, grad, mean_type, clip, eta):
         return self._op("ddim_step")(x, model_out, noise, coefs, grad, _MEAN[mean_type], clip,
                                      eta)
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ExtensionBackend(Backend):
+    """A backend running one extension's four ops. Subclasses set name,
+    priority and namespace, pass the loaded module (or None and why not), and
+    add their device and layout rules in `device_reasons`."""
+
+    namespace = ""
+
+    def __init__(self, ext, error: Optional[str]) -> None:
+        super().__init__()
+        self.ext, self.error = ext, error
+        if ext is not None:
+            register_fakes(self.namespace)
+        kernels = ExtensionKernels(self.namespace)
+        self.ops = {GROUP_NORM_ACT: gn_fused(self.name), DDPM_STEP: ddpm_fused(self.name),
+                    DDIM_STEP: ddim_fused(self.name)}
+        for impls in (GN_IMPLS, DDPM_IMPLS, DDIM_IMPLS):
+            impls[self.name] = lambda: kernels
+
+    def build_info(self) -> str:
+        return self.ext.build_info() if self.ext is not None else self.error
+
+    def unavailable_reasons(self) -> List[str]:
+        return [self.error] if self.error else []
+
+    def device_reasons(self, op: str, args) -> List[str]:
+        raise NotImplementedError
+
+    def not_supported_reasons(self, op, *args, **kwargs) -> List[str]:
+        why = super().not_supported_reasons(op, *args, **kwargs)
+        if why:
+            return why
+        why = self.device_reasons(op, args)
+        x = args[0]
+        if x.dtype not in _FLOATS:
+            why.append(f"x dtype {x.dtype} is not one of fp32/bf16/fp16")
+        if x.numel() == 0:
+            why.append("x is empty")
+        return why
