@@ -107,39 +107,75 @@ def test_classifier_overfits_a_fixed_batch(tmp_path):
     assert model(batch[0], t).argmax(-1).tolist() == batch[1]["y"].tolist()
 
 
-def _trajectory(backend, tmp_path, microbatch=-1):
+def _first_step(backend, tmp_path, microbatch=-1):
+    """(loss, gradients) of the first training step: the accumulated gradients
+    the optimizer is handed, captured before it steps."""
     model, diffusion = _unet(seed=5)
     loop = _loop(DiffusionTrainLoop, model, diffusion, _fixed_batch(seed=2), tmp_path, lr=1e-3,
-                 max_steps=3, microbatch=microbatch)
-    losses = []
+                 max_steps=1, microbatch=microbatch)
+    grads = []
+    loop.opt.register_step_pre_hook(
+        lambda opt, args, kwargs: grads.extend(p.grad.detach().clone()
+                                               for p in loop.mp.master_params))
     with adm_fast.use_backend(backend):
-        for _ in range(3):
-            batch = _fixed_batch(seed=2)
-            loop.run_step(*batch)
-            losses.append(loop.metrics.dump(loop.step)["loss"])
-    return losses, [p.detach().clone() for p in model.parameters()]
+        loop.run_step(*_fixed_batch(seed=2))
+    return loop.metrics.dump(loop.step)["loss"], grads, loop
+
+
+def _fp64_first_step(loop, tmp_path):
+    """The same first step in float64 on the eager reference: the same
+    timesteps, noise and weights (drawn from the loop's step-0 generator)."""
+    model, diffusion = _unet(seed=5)
+    model = model.double()
+    x, cond = _fixed_batch(seed=2)
+    loop.step = 0
+    gen = loop.generator()
+    t, weights = loop.draw_timesteps(gen)
+    noise = torch.randn((loop.global_batch,) + tuple(x.shape[1:]), generator=gen)
+    cond = loop.prepare_cond(cond, gen)
+    with adm_fast.use_backend("eager"):
+        terms = diffusion.training_losses(model, x.double(), t, model_kwargs=cond,
+                                          noise=noise.double())
+    loss = (terms["loss"] * weights.double()).mean()
+    loss.backward()
+    return loss.item(), [p.grad for p in model.parameters()]
+
+
+def _assert_fp32_close(out, ref64, torch32, what):
+    """Each gradient within twice the error of eager fp32's (the whole batch in
+    one pass) against fp64, plus rounding at the scale of the whole set (a
+    bias feeding a one-channel GroupNorm group has an exactly-zero gradient
+    that holds only noise)."""
+    floor = 4 * torch.finfo(torch.float32).eps * max(r.abs().max().item() for r in ref64)
+    for i, (o, r, e) in enumerate(zip(out, ref64, torch32)):
+        err = (o.double() - r).abs().max().item()
+        base = (e.double() - r).abs().max().item()
+        assert err <= 2 * base + floor, (what, i, tuple(r.shape), err, base, floor)
 
 
 def test_fused_and_eager_backends_train_alike(tmp_path):
-    eager_losses, eager_params = _trajectory("eager", tmp_path / "e")
-    fused_losses, fused_params = _trajectory("auto", tmp_path / "f")
-    torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(eager_losses),
-                               rtol=1e-4, atol=1e-6)
-    # Adam divides by sqrt(v): where a gradient is ~0, float noise becomes a
-    # step of up to lr. So parameters agree to a small share of the total
-    # update (3 steps of lr=1e-3), not to float precision; a wrong gradient
-    # moves them by ~lr per step.
-    for a, b in zip(fused_params, eager_params):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    """The fused backends' first update is the eager one within fp32's own error
+    (against fp64). Parameters after several AdamW steps are not compared: AdamW
+    divides by sqrt(v), so where a gradient is ~0 rounding noise becomes a step of
+    up to lr and no tolerance derived from the precision could hold."""
+    eager_loss, eager, loop = _first_step("eager", tmp_path / "e")
+    ref_loss, ref = _fp64_first_step(loop, tmp_path)
+    fused_loss, fused, _ = _first_step("auto", tmp_path / "f")
+    _assert_fp32_close(fused, ref, eager, "auto vs fp64")
+    tol = 2 * abs(eager_loss - ref_loss) + 8 * torch.finfo(torch.float32).eps * abs(ref_loss)
+    assert abs(fused_loss - ref_loss) <= tol, (fused_loss, eager_loss, ref_loss)
 
 
-def test_microbatching_gives_the_same_update(tmp_path):
-    whole_losses, whole = _trajectory("eager", tmp_path / "w")
-    micro_losses, micro = _trajectory("eager", tmp_path / "m", microbatch=1)
-    torch.testing.assert_close(torch.tensor(micro_losses), torch.tensor(whole_losses),
-                               rtol=1e-5, atol=1e-6)
-    for a, b in zip(micro, whole):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+@pytest.mark.parametrize("microbatch", [1, 3])
+def test_microbatching_gives_the_same_update(tmp_path, microbatch):
+    """Microbatching only reorders the sums (3 leaves an uneven 3 + 1 split):
+    its accumulated gradient is the whole batch's within fp32's own error."""
+    whole_loss, whole, loop = _first_step("eager", tmp_path / "w")
+    ref_loss, ref = _fp64_first_step(loop, tmp_path)
+    micro_loss, micro, _ = _first_step("eager", tmp_path / "m", microbatch=microbatch)
+    _assert_fp32_close(micro, ref, whole, f"microbatch {microbatch} vs fp64")
+    tol = 2 * abs(whole_loss - ref_loss) + 8 * torch.finfo(torch.float32).eps * abs(ref_loss)
+    assert abs(micro_loss - ref_loss) <= tol, (micro_loss, whole_loss, ref_loss)
 
 
 def _train_flags(data_dir, log_dir, **kw):
