@@ -1,21 +1,37 @@
 """What adm_fast can run here: `adm-fast info` or `python -m adm_fast.info`.
 
-Lists every backend of the op layer, whether it is built and usable on this
-machine (and why not), and which ops it implements; then the devices and
-versions that matter.
+Lists every backend of the op layer, whether it can run on this machine (built,
+importable, and a device here it runs on) and why not, and which ops it
+implements; then the devices and versions that matter.
 """
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
+from typing import List
 
-import torch
+
+def _here(backend, devices: List[str]) -> str:
+    """"usable" or why not, on this machine's devices."""
+    why = backend.unavailable_reasons()
+    if why:
+        return "unavailable: " + "; ".join(why)
+    usable = [d for d in devices if not backend.device_reasons(d)]
+    if not usable:
+        runs = "/".join(backend.device_types)
+        return f"installed, but not usable here: it runs on {runs} tensors and this machine has none"
+    auto = [d for d in usable if not backend.auto_reasons(d)]
+    if not auto:
+        return f"usable on {'/'.join(usable)} when chosen by name (auto passes it over here)"
+    return f"usable on {'/'.join(usable)}"
 
 
 def report() -> str:
+    import torch
+
     from . import __version__, ops
-    from .ops import cpu_backend, cuda_backend
 
     lines = [f"adm_fast {__version__}  (python {platform.python_version()}, "
              f"torch {torch.__version__})"]
@@ -24,7 +40,9 @@ def report() -> str:
         lines.append(f"triton {triton.__version__}")
     except ImportError:
         lines.append("triton: not installed")
+    devices = ["cpu"]
     if torch.cuda.is_available():
+        devices.append("cuda")
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
             lines.append(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
@@ -35,20 +53,21 @@ def report() -> str:
     lines.append("")
     lines.append("backends (auto tries them in this order, after measured preferences):")
     for name, backend in ops.backends().items():
-        why = backend.unavailable_reasons()
-        status = "usable" if not why else "unavailable: " + "; ".join(why)
-        lines.append(f"  {name:<7} {status}")
+        lines.append(f"  {name:<7} {_here(backend, devices)}")
         if backend.notes():
             lines.append(f"          runs on: {backend.notes()}")
-        lines.append(f"          ops: {', '.join(sorted(backend.ops))}")
+        lines.append(f"          ops: {', '.join(sorted(ops.ops_of_backend(name)))}")
     lines.append("")
-    lines.append(f"C++ CPU extension: {cpu_backend.build_info()}")
-    lines.append(f"CUDA extension:    {cuda_backend.build_info()}")
+    lines.append(f"C++ CPU extension: {ops.backends()['cpu'].build_info()}")
+    lines.append(f"CUDA extension:    {ops.backends()['cuda'].build_info()}")
     lines.append(f"setting: {ops.current_backend()} (use_backend / $ADM_FAST_BACKEND)")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="adm-fast info", allow_abbrev=False,
+                                     description=__doc__.split("\n\n")[0])
+    parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     print(report())
     return 0
 

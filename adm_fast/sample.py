@@ -27,7 +27,7 @@ import torch
 from . import presets as _presets
 from .checkpoint import CheckpointError, detect_preset, load_checkpoint, read_state_dict
 from .diffusion import NonFiniteSampleError, create_gaussian_diffusion
-from .ops.dispatch import BackendNotSupported, current_backend, use_backend
+from .ops import BackendNotSupported, current_backend, use_backend
 from .sampling_api import (SAMPLERS, check_low_res, gather_samples, load_base_samples,
                            sample_images, save_samples)
 from .script_util import (classifier_defaults, create_classifier, create_model,

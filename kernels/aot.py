@@ -141,11 +141,11 @@ def representative_launches(arch: int = 90) -> List[Launch]:
             name = f"gn {list(shape)} {'NHWC' if cl else 'NCHW'} {dn}"
 
             def fwd(x=x, w=w, b=b, s=s, sh=sh):
-                group_norm_act.forward(x, w, b, s, sh, 32, 1e-5, True)
+                group_norm_act.forward(x, 32, w, b, s, sh, 1e-5, True)
 
             def bwd(x=x, w=w, b=b, s=s, sh=sh, n=n):
                 mean = torch.zeros(n, 32)
-                group_norm_act.backward(torch.randn_like(x), x, w, b, s, sh, mean, mean + 1, 32,
+                group_norm_act.backward(torch.randn_like(x), x, 32, w, b, s, sh, mean, mean + 1,
                                         True, True)
             cases += [(name + " fwd", fwd), (name + " bwd", bwd)]
         x = torch.randn(16, 3, 64, 64, dtype=dtype)

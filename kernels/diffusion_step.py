@@ -20,16 +20,21 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-MEAN_TYPES = {"eps": 0, "x_start": 1, "x_prev": 2}
-VAR_TYPES = {"learned": 0, "learned_range": 1, "fixed": 2}
+from . import step_codes as codes
+
+MEAN_EPS = tl.constexpr(codes.MEAN_EPS)
+MEAN_X_START = tl.constexpr(codes.MEAN_X_START)
+MEAN_X_PREV = tl.constexpr(codes.MEAN_X_PREV)
+VAR_LEARNED = tl.constexpr(codes.VAR_LEARNED)
+VAR_LEARNED_RANGE = tl.constexpr(codes.VAR_LEARNED_RANGE)
 BLOCK = 1024
 
 
 @triton.jit
 def _pred_xstart(x, out, a, b, MEAN: tl.constexpr, CLIP: tl.constexpr):
-    if MEAN == 0:  # eps
+    if MEAN == MEAN_EPS:
         x0 = a * x - b * out
-    elif MEAN == 1:  # x_start
+    elif MEAN == MEAN_X_START:
         x0 = out
     else:  # x_prev
         x0 = a * out - b * x
@@ -63,10 +68,10 @@ def ddpm_step_kernel(
     row = n * CHW + offs
     x = tl.load(x_ptr + row, mask=mask, other=0.0).to(tl.float32)
     out = tl.load(out_ptr + n * OUT_SN + offs, mask=mask, other=0.0).to(tl.float32)
-    if VAR == 0:  # learned log variance
+    if VAR == VAR_LEARNED:  # the log variance itself
         log_var = tl.load(out_ptr + n * OUT_SN + CHW + offs, mask=mask, other=0.0).to(tl.float32)
         var = tl.exp(log_var)
-    elif VAR == 1:  # learned range
+    elif VAR == VAR_LEARNED_RANGE:
         v = tl.load(out_ptr + n * OUT_SN + CHW + offs, mask=mask, other=0.0).to(tl.float32)
         frac = (v + 1.0) / 2.0
         log_var = frac * hi + (1.0 - frac) * lo
@@ -75,7 +80,7 @@ def ddpm_step_kernel(
         log_var = tl.zeros([BLOCK], tl.float32) + lo
         var = tl.zeros([BLOCK], tl.float32) + fixed_var
     x0 = _pred_xstart(x, out, a, b, MEAN, CLIP)
-    if MEAN == 2:
+    if MEAN == MEAN_X_PREV:
         mean = out
     else:
         mean = c1 * x0 + c2 * x
@@ -127,19 +132,13 @@ def ddim_step_kernel(
         tl.store(x0_ptr + row, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def _out_dtypes(x: Tensor, model_out: Tensor, grad: Optional[Tensor]):
-    """The dtypes the eager step produces (guidance promotes the mean to fp32)."""
-    x0 = torch.promote_types(x.dtype, model_out.dtype)
-    sample = torch.promote_types(x0, torch.float32) if grad is not None else x0
-    return sample, x0
-
-
 def _launch(kernel, x, model_out, noise, coefs, grad, extra, flags):
     b = x.shape[0]
     chw = x.numel() // b
-    sample_dtype, x0_dtype = _out_dtypes(x, model_out, grad)
-    sample = torch.empty(x.shape, device=x.device, dtype=sample_dtype)
-    x0 = torch.empty(x.shape, device=x.device, dtype=x0_dtype)
+    # fp32 out: what adm_fast.ops.step_math.out_dtypes gives for fp32
+    # coefficients, the only ones these kernels are given.
+    sample = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    x0 = torch.empty(x.shape, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(chw, BLOCK), b)
     wrap_triton(kernel)[grid](
         x, model_out, noise, grad if grad is not None else x, coefs.contiguous(), sample, x0,
@@ -152,11 +151,11 @@ def ddpm_step(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor,
               grad: Optional[Tensor], mean_type: str, var_type: str,
               clip: bool) -> Tuple[Tensor, Tensor]:
     return _launch(ddpm_step_kernel, x, model_out, noise, coefs, grad, (),
-                   dict(MEAN=MEAN_TYPES[mean_type], VAR=VAR_TYPES[var_type], CLIP=clip))
+                   dict(MEAN=codes.MEAN_TYPES[mean_type], VAR=codes.VAR_TYPES[var_type], CLIP=clip))
 
 
 def ddim_step(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor,
               grad: Optional[Tensor], mean_type: str, clip: bool,
               eta: float) -> Tuple[Tensor, Tensor]:
     return _launch(ddim_step_kernel, x, model_out, noise, coefs, grad, (float(eta),),
-                   dict(MEAN=MEAN_TYPES[mean_type], CLIP=clip, HAS_NOISE=eta != 0.0))
+                   dict(MEAN=codes.MEAN_TYPES[mean_type], CLIP=clip, HAS_NOISE=eta != 0.0))

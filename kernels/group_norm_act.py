@@ -331,10 +331,6 @@ FUSED_MAX = {"cuda": 4096, "cpu": 65536}
 TARGET_PROGRAMS = {"cuda": 528, "cpu": 4}
 
 
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
 def layout_strides(t: Tensor) -> Optional[Tuple[int, int, int]]:
     """(stride_n, stride_c, stride_hw) of t viewed as [N, C, HW], for NCHW-contiguous
     or channels_last tensors; None for other layouts."""
@@ -353,10 +349,10 @@ def _tiles(channels_fast: bool, hw: int, c: int, device: torch.device, share: in
     axis (backward kernels hold two tensors per element: share=2)."""
     tile = max(1, TILE.get(device.type, 2048) // share)
     if channels_fast:
-        block_c = min(_pow2(c), 64, tile)
-        return block_c, max(1, min(_pow2(hw), tile // block_c))
-    block_hw = min(_pow2(hw), tile // 2)
-    return max(1, min(_pow2(c), tile // block_hw)), block_hw
+        block_c = min(triton.next_power_of_2(c), 64, tile)
+        return block_c, max(1, min(triton.next_power_of_2(hw), tile // block_c))
+    block_hw = min(triton.next_power_of_2(hw), tile // 2)
+    return max(1, min(triton.next_power_of_2(c), tile // block_hw)), block_hw
 
 
 def _split(total_programs: int, hw: int, block_hw: int, device: torch.device):
@@ -374,7 +370,7 @@ def _vec_args(weight, bias, scale, shift, x):
             *(shift.stride() if shift is not None else (0, 0)))
 
 
-def forward(x: Tensor, weight, bias, scale, shift, num_groups: int, eps: float,
+def forward(x: Tensor, num_groups: int, weight, bias, scale, shift, eps: float,
             act: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd): y like x; mean, rstd fp32 [N, G]."""
     n, c = x.shape[:2]
@@ -388,16 +384,16 @@ def forward(x: Tensor, weight, bias, scale, shift, num_groups: int, eps: float,
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_S=scale is not None,
                  HAS_SH=shift is not None, ACT=act)
     w, b, s, sh, ssn, ssc, shn, shc = _vec_args(weight, bias, scale, shift, x)
-    block_cg = _pow2(cg)
-    if block_cg * _pow2(hw) <= FUSED_MAX.get(x.device.type, 4096):
-        block_hw = _pow2(hw)
+    block_cg = triton.next_power_of_2(cg)
+    if block_cg * triton.next_power_of_2(hw) <= FUSED_MAX.get(x.device.type, 4096):
+        block_hw = triton.next_power_of_2(hw)
         wrap_triton(gn_fwd_fused_kernel)[(n * g,)](
             x, y, mean, rstd, w, b, s, sh, hw, g, eps, *sx, *sy, ssn, ssc, shn, shc,
             CG=cg, **flags, EVEN_C=block_cg == cg, BLOCK_C=block_cg, BLOCK_HW=block_hw,
             num_warps=4 if block_cg * block_hw <= 2048 else 8)
         return y, mean, rstd
     channels_fast = sx[1] == 1 and c > 1
-    stat_hw = max(1, min(_pow2(hw), 2 * TILE.get(x.device.type, 2048) // block_cg))
+    stat_hw = max(1, min(triton.next_power_of_2(hw), 2 * TILE.get(x.device.type, 2048) // block_cg))
     per, split = _split(n * g, hw, stat_hw, x.device)
     part = torch.empty(n * g, split, 3, device=x.device, dtype=torch.float32)
     wrap_triton(gn_stats_kernel)[(n * g, split)](
@@ -405,7 +401,7 @@ def forward(x: Tensor, weight, bias, scale, shift, num_groups: int, eps: float,
         BLOCK_HW=stat_hw,
         num_warps=4)
     wrap_triton(gn_stats_finalize_kernel)[(n * g,)](
-        part, mean, rstd, split, eps, BLOCK_S=_pow2(split), num_warps=1)
+        part, mean, rstd, split, eps, BLOCK_S=triton.next_power_of_2(split), num_warps=1)
     block_c, block_hw = _tiles(channels_fast, hw, c, x.device)
     grid = (n, triton.cdiv(c, block_c), triton.cdiv(hw, block_hw))
     wrap_triton(gn_fwd_apply_kernel)[grid](
@@ -414,8 +410,8 @@ def forward(x: Tensor, weight, bias, scale, shift, num_groups: int, eps: float,
     return y, mean, rstd
 
 
-def backward(dy: Tensor, x: Tensor, weight, bias, scale, shift, mean: Tensor, rstd: Tensor,
-             num_groups: int, act: bool, need_wb: bool):
+def backward(dy: Tensor, x: Tensor, num_groups: int, weight, bias, scale, shift, mean: Tensor,
+             rstd: Tensor, act: bool, need_wb: bool):
     """(dx, dweight, dbias, dscale, dshift); entries for absent inputs are None."""
     n, c = x.shape[:2]
     hw = x.numel() // max(1, n * c)
@@ -443,10 +439,11 @@ def backward(dy: Tensor, x: Tensor, weight, bias, scale, shift, mean: Tensor, rs
     wrap_triton(gn_bwd_finalize_kernel)[(n * g,)](
         part, w, b, s, dscale if dscale is not None else part,
         dshift if dshift is not None else part, wb, coef, n, c, g, 1.0 / (cg * hw), split,
-        ssn, ssc, CG=cg, **flags, NEED_WB=need_wb, BLOCK_C=_pow2(cg), num_warps=1)
+        ssn, ssc, CG=cg, **flags, NEED_WB=need_wb, BLOCK_C=triton.next_power_of_2(cg), num_warps=1)
     wrap_triton(gn_bwd_apply_kernel)[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_hw))](
         x, dy, dx, mean, rstd, w, b, s, sh, coef, n, c, hw, g, *sx, *sd, *so,
-        ssn, ssc, shn, shc, CG=cg, **flags, ACT=act, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+        ssn, ssc, shn, shc, CG=cg, **flags, ACT=act, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        num_warps=4)
     dweight = dbias = None
     if need_wb:  # sums over the batch; separate tensors, as custom-op outputs may not alias
         if weight is not None:

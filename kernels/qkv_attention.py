@@ -195,10 +195,6 @@ def attn_bwd_dq_kernel(
 
 # --- launchers ----------------------------------------------------------------------
 
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
 # Launch shapes: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per padded
 # head dim, for 16-bit and for fp32 inputs. Chosen from sm_90/sm_80 compiles
 # (python -m adm_fast.kernels.aot) for no register spills and shared memory
@@ -235,18 +231,20 @@ INTERPRETER_CONFIG = (128, 128, 4, 1)
 
 
 def _config(kernel: str, c: int, t: int, fp32: bool, device: torch.device) -> dict:
-    block_d = max(16, _pow2(c))
+    block_d = max(16, triton.next_power_of_2(c))
     key = max(64, block_d)
     bm, bn, warps, stages = _CONFIGS[kernel][fp32][key]
     if device.type in INTERPRETED_DEVICES:
         bm, bn, warps, stages = INTERPRETER_CONFIG
-        return dict(BLOCK_M=max(16, min(bm, _pow2(t))), BLOCK_N=max(16, min(bn, _pow2(t))),
+        t2 = triton.next_power_of_2(t)
+        return dict(BLOCK_M=max(16, min(bm, t2)), BLOCK_N=max(16, min(bn, t2)),
                     BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     if _arch(device) < 90:
         bm, bn, warps, stages = _SM80.get((kernel, fp32, key), (bm, bn, warps, stages))
     # Short sequences (8² tokens, and 65 with the pooled one) take small tiles.
     cap = (16 if fp32 else 64) if t <= 128 else 1 << 30
-    bm, bn = max(16, min(bm, _pow2(t), cap)), max(16, min(bn, _pow2(t), cap))
+    t2 = triton.next_power_of_2(t)
+    bm, bn = max(16, min(bm, t2, cap)), max(16, min(bn, t2, cap))
     if fp32 and t <= 128:
         warps = 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
@@ -296,7 +294,7 @@ def backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int
     delta = torch.empty(n, num_heads, t, device=qkv.device, dtype=torch.float32)
     fp32 = qkv.dtype == torch.float32
     dkdv, dq = _config("dkdv", c, t, fp32, qkv.device), _config("dq", c, t, fp32, qkv.device)
-    block_m = max(16, min(64, _pow2(t)))
+    block_m = max(16, min(64, triton.next_power_of_2(t)))
     wrap_triton(attn_bwd_delta_kernel)[(triton.cdiv(t, block_m), n * num_heads)](
         out, dout, delta, t, num_heads, c, out.stride(0), out.stride(1), dout.stride(0),
         dout.stride(1), BLOCK_M=block_m, BLOCK_D=dq["BLOCK_D"], num_warps=4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adm_fast.benchmarks import cli, common
+from adm_fast.benchmarks import cli
 from adm_fast.benchmarks.flops import step_flops
 from adm_fast.benchmarks.layouts import TINY, BenchInputError, backend_settings
 from adm_fast.benchmarks.sample import TABLE_KEYS
@@ -34,7 +34,7 @@ def test_tiny_sample_bench_validates_prints_and_appends(tmp_path, capsys, restor
                    # One thread: on a CPU shared with other jobs, OpenMP workers of
                    # two would wait on each other (seconds per step instead of 0.2 s).
                    "--threads", "1",
-                   "--results_dir", str(tmp_path)])
+                   "--results", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
 
@@ -131,15 +131,23 @@ def test_flop_count_is_plausible_and_scales_with_batch():
     assert no_clf["classifier"] == 0 and no_clf["unet"] == one["unet"]
 
 
-def test_ops_and_train_need_the_source_checkout(monkeypatch, capsys):
-    assert common.default_results_dir() == REPO / "bench" / "results"
-    monkeypatch.setattr(cli, "source_root", lambda: None)
-    for sub in ("ops", "train"):
-        assert cli.main([sub]) == 2
-        assert "bench/ folder" in capsys.readouterr().err
+def test_results_go_to_the_current_folder_unless_told(tmp_path, monkeypatch, capsys,
+                                                     restore_threads):
+    """The installed command writes where the user says (--results), by default
+    the current folder: never into the repository's tracked bench/results."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted((REPO / "bench" / "results").iterdir())
+    assert cli.main(["sample", "--preset", "tiny", "--batch_size", "1", "--steps", "2",
+                     "--repeats", "1", "--backends", "auto", "--threads", "1"]) == 0
+    assert (tmp_path / "sample_cpu.csv").is_file()
+    assert sorted((REPO / "bench" / "results").iterdir()) == before
+    capsys.readouterr()
 
 
-def test_ops_passes_flags_through_to_the_repository_script(capfd):
+def test_ops_run_in_process_with_their_flags(capsys):
     assert cli.main(["ops", "diffusion_step", "--help"]) == 0
-    out = capfd.readouterr().out
-    assert "usage:" in out and "bench_diffusion_step.py" in out and "--compile" in out
+    out = capsys.readouterr().out
+    assert "usage: adm-fast bench ops diffusion_step" in out and "--compile" in out
+    assert "--results" in out
+    assert cli.main(["ops", "nope"]) == 2
+    assert "unknown op benchmark 'nope'" in capsys.readouterr().err

@@ -2,17 +2,12 @@
 on graphs whose saved tensors are known, and one tiny UNet L_hybrid step
 where the fused backends must hold fewer bytes than eager and agree with it."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from adm_fast.benchmarks import train as bench_train
+from adm_fast.benchmarks.saved_bytes import SavedBytes
 from conftest import CPU_EXT
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_train  # noqa: E402
-from saved_bytes import SavedBytes  # noqa: E402
 
 
 def test_counts_saved_input_and_excludes_parameter():

@@ -95,3 +95,12 @@ def test_works_without_extensions():
     print(tests.stdout[-3000:])
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     assert "skipped" in tests.stdout  # the CPU-extension tests skip cleanly
+
+
+def test_step_codes_header_is_generated_from_the_python_table():
+    """The C++/CUDA kernels read the mean/variance codes from csrc/step_codes.h,
+    generated from kernels/step_codes.py (the one definition)."""
+    from adm_fast.kernels import step_codes
+
+    assert (ROOT / "csrc" / "step_codes.h").read_text() == step_codes.header(), \
+        "regenerate: python -m adm_fast.kernels.step_codes > csrc/step_codes.h"

@@ -5,38 +5,42 @@ import torch
 
 import adm_fast
 from adm_fast import ops
-from adm_fast.ops import dispatch
 from conftest import CPU_EXT
 
 
-class Fp64Only(dispatch.Backend):
-    """A test backend that only takes fp64 inputs (and records its calls)."""
+class Fp64Only(ops.Impl):
+    """A test backend's group_norm_act that only takes fp64 inputs (and records
+    its calls): a new backend is a Backend, an Impl declaration and its kernels."""
 
-    name = "fp64only"
-    priority = 100
+    backend, kind = "fp64only", "composite"
+    dtypes = (torch.float64,)
 
     def __init__(self):
-        super().__init__()
         self.calls = 0
 
-        def gn(*args):
-            self.calls += 1
-            return dispatch.backends()["eager"].ops["group_norm_act"](*args)
+    def extra_reasons(self, call):
+        x = call.tensors["x"]
+        return [] if x.dtype == torch.float64 else [f"dtype {x.dtype} is not float64"]
 
-        self.ops = {"group_norm_act": gn}
+    def not_supported_reasons(self, call):
+        # Only this backend's own reason, so the test can match it exactly.
+        return self.extra_reasons(call)
 
-    def not_supported_reasons(self, op, *args, **kwargs):
-        why = super().not_supported_reasons(op, *args, **kwargs)
-        if not why and args[0].dtype != torch.float64:
-            why.append(f"dtype {args[0].dtype} is not float64")
-        return why
+    def run(self, *args):
+        self.calls += 1
+        return ops.GROUP_NORM_ACT.reference(*args)
 
 
 @pytest.fixture
-def fp64only(monkeypatch):
-    backend = Fp64Only()
-    monkeypatch.setitem(dispatch._BACKENDS, backend.name, backend)
-    return backend
+def fp64only():
+    backend = ops.Backend()
+    backend.name, backend.priority = "fp64only", 100
+    ops.register_backend(backend)
+    impl = ops.GROUP_NORM_ACT.register(Fp64Only())
+    yield impl
+    ops.GROUP_NORM_ACT.unregister("fp64only")
+    from adm_fast.ops import backend as registry
+    registry.unregister_backend("fp64only")
 
 
 def test_auto_picks_best_supported_and_explains(fp64only):
@@ -85,15 +89,18 @@ def test_measured_preferences_order_auto():
     """On CPU, eager for GroupNorm on maps of 8×8 and below when autograd
     wants the backward; the fused CPU kernels otherwise."""
     from adm_fast.ops.dispatch import select
+
+    def chosen(*args):
+        op = ops.GROUP_NORM_ACT
+        return select(op, op.describe(args)).backend
+
     w, b = torch.ones(64), torch.zeros(64)
     small, big = torch.randn(2, 64, 8, 8), torch.randn(2, 64, 16, 16)
     fused = "cpu" if CPU_EXT else "eager"
-    assert select("group_norm_act", small, 32, w, b, None, None, 1e-5, True).name == fused
-    assert select("group_norm_act", small.requires_grad_(), 32, w, b, None, None, 1e-5,
-                  True).name == "eager"
+    assert chosen(small, 32, w, b, None, None, 1e-5, True) == fused
+    assert chosen(small.requires_grad_(), 32, w, b, None, None, 1e-5, True) == "eager"
     with torch.no_grad():
-        assert select("group_norm_act", small, 32, w, b, None, None, 1e-5, True).name == fused
-    assert select("group_norm_act", big.requires_grad_(), 32, w, b, None, None, 1e-5,
-                  True).name == fused
+        assert chosen(small, 32, w, b, None, None, 1e-5, True) == fused
+    assert chosen(big.requires_grad_(), 32, w, b, None, None, 1e-5, True) == fused
     tiny = torch.randn(2, 64, 4, 4)
-    assert select("group_norm_act", tiny, 32, w, b, None, None, 1e-5, True).name == fused
+    assert chosen(tiny, 32, w, b, None, None, 1e-5, True) == fused

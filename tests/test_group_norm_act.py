@@ -112,18 +112,22 @@ def fp64_reference(inp, dy):
     return out, dict(zip(leaves, grads))
 
 
-@pytest.fixture(params=["fused", "split"])
-def path(request, monkeypatch):
-    """Both kernel paths: one program per group in registers, and the split
-    statistics path with tiny tiles and many splits, so every loop, split
-    combination and mask runs."""
+def use_triton_path(kind, monkeypatch):
+    """Both kernel paths: one program per group in registers ("fused"), and the
+    split statistics path with tiny tiles and many splits ("split"), so every
+    loop, split combination and mask runs."""
     import adm_fast.kernels.group_norm_act as K
 
-    if request.param == "split":
+    if kind == "split":
         monkeypatch.setattr(K, "FUSED_MAX", {})
         monkeypatch.setattr(K, "TILE", {DEVICE: 64})
         monkeypatch.setattr(K, "TARGET_PROGRAMS", {DEVICE: 64})
-    return request.param
+    return kind
+
+
+@pytest.fixture(params=["fused", "split"])
+def path(request, monkeypatch):
+    return use_triton_path(request.param, monkeypatch)
 
 
 TRITON_CASES = [
@@ -154,24 +158,6 @@ def _check_fp32(inp, dy, out, grads):
         assert rel_err(grads[k], ref_grads[k]) <= 1e-5, k
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape, mode, channels_last", [TRITON_CASES[0], TRITON_CASES[3]])
-def test_triton_low_precision(shape, mode, channels_last, dtype, path):
-    """Within twice torch's own error at that precision (the eager path run in
-    that dtype), forward and every gradient."""
-    inp = make_inputs(shape, mode, dtype, channels_last)
-    dy = torch.randn(shape, device=DEVICE).to(dtype)
-    with poisoned():
-        out, grads = run("triton", inp, dy)
-    lowp, lowp_grads = run("eager", inp, dy)
-    ref, ref_grads = fp64_reference(inp, dy)
-    assert out.dtype == dtype
-    assert_lowp_close(out, ref, lowp, "y")
-    for k in grads:
-        assert grads[k].dtype == inp[k].dtype
-        assert_lowp_close(grads[k], ref_grads[k], lowp_grads[k], k)
-
-
 CPU_CASES = [(s, m) for s, m, cl in TRITON_CASES if not cl] + [((2, 256, 32, 32), "adagn")]
 
 
@@ -186,24 +172,6 @@ def test_cpu_fp32(shape, mode):
 
 
 @pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape, mode", [((2, 128, 8, 8), "adagn"), ((1, 96, 7, 7), "act"),
-                                         ((2, 64, 65), "plain")])
-def test_cpu_low_precision(shape, mode, dtype):
-    inp = make_inputs(shape, mode, dtype, device="cpu")
-    dy = torch.randn(shape).to(dtype)
-    with poisoned():
-        out, grads = run("cpu", inp, dy)
-    lowp, lowp_grads = run("eager", inp, dy)
-    ref, ref_grads = fp64_reference(inp, dy)
-    assert out.dtype == dtype
-    assert_lowp_close(out, ref, lowp, "y")
-    for k in grads:
-        assert grads[k].dtype == inp[k].dtype
-        assert_lowp_close(grads[k], ref_grads[k], lowp_grads[k], k)
-
-
-@pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
 def test_cpu_backend_leaves_channels_last_to_eager():
     x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
     w, b = torch.ones(64), torch.zeros(64)
@@ -213,6 +181,48 @@ def test_cpu_backend_leaves_channels_last_to_eager():
 
 
 CUDA_EXT = DEVICE == "cuda" and not ops.backends()["cuda"].unavailable_reasons()
+
+
+def _low_precision_cases():
+    """(backend, shape, mode, channels_last) per backend that runs here, skipped
+    cleanly where it does not."""
+    cpu = pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
+    cuda = [pytest.mark.gpu,
+            pytest.mark.skipif(not CUDA_EXT, reason="needs a GPU and the CUDA extension")]
+    cases = [pytest.param(f"triton-{kind}", case, id=f"triton-{kind}-{case[1]}")
+             for kind in ("fused", "split") for case in (TRITON_CASES[0], TRITON_CASES[3])]
+    cases += [pytest.param("cpu", case, marks=cpu) for case in
+              [((2, 128, 8, 8), "adagn", False), ((1, 96, 7, 7), "act", False),
+               ((2, 64, 65), "plain", False)]]
+    cases += [pytest.param("cuda", case, marks=cuda) for case in
+              [TRITON_CASES[0], TRITON_CASES[3], ((4, 128, 64, 64), "adagn", True)]]
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend, case", _low_precision_cases())
+def test_low_precision(backend, case, dtype, monkeypatch):
+    """Within twice torch's own error at that precision (the eager path run in
+    that dtype), forward and every gradient, which keep their inputs' dtypes.
+    Triton runs both kernel paths."""
+    if backend.startswith("triton-"):
+        use_triton_path(backend.split("-")[1], monkeypatch)
+        backend = "triton"
+    shape, mode, channels_last = case
+    inp = make_inputs(shape, mode, dtype, channels_last,
+                      device="cpu" if backend == "cpu" else DEVICE)
+    dy = torch.randn(shape, device=inp["x"].device).to(dtype)
+    with poisoned():
+        out, grads = run(backend, inp, dy)
+    lowp, lowp_grads = run("eager", inp, dy)
+    ref, ref_grads = fp64_reference(inp, dy)
+    assert out.dtype == dtype
+    assert_lowp_close(out, ref, lowp, "y")
+    for k in grads:
+        assert grads[k].dtype == inp[k].dtype
+        assert_lowp_close(grads[k], ref_grads[k], lowp_grads[k], k)
+
+
 
 
 @pytest.mark.gpu
@@ -225,24 +235,6 @@ def test_cuda_fp32(shape, mode, channels_last):
     with poisoned():
         out, grads = run("cuda", inp, dy)
     _check_fp32(inp, dy, out, grads)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA_EXT, reason="needs a GPU and the CUDA extension")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape, mode, channels_last", [TRITON_CASES[0], TRITON_CASES[3],
-                                                        ((4, 128, 64, 64), "adagn", True)])
-def test_cuda_low_precision(shape, mode, channels_last, dtype):
-    inp = make_inputs(shape, mode, dtype, channels_last)
-    dy = torch.randn(shape, device=DEVICE).to(dtype)
-    with poisoned():
-        out, grads = run("cuda", inp, dy)
-    lowp, lowp_grads = run("eager", inp, dy)
-    ref, ref_grads = fp64_reference(inp, dy)
-    assert out.dtype == dtype
-    assert_lowp_close(out, ref, lowp, "y")
-    for k in grads:
-        assert_lowp_close(grads[k], ref_grads[k], lowp_grads[k], k)
 
 
 def test_triton_statistics_survive_large_offsets():

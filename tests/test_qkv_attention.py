@@ -134,7 +134,7 @@ def test_sdpa_fp32(legacy):
 
 
 def test_auto_on_cpu_follows_measurements():
-    """On CPU, SDPA from 1024 tokens, eager below (adm_fast.ops.preferences)."""
+    """On CPU, SDPA from 1024 tokens, eager below (qkv_attention's preferences)."""
     assert "sdpa: chosen" in ops.explain("qkv_attention", torch.randn(1, 3 * 64, 1024), 1, True)
     assert "eager: chosen" in ops.explain("qkv_attention", torch.randn(1, 3 * 64, 256), 1, True)
 

@@ -1,19 +1,12 @@
 """Convs fed by a fused norm keep a recipe instead of their input: same
 gradients (also second order), fewer bytes kept, eager left as it was."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import adm_fast
-from adm_fast.models import nn as adm_nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from saved_bytes import SavedBytes  # noqa: E402
-
-from conftest import CPU_EXT  # noqa: E402
+from adm_fast.benchmarks.saved_bytes import SavedBytes
+from conftest import CPU_EXT
 
 pytestmark = pytest.mark.skipif(not CPU_EXT, reason="needs the CPU extension (a fused backend)")
 FUSED = {"group_norm_act": "cpu"}
@@ -35,7 +28,7 @@ def _unet():
 
 
 def _step(model, x, t, y, backend, recompute):
-    adm_nn.set_norm_act_recompute(recompute)
+    adm_fast.ops.set_norm_act_recompute(recompute)
     try:
         model.zero_grad()
         params = [p for p in model.parameters()]
@@ -46,7 +39,7 @@ def _step(model, x, t, y, backend, recompute):
             (out.float() ** 2).mean().backward()
         return out.detach(), [p.grad.clone() for p in params], kept
     finally:
-        adm_nn.set_norm_act_recompute(True)
+        adm_fast.ops.set_norm_act_recompute(True)
 
 
 def test_recompute_keeps_gradients_and_saves_bytes():

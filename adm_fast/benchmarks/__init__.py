@@ -1,13 +1,20 @@
-"""`adm-fast bench`: benchmarks that ship with the package.
+"""adm_fast's benchmarks, importable (`adm-fast bench` runs them in-process;
+bench/ in the repository keeps thin scripts, gpu_check and results/).
 
-`bench sample` times whole classifier-guided sampling steps of the released
-ADM layouts (or a tiny one on CPU), adm_fast's backends against
-guided-diffusion's eager computation and torch.compile, and checks in the
-same run that they give the same samples. `bench ops` and `bench train` run
-the repository's per-op and training benchmarks (bench/ in a source checkout).
+  sample          whole classifier-guided sampling loops of the released ADM
+                  layouts (or a tiny one on CPU): adm_fast's backends against
+                  guided-diffusion's eager computation and torch.compile,
+                  checked in the same run to give the same samples
+  models          UNet forward and training step, eager vs adm_fast vs compile
+  group_norm_act, qkv_attention, diffusion_step
+                  the per-op benchmarks: GB/s or TFLOP/s against the device
+                  ceilings, error against fp64, ratio to eager
+  train           a training step: bytes saved for backward, time, GPU peak
+                  and the largest batch that fits
 """
 
-from .flops import PEAK_TFLOPS_BF16, step_flops
+from .common import PEAK_GBPS, PEAK_TFLOPS_BF16
+from .flops import step_flops
 from .sample import TINY, run_sample_bench
 
-__all__ = ["PEAK_TFLOPS_BF16", "TINY", "run_sample_bench", "step_flops"]
+__all__ = ["PEAK_GBPS", "PEAK_TFLOPS_BF16", "TINY", "run_sample_bench", "step_flops"]

@@ -1,12 +1,15 @@
-"""adm-fast bench: the guided-sampling benchmark, and the repository's op and
-training benchmarks.
+"""adm-fast bench: the guided-sampling benchmark, the per-op, model and
+training benchmarks, all in this process.
 
     adm-fast bench sample [--preset NAME ...] [--batch_size N] [--steps 25]
                           [--guidance S] [--sampler ddpm|ddim] [--dtype fp32|bf16|fp16]
                           [--backends auto cpu ...] [--compile/--no-compile]
-                          [--warmup N] [--repeats N] [--threads N] [--results_dir DIR]
+                          [--warmup N] [--repeats N] [--threads N] [--results DIR]
     adm-fast bench ops [group_norm_act|qkv_attention|diffusion_step ...] [their flags]
-    adm-fast bench train [bench/bench_train.py's flags]
+    adm-fast bench models [its flags]
+    adm-fast bench train [its flags]
+
+Rows go to --results DIR (default: the current folder).
 
 Misuse exits with code 2 and one line `adm-fast bench: error: ...`.
 """
@@ -14,28 +17,27 @@ Misuse exits with code 2 and one line `adm-fast bench: error: ...`.
 from __future__ import annotations
 
 import argparse
-import subprocess
+import importlib
 import sys
 from pathlib import Path
 from typing import List
 
 import torch
 
-from .common import source_root
 from .layouts import GPU_PRESETS, TINY, BenchInputError
 
 PROG = "adm-fast bench"
-OPS_SCRIPTS = {"group_norm_act": "bench_group_norm_act.py",
-               "qkv_attention": "bench_qkv_attention.py",
-               "diffusion_step": "bench_diffusion_step.py"}
+OPS = ("group_norm_act", "qkv_attention", "diffusion_step")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-USAGE = (f"usage: {PROG} {{sample,ops,train}} [flags]   ({PROG} sample --help for its flags)\n\n"
+USAGE = (f"usage: {PROG} {{sample,ops,models,train}} [flags]   ({PROG} NAME --help for its "
+         "flags)\n\n"
          "  sample  classifier-guided sampling throughput: adm_fast's backends against the eager\n"
          "          reference and torch.compile, with max |Δ| against eager and MFU\n"
-         "  ops     the repository's per-op benchmarks (bench/bench_{group_norm_act,\n"
-         "          qkv_attention,diffusion_step}.py); leading names pick some, other flags\n"
-         "          pass through to each\n"
-         "  train   the repository's training benchmark (bench/bench_train.py), flags passed on")
+         "  ops     the per-op benchmarks (group_norm_act, qkv_attention, diffusion_step):\n"
+         "          leading names pick some, other flags go to each\n"
+         "  models  UNet forward and training step, eager vs adm_fast (vs torch.compile)\n"
+         "  train   a training step: bytes saved for backward, time, GPU peak, max batch\n\n"
+         "Result rows go to --results DIR (default: the current folder).")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
-    p = _Parser(prog=f"{PROG} sample", description=(
+    p = _Parser(prog=f"{PROG} sample", allow_abbrev=False, description=(
         "Classifier-guided sampling throughput: guided-diffusion's computation (eager), "
         "adm_fast's backends and torch.compile, timed over whole sampling loops, with their "
         "max |Δ| against eager on the same seed and (CUDA) MFU."))
@@ -77,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "OpenMP workers waiting on descheduled peers")
     p.add_argument("--model_path", help="UNet checkpoint (default: random weights)")
     p.add_argument("--classifier_path", help="classifier checkpoint (default: random weights)")
-    p.add_argument("--results_dir", help="where sample_<cpu|gpu>.csv is appended to (default: "
-                   "bench/results in a source checkout, else ./bench_results)")
+    p.add_argument("--results", metavar="DIR", help="where sample_<cpu|gpu>.csv is appended "
+                   "to (default: the current folder)")
     p.add_argument("--no_save", action="store_true", help="print only")
     return p
 
@@ -109,39 +111,32 @@ def _sample(argv: List[str]) -> int:
         compile=cuda if args.compile is None else args.compile,
         warmup=args.warmup if args.warmup is not None else (1 if cuda else 0),
         repeats=args.repeats, seed=args.seed,
-        results_dir=Path(args.results_dir) if args.results_dir else None,
+        results_dir=Path(args.results) if args.results else None,
         save=not args.no_save, model_path=args.model_path, classifier_path=args.classifier_path)
     run_sample_bench(cfg)
     return 0
 
 
-def _bench_dir() -> Path:
-    root = source_root()
-    if root is None:
-        raise BenchInputError("the op and training benchmarks live in the adm_fast repository's "
-                              "bench/ folder, which an installed package does not carry: run "
-                              "them from a source checkout (python bench/bench_*.py)")
-    return root / "bench"
-
-
-def _run_scripts(scripts: List[str], args: List[str]) -> int:
-    folder, status = _bench_dir(), 0
-    for script in scripts:
-        if len(scripts) > 1:
-            print(f"== {script}", flush=True)
-        rc = subprocess.run([sys.executable, str(folder / script), *args]).returncode
-        status = status or rc
-    return status
+def _module_main(name: str, argv: List[str]) -> int:
+    try:
+        return int(importlib.import_module(f"adm_fast.benchmarks.{name}").main(argv) or 0)
+    except SystemExit as e:  # --help, or argparse's own error (it printed why)
+        return int(e.code or 0)
 
 
 def _ops(argv: List[str]) -> int:
     picked = []
-    while argv and argv[0] in OPS_SCRIPTS:
+    while argv and argv[0] in OPS:
         picked.append(argv.pop(0))
     if argv and not argv[0].startswith("-"):
         raise BenchInputError(f"unknown op benchmark {argv[0]!r}; choose from "
-                              f"{', '.join(OPS_SCRIPTS)} (or none for all three)")
-    return _run_scripts([OPS_SCRIPTS[n] for n in picked or OPS_SCRIPTS], argv)
+                              f"{', '.join(OPS)} (or none for all three)")
+    status = 0
+    for name in picked or OPS:
+        if len(picked or OPS) > 1:
+            print(f"== {name}", flush=True)
+        status = status or _module_main(name, list(argv))
+    return status
 
 
 def main(argv=None) -> int:
@@ -155,9 +150,10 @@ def main(argv=None) -> int:
             return _sample(rest)
         if name == "ops":
             return _ops(rest)
-        if name == "train":
-            return _run_scripts(["bench_train.py"], rest)
-        raise BenchInputError(f"unknown benchmark {name!r}; choose from sample, ops, train")
+        if name in ("models", "train"):
+            return _module_main(name, rest)
+        raise BenchInputError(f"unknown benchmark {name!r}; choose from sample, ops, models, "
+                              "train")
     except BenchInputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,15 @@
-"""What the packaged benchmarks share with the repository's bench/common.py:
-where results go, the machine's identity (device, commit, date, versions) on
-every row, CSV files that grow columns, and median timings.
+"""What every benchmark shares: the machine's identity (device, commit, date,
+versions) on every result row, CSV files that grow columns, median timings,
+the device ceilings, table printing, and the results flags.
 
-bench/ is not installed, so the few conventions needed are kept here in the
-same form: rows carry date, commit, device, torch and triton; a file that
-gains columns is rewritten with their union.
+Rows go where the user says (`--results DIR`, default the current folder);
+the repository's bench/results/ gets rows only when it is named (bench/gpu_check
+does).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -20,19 +21,18 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+# Measured device ceilings (H200: copy bandwidth, dense bf16 matmul).
+PEAK_GBPS = {"cuda": 4300.0}
+PEAK_TFLOPS_BF16 = {"cuda": 790.0}
+
 
 def source_root() -> Optional[Path]:
     """The repository root when adm_fast runs from a source checkout (the
     editable install), else None."""
     root = Path(__file__).resolve().parents[2]
-    if (root / "setup.py").is_file() and (root / "bench" / "common.py").is_file():
+    if (root / "setup.py").is_file() and (root / "bench").is_dir():
         return root
     return None
-
-
-def default_results_dir() -> Path:
-    root = source_root()
-    return root / "bench" / "results" if root is not None else Path("bench_results")
 
 
 def commit() -> str:
@@ -75,8 +75,21 @@ def context(device: torch.device) -> Dict[str, str]:
     }
 
 
+def add_results_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", default=".", metavar="DIR",
+                        help="folder the result rows (CSV) are appended to (default: the "
+                             "current folder)")
+    parser.add_argument("--no_save", action="store_true", help="print only")
+
+
+def results_file(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.results) / f"{name}.csv"
+
+
 def append_rows(path: Path, rows: List[Dict]) -> Path:
-    """Append rows to the CSV at path (created with its folder if needed)."""
+    """Append rows to the CSV at path (created with its folder if needed). When
+    a benchmark gained columns, the file is rewritten with their union (old rows
+    leave them blank)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     old: List[Dict] = []
@@ -88,7 +101,6 @@ def append_rows(path: Path, rows: List[Dict]) -> Path:
             old = list(reader)
     extra = [k for r in rows for k in r if k not in fields]
     fields += list(dict.fromkeys(extra))
-    # New columns: rewrite so the header names them (old rows leave them blank).
     mode = "w" if extra or not old else "a"
     with open(path, mode, newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="")
@@ -107,11 +119,29 @@ def format_table(rows: List[Dict], keys: List[str]) -> str:
     return "\n".join(lines)
 
 
+def print_table(rows: List[Dict], keys: List[str]) -> None:
+    if rows:
+        print(format_table(rows, keys), flush=True)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> float:
+    """Median wall time of fn() in ms: CUDA events via triton.testing.do_bench on
+    GPU, torch.utils.benchmark on CPU (on all of torch's threads: its default is
+    one); never time.time() around asynchronous work."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    import torch.utils.benchmark as tb
+
+    timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
 def time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Time of one fn() call in ms. GPU: CUDA events (the work is asynchronous,
-    so host clocks would time the launches). CPU: torch.utils.benchmark with
-    all of torch's threads (its default is one); its block-size estimate runs
-    fn once untimed first, a warm-up for this round."""
+    """Time of one fn() call in ms (for interleaved rounds): CUDA events on GPU,
+    torch.utils.benchmark on CPU, whose block-size estimate runs fn once
+    untimed first, a warm-up for this round."""
     if device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
@@ -121,11 +151,16 @@ def time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
         end.record()
         end.synchronize()
         return float(start.elapsed_time(end))
-    import torch.utils.benchmark as tb
-
-    timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=0.0).median * 1e3
+    return median_ms(fn, device, min_run_time=0.0)
 
 
 def median(values: List[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+def try_compile(fn):
+    """torch.compile(fn), or None where it cannot compile here."""
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception:  # e.g. no C++ compiler for Inductor
+        return None

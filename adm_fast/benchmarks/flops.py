@@ -18,9 +18,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..ops import use_backend
 
-# Dense bf16 peak of the device the GPU benchmarks run on (H200).
-PEAK_TFLOPS_BF16 = {"cuda": 790.0}
-
 
 def step_flops(model: Callable[..., Tensor], x: Tensor, t: Tensor,
                model_kwargs: Optional[Dict] = None, classifier: Optional[torch.nn.Module] = None,

@@ -14,7 +14,8 @@ import torch
 from .. import presets as _presets
 from ..checkpoint import apply_dtype, load_checkpoint
 from ..diffusion import create_gaussian_diffusion
-from ..ops import dispatch
+from .. import ops
+from ..ops.backend import Setting
 from ..script_util import create_from_flags
 
 GPU_PRESETS = ("64x64_diffusion", "128x128_diffusion", "256x256_diffusion", "512x512_diffusion")
@@ -124,30 +125,32 @@ def backend_reasons(name: str, device: torch.device, dtype: torch.dtype,
     """Why backend `name` cannot run the models' ops here (empty: it can run
     at least one). as_auto also counts the reasons `auto` passes a backend
     over for (e.g. Triton's CPU interpreter, a debugging tool)."""
-    backend = dispatch.backends()[name]
-    why = backend.unavailable_reasons()
+    why = ops.backends()[name].unavailable_reasons()
     if why:
         return why
     reasons: List[str] = []
-    for op, args in _probes(device, dtype):
-        if op not in backend.ops:
+    for op_name, args in _probes(device, dtype):
+        op = ops.ops()[op_name]
+        impl = op.impls.get(name)
+        if impl is None:
             continue
-        r = backend.not_supported_reasons(op, *args)
+        call = op.describe(args)
+        r = impl.not_supported_reasons(call)
         if not r and as_auto:
-            r = backend.auto_reasons(op, *args)
+            r = impl.auto_reasons(call)
         if not r:
             return []
-        reasons += [f"{op}: {x}" for x in r]
+        reasons += [f"{op_name}: {x}" for x in r]
     return reasons or [f"{name} implements none of the models' ops"]
 
 
 def backend_settings(requested: Optional[List[str]], device: torch.device,
-                     dtype: torch.dtype) -> List[Tuple[str, dispatch.Setting]]:
+                     dtype: torch.dtype) -> List[Tuple[str, Setting]]:
     """(label, use_backend setting) per adm_fast row. An explicit backend
     takes the ops it implements; the rest stay auto (SDPA has only attention,
     the C++ CPU backend no attention). Without a request: auto and every
     backend auto could pick here."""
-    known = list(dispatch.backends())
+    known = list(ops.backends())
     if requested is None:
         names = ["auto"] + [n for n in known
                             if n != "eager" and not backend_reasons(n, device, dtype, True)]
@@ -166,6 +169,6 @@ def backend_settings(requested: Optional[List[str]], device: torch.device,
                                       f"{'; '.join(why)}")
     out = []
     for n in names:
-        setting = "auto" if n == "auto" else {op: n for op in dispatch.backends()[n].ops}
+        setting = "auto" if n == "auto" else {op: n for op in ops.ops_of_backend(n)}
         out.append((f"adm_fast[{n}]", setting))
     return out

@@ -21,7 +21,8 @@ import torch
 from ..diffusion import classifier_cond_fn
 from ..ops import BackendNotSupported, use_backend
 from . import common
-from .flops import PEAK_TFLOPS_BF16, step_flops
+from .common import PEAK_TFLOPS_BF16
+from .flops import step_flops
 from .layouts import (TINY, BenchInputError, Layout, backend_settings, build, layout,
                       make_diffusion)
 
@@ -198,7 +199,8 @@ def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: Dict, log) -> List[D
 
 def run_sample_bench(cfg: SampleBenchConfig, log=print) -> List[Dict]:
     """Benchmark every layout in cfg.presets; print the table, append the rows
-    to <results_dir>/sample_<cpu|gpu>.csv (when cfg.save) and return them."""
+    to <results_dir (default: the current folder)>/sample_<cpu|gpu>.csv (when
+    cfg.save) and return them."""
     if cfg.batch_size < 1:
         raise BenchInputError(f"--batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.steps < 1:
@@ -223,6 +225,6 @@ def run_sample_bench(cfg: SampleBenchConfig, log=print) -> List[Dict]:
     log(common.format_table(rows, TABLE_KEYS))
     if cfg.save:
         name = "sample_gpu.csv" if cfg.device.type == "cuda" else "sample_cpu.csv"
-        folder = Path(cfg.results_dir) if cfg.results_dir else common.default_results_dir()
+        folder = Path(cfg.results_dir) if cfg.results_dir else Path(".")
         log(f"appended to {common.append_rows(folder / name, rows)}")
     return rows

@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 
 from ..checkpoint import CheckpointError
-from ..ops.dispatch import current_backend
+from ..ops import current_backend
 from . import digits, experiment
 from .experiment import DemoError
 

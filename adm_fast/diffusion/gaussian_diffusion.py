@@ -49,6 +49,8 @@ class LossType(enum.Enum):
         return self in (LossType.KL, LossType.RESCALED_KL)
 
 
+# The step ops' names for the model's parametrisation (their kernel codes:
+# kernels/step_codes.py).
 _MEAN = {ModelMeanType.EPSILON: "eps", ModelMeanType.START_X: "x_start",
          ModelMeanType.PREVIOUS_X: "x_prev"}
 _VAR = {ModelVarType.LEARNED: "learned", ModelVarType.LEARNED_RANGE: "learned_range",
@@ -63,6 +65,9 @@ class GaussianDiffusion(SamplingLoops):
                  rescale_timesteps: bool = False):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
+        # As ops.ddpm_step / ops.ddim_step name them.
+        self.mean_type_name = _MEAN[model_mean_type]
+        self.var_type_name = _VAR[model_var_type]
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
 
@@ -186,7 +191,7 @@ class GaussianDiffusion(SamplingLoops):
         self._check_t(t, x.shape[0])
         out = model(x, self._model_timesteps(t), **(model_kwargs or {}))
         b, c = x.shape[:2]
-        learned = _VAR[self.model_var_type] != "fixed"
+        learned = self.var_type_name != "fixed"
         want = (b, 2 * c if learned else c, *x.shape[2:])
         if tuple(out.shape) != want:
             what = ("a learned variance (learn_sigma=True): the model must output 2C = "
@@ -240,7 +245,7 @@ class GaussianDiffusion(SamplingLoops):
     def p_mean_variance_from_output(self, model_output: Tensor, x: Tensor, t: Tensor,
                                     clip_denoised: bool = True, denoised_fn=None):
         """p_mean_variance for an already computed model output."""
-        var_type, mean_type = _VAR[self.model_var_type], _MEAN[self.model_mean_type]
+        var_type, mean_type = self.var_type_name, self.mean_type_name
         out, v = sm.split_output(model_output, x.shape[1], var_type != "fixed")
         if var_type == "fixed":
             var_table, log_table = self._fixed[self.model_var_type]
@@ -306,7 +311,7 @@ class GaussianDiffusion(SamplingLoops):
             return {"sample": sample, "pred_xstart": out["pred_xstart"]}
         grad = None if cond_fn is None else self._cond_grad(cond_fn, x, t, model_kwargs)
         sample, x0 = ops.ddpm_step(x, model_output, noise, self.step_coefs("ddpm", t), grad,
-                                   _MEAN[self.model_mean_type], _VAR[self.model_var_type],
+                                   self.mean_type_name, self.var_type_name,
                                    clip_denoised)
         return {"sample": sample, "pred_xstart": x0}
 
@@ -330,7 +335,7 @@ class GaussianDiffusion(SamplingLoops):
         grad = None if cond_fn is None else self._cond_grad(cond_fn, x, t, model_kwargs)
         noise = torch.randn_like(x)
         sample, x0 = ops.ddim_step(x, model_output, noise, self.step_coefs("ddim", t), grad,
-                                   _MEAN[self.model_mean_type], clip_denoised, eta)
+                                   self.mean_type_name, clip_denoised, eta)
         return {"sample": sample, "pred_xstart": x0}
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None,
@@ -377,7 +382,7 @@ class GaussianDiffusion(SamplingLoops):
                 terms["loss"] = terms["loss"] * self.num_timesteps
             return terms
         model_output = self._run_model(model, x_t, t, model_kwargs)
-        if _VAR[self.model_var_type] != "fixed":
+        if self.var_type_name != "fixed":
             c = x_t.shape[1]
             model_output, var_values = model_output[:, :c], model_output[:, c:]
             frozen = torch.cat([model_output.detach(), var_values], dim=1)

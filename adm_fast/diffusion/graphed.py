@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .gaussian_diffusion import _MEAN, _VAR
 
 
 class GraphedStep:
@@ -43,10 +42,10 @@ class GraphedStep:
         grad = None
         if self.cond_fn is not None:
             grad = d._cond_grad(self.cond_fn, s["x"], s["t"], self.model_kwargs)
-        mean_type = _MEAN[d.model_mean_type]
+        mean_type = d.mean_type_name
         if self.kind == "ddpm":
             return ops.ddpm_step(s["x"], model_output, s["noise"], s["coefs"], grad, mean_type,
-                                 _VAR[d.model_var_type], self.clip)
+                                 d.var_type_name, self.clip)
         return ops.ddim_step(s["x"], model_output, s["noise"], s["coefs"], grad, mean_type,
                              self.clip, self.eta)
 

@@ -1,5 +1,6 @@
 """Small pieces the ADM models share: the timestep embedding, the GroupNorm
-module, dtype helpers and the checkpointing switch."""
+module, dtype helpers and the checkpointing switch. The arithmetic goes
+through adm_fast.ops by op name; no backend is named here."""
 
 from __future__ import annotations
 
@@ -56,79 +57,12 @@ def norm_act(norm: nn.GroupNorm, x: Tensor, scale: Tensor = None, shift: Tensor 
                               norm.eps, act)
 
 
-# Whether a conv fed by a fused norm_act keeps the norm's input instead of its
-# own (see norm_act_conv). On by default; set_norm_act_recompute(False) trades
-# the memory back for the recompute time.
-_RECOMPUTE = {"norm_act": True}
-
-
-def set_norm_act_recompute(enabled: bool) -> None:
-    _RECOMPUTE["norm_act"] = bool(enabled)
-
-
-class _Recompute:
-    """What a saved conv input is rebuilt from: the norm's own saved input."""
-
-    __slots__ = ("x", "norm", "scale", "shift", "act", "backend", "between")
-
-    def __init__(self, x, norm, scale, shift, act, backend, between=None):
-        self.x, self.norm, self.scale, self.shift = x, norm, scale, shift
-        self.act, self.backend, self.between = act, backend, between
-
-
-def _unpack(saved):
-    if not isinstance(saved, _Recompute):
-        return saved
-    # Grad mode is on here only for double backward (create_graph=True): then
-    # the rebuilt input must carry its graph back to x, as the original did.
-    n = saved.norm
-    h = ops.group_norm_act_with(saved.backend, saved.x, n.num_groups, n.weight, n.bias,
-                                saved.scale, saved.shift, n.eps, saved.act)
-    return h if saved.between is None else saved.between(h)
-
-
 def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor = None,
                   shift: Tensor = None, act: bool = True, between=None,
                   recompute: bool = True) -> Tensor:
-    """conv(between(norm_act(x))), `between` a parameter-free resampling or None.
-
-    In training on a fused backend, the conv (and `between`) do not keep their
-    inputs for backward (full activation tensors, per block): they keep a
-    recipe instead (x, which the fused norm keeps anyway, and the small
-    vectors) and rebuild the inputs in backward with one memory-bound pass —
-    the trade flash attention makes for its weights. Tensors saved inside are
-    not seen by saved_tensors_hooks of the caller (as with torch's checkpoint).
-    The eager backend stays guided-diffusion's computation, memory included.
-    recompute=False (e.g. inside a checkpointed block, which keeps nothing
-    anyway) is the plain composition.
-    """
-    backend = None
-    if recompute and _RECOMPUTE["norm_act"] and torch.is_grad_enabled() \
-            and not torch.compiler.is_compiling() \
-            and any(t is not None and t.requires_grad
-                    for t in (x, norm.weight, norm.bias, scale, shift)):
-        # Chosen once: the norm runs on it and the recipe rebuilds on it.
-        backend = ops.group_norm_act_backend(x, norm.num_groups, norm.weight, norm.bias,
-                                             scale, shift, norm.eps, act)
-    if backend is None or backend == "eager":
-        h = norm_act(norm, x, scale, shift, act)
-        return conv(h if between is None else between(h))
-    h = ops.group_norm_act_with(backend, x, norm.num_groups, norm.weight, norm.bias, scale,
-                                shift, norm.eps, act)
-    recipes = [(h, _Recompute(x, norm, scale, shift, act, backend))]
-
-    def pack(t):
-        for made, recipe in recipes:
-            if t is made:
-                return recipe
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
-        if between is not None:
-            g = between(h)
-            recipes.append((g, _Recompute(x, norm, scale, shift, act, backend, between)))
-            h = g
-        return conv(h)
+    """conv(between(norm_act(x))) through the op layer, which may keep a recipe
+    for the conv's input instead of the input (ops.norm_act_conv)."""
+    return ops.norm_act_conv(norm, x, conv, scale, shift, act, between, recompute)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

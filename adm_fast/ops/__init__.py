@@ -2,31 +2,26 @@
 
 Models call these functions by name; which implementation runs is decided per
 call by the backend setting (`use_backend`, `$ADM_FAST_BACKEND`, or auto).
+Each op is one spec file (group_norm_act.py, qkv_attention.py, ddpm_step.py,
+ddim_step.py): its check, reference, fake, autograd and implementations.
 """
 
-from .dispatch import (
-    Backend,
-    BackendNotSupported,
-    backends,
-    current_backend,
-    explain,
-    register_backend,
-    set_backend,
-    use_backend,
-)
-from .ddim_step import ddim_step
-from .ddpm_step import ddpm_step
-from .group_norm_act import group_norm_act, group_norm_act_backend, group_norm_act_with
-from .qkv_attention import qkv_attention
-from . import eager as _eager  # noqa: F401  (registers the eager backend)
-from . import cpu_backend as _cpu_backend  # noqa: F401  (registers the CPU backend)
-from . import cuda_backend as _cuda_backend  # noqa: F401  (registers the CUDA backend)
-from . import sdpa_backend as _sdpa_backend  # noqa: F401  (registers the SDPA backend)
-from . import triton_backend as _triton_backend  # noqa: F401  (registers the Triton backend)
+from . import backends as _backends
+from .backend import (Backend, BackendNotSupported, backends, current_backend,
+                      register_backend, set_backend, use_backend)
+from .ddim_step import DDIM_STEP, ddim_step
+from .ddpm_step import DDPM_STEP, ddpm_step
+from .group_norm_act import GROUP_NORM_ACT, group_norm_act
+from .impl import Call, Impl
+from .norm_act_conv import norm_act_conv, set_norm_act_recompute
+from .op import Op, explain, ops, ops_of_backend
+from .qkv_attention import QKV_ATTENTION, qkv_attention
+
+_backends.load_native()  # after the specs above defined the schemas the extensions implement
 
 __all__ = [
-    "Backend", "BackendNotSupported", "backends", "current_backend", "explain",
-    "register_backend", "set_backend", "use_backend", "group_norm_act", "group_norm_act_backend",
-    "group_norm_act_with", "qkv_attention",
-    "ddpm_step", "ddim_step",
+    "Backend", "BackendNotSupported", "Call", "Impl", "Op", "backends", "current_backend",
+    "explain", "ops", "ops_of_backend", "register_backend", "set_backend", "use_backend", "group_norm_act",
+    "qkv_attention", "ddpm_step", "ddim_step", "norm_act_conv", "set_norm_act_recompute",
+    "GROUP_NORM_ACT", "QKV_ATTENTION", "DDPM_STEP", "DDIM_STEP",
 ]

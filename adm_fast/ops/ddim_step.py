@@ -8,22 +8,26 @@ fp32 tensor `coefs` [7, B] whose rows are (see GaussianDiffusion.step_coefs):
   2, 3  recip, recipm1  √(1/ᾱ_t), √(1/ᾱ_t − 1)
   4, 5  ᾱ_t, ᾱ_{t−1}
   6     nonzero         0 at t = 0, else 1
+
+Implementations: those of every step (ops/step_op.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import math
+from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
-from . import dispatch
+from . import native
 from . import step_math as sm
-from .ddpm_step import check_step_args, recompute_autograd, step_fake
-from .group_norm_act import needs_custom_op
+from .step_op import StepOp, check_args, promote
 
-OP = "ddim_step"
 ROWS = 7
+SIGNATURE = ("Tensor x, Tensor model_out, Tensor noise, Tensor coefs, Tensor? grad, "
+             "str mean_type, bool clip, float eta")
+NATIVE_SIGNATURE = ("Tensor x, Tensor model_out, Tensor noise, Tensor coefs, Tensor? grad, "
+                    "int mean_type, bool clip, float eta")
 
 
 def reference(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor,
@@ -43,6 +47,38 @@ def reference(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor,
     return mean + nonzero * sigma * noise, x0
 
 
+class DdimStep(StepOp):
+    name = "ddim_step"
+    signature = SIGNATURE
+    rows = ROWS
+
+    def out_dtypes(self, x, model_out, noise, coefs, grad, mean_type, clip, eta):
+        """reference()'s promotions, expression by expression (guidance on the
+        score re-derives x_0 from x and the gradient)."""
+        c, xd, o = coefs.dtype, x.dtype, model_out.dtype
+        x0 = o if mean_type == "x_start" else promote(c, xd, o)
+        if grad is not None:
+            x0 = promote(c, xd, x0, grad.dtype)
+        eps = promote(c, xd, x0)
+        return promote(x0, c, eps, noise.dtype), x0
+
+    def check(self, x, model_out, noise, coefs, grad, mean_type, clip, eta) -> None:
+        check_args(self.name, x, model_out, noise, coefs, ROWS, grad, mean_type)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
+            raise ValueError(f"{self.name}: eta must be a finite number, got {eta!r}")
+
+    def reference(self, *args):
+        return reference(*args)
+
+    def native_args(self, x, model_out, noise, coefs, grad, mean_type, clip, eta):
+        return x, model_out, noise, coefs, grad, sm.MEAN_TYPES[mean_type], clip, eta
+
+
+DDIM_STEP = DdimStep()
+DDIM_STEP.register_impls(native.define("ddim_step", NATIVE_SIGNATURE, 2,
+                                       DDIM_STEP.native_fake))
+
+
 def ddim_step(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor,
               grad: Optional[Tensor] = None, mean_type: str = "eps", clip: bool = True,
               eta: float = 0.0) -> Tuple[Tensor, Tensor]:
@@ -50,30 +86,4 @@ def ddim_step(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor,
     (a learned variance half is ignored); coefs: [7, B] fp32 (module docstring).
     grad is the already-scaled guidance gradient, or None. Returns
     (x_{t-1}, pred_xstart) where pred_xstart is the guided x_0."""
-    check_step_args(OP, x, model_out, noise, coefs, ROWS, grad, mean_type)
-    return dispatch.call(OP, x, model_out, noise, coefs, grad, mean_type, clip, float(eta))
-
-
-# --- the fused path: one custom op for every fused backend ---------------------------
-
-IMPLS: Dict[str, Callable] = {}
-
-
-@torch.library.triton_op("adm_fast::ddim_step", mutates_args=())
-def _fused(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor, grad: Optional[Tensor],
-           mean_type: str, clip: bool, eta: float, backend: str) -> Tuple[Tensor, Tensor]:
-    return IMPLS[backend]().ddim_step(x, model_out, noise, coefs, grad, mean_type, clip, eta)
-
-
-_fused.register_fake(step_fake)
-recompute_autograd(_fused, reference, 5)
-
-
-def fused(backend: str) -> Callable:
-    def run(x, model_out, noise, coefs, grad, mean_type, clip, eta):
-        if needs_custom_op(x, model_out, noise, coefs, grad):
-            return torch.ops.adm_fast.ddim_step(x, model_out, noise, coefs, grad, mean_type,
-                                                bool(clip), float(eta), backend)
-        return IMPLS[backend]().ddim_step(x, model_out, noise, coefs, grad, mean_type,
-                                          bool(clip), float(eta))
-    return run
+    return DDIM_STEP(x, model_out, noise, coefs, grad, mean_type, bool(clip), float(eta))

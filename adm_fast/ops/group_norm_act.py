@@ -6,49 +6,33 @@ GroupNorm before attention (act=False, no scale/shift), all as one op.
 The eager reference is guided-diffusion's arithmetic, rounding for rounding:
 the normalisation runs in fp32 (its GroupNorm32) and is cast back to x's
 dtype; the scale-shift and SiLU then run in x's dtype.
+
+The fused kernels return (y, mean, rstd); their backward keeps only x, the
+per-(sample, group) mean and 1/std and the small vectors, and recomputes the
+normalised and activated values. Implementations: eager (the reference),
+triton (kernels/group_norm_act.py), cpu (csrc/cpu/group_norm_act.cpp), cuda
+(csrc/cuda/group_norm_act.cu).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import native
+from .backends import TRITON
+from .impl import Impl
+from .op import Op
 
-OP = "group_norm_act"
-
-
-def check_args(x, num_groups, weight, bias, scale, shift) -> None:
-    """Raise a clear error for inputs no backend can accept."""
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"{OP}: x must be a floating-point tensor, got "
-                        f"{getattr(x, 'dtype', type(x))}")
-    if x.dim() < 2:
-        raise ValueError(f"{OP}: x must be [N, C, *spatial], got shape {tuple(x.shape)}")
-    n, c = x.shape[:2]
-    if num_groups <= 0 or c % num_groups:
-        raise ValueError(f"{OP}: num_groups={num_groups} must divide the {c} channels")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if tuple(t.shape) != (c,):
-            raise ValueError(f"{OP}: {name} must have shape ({c},), got {tuple(t.shape)}")
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is None:
-            continue
-        if tuple(t.shape) != (n, c):
-            raise ValueError(f"{OP}: {name} must have shape ({n}, {c}) = [N, C], "
-                             f"got {tuple(t.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            raise TypeError(f"{OP}: {name} must be floating point, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{OP}: {name} is on {t.device} but x is on {x.device}")
+SIGNATURE = ("Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, "
+             "Tensor? shift, float eps, bool act")
+BACKWARD_SIGNATURE = ("Tensor dy, Tensor x, int num_groups, Tensor? weight, Tensor? bias, "
+                      "Tensor? scale, Tensor? shift, Tensor mean, Tensor rstd, bool act, "
+                      "bool need_wb")
 
 
 def _per_channel(t: Tensor, ndim: int) -> Tensor:
@@ -60,17 +44,151 @@ def reference(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Option
               eps: float = 1e-5, act: bool = True) -> Tensor:
     """guided-diffusion's eager computation (differentiable, any dtype incl. fp64)."""
     up = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = F.group_norm(
-        x.to(up), num_groups,
-        None if weight is None else weight.to(up),
-        None if bias is None else bias.to(up),
-        eps,
-    ).to(x.dtype)
+    xu = x.to(up)
+    if weight is None and bias is not None and bias.requires_grad:
+        # F.group_norm's backward fails for a bias without a weight ("tensor does
+        # not have a device"); a weight of ones computes the same values.
+        weight = torch.ones_like(bias)
+    if not xu.requires_grad and not xu.is_contiguous() and any(
+            t is not None and t.requires_grad for t in (weight, bias)):
+        # ... and its CPU backward crashes (SIGSEGV) for channels_last x that
+        # needs no grad beside affine parameters that do; a contiguous copy
+        # computes the same.
+        xu = xu.contiguous()
+    h = F.group_norm(xu, num_groups, None if weight is None else weight.to(up),
+                     None if bias is None else bias.to(up), eps).to(x.dtype)
     if scale is not None:
         h = h * (1 + _per_channel(scale.to(x.dtype), x.dim()))
     if shift is not None:
         h = h + _per_channel(shift.to(x.dtype), x.dim())
     return F.silu(h) if act else h
+
+
+class GroupNormAct(Op):
+    name = "group_norm_act"
+    signature = SIGNATURE
+    kernel_returns = 3  # y, then the fp32 [N, G] mean and 1/std the backward keeps
+    kept_outputs = (1, 2)
+    has_kernel_backward = True
+    preferences = [
+        # CPU (2 threads, fp32, 2026-11-29, OpenMP build; one GroupNorm(32)+AdaGN+
+        # SiLU, cpu vs eager): the fused forward wins at every size (1.07–6×), but
+        # forward+backward on maps of 8×8 and below is 0.67–0.88× eager from
+        # batch 4 up (the backward kernel's fixed costs), 1.0–1.4× from 16×16.
+        {"device": "cpu", "grad": True, "max": {"hw": 64}, "order": ["eager"]},
+    ]
+
+    def check(self, x, num_groups, weight, bias, scale, shift, eps, act) -> None:
+        op = self.name
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"{op}: x must be a floating-point tensor, got "
+                            f"{getattr(x, 'dtype', type(x))}")
+        if x.dim() < 2:
+            raise ValueError(f"{op}: x must be [N, C, *spatial], got shape {tuple(x.shape)}")
+        n, c = x.shape[:2]
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 \
+                or c % num_groups:
+            raise ValueError(f"{op}: num_groups={num_groups} must divide the {c} channels")
+        if c // num_groups * math.prod(x.shape[2:]) == 1 and x.numel():
+            # torch's GroupNorm refuses this too (guided-diffusion's GroupNorm32 would).
+            raise ValueError(f"{op}: each group holds one value ({c // num_groups} channel(s) "
+                             f"x {math.prod(x.shape[2:])} positions); a group needs more than "
+                             f"one to normalise")
+        for name, t, want in (("weight", weight, (c,)), ("bias", bias, (c,)),
+                              ("scale", scale, (n, c)), ("shift", shift, (n, c))):
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+            if tuple(t.shape) != want:
+                shape = "[N, C]" if len(want) == 2 else ""
+                raise ValueError(f"{op}: {name} must have shape {want}"
+                                 f"{' = ' + shape if shape else ''}, got {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+
+    def reference(self, *args):
+        return reference(*args)
+
+    def features(self, x, num_groups, *rest):
+        return {"hw": math.prod(x.shape[2:]), "group_channels": x.shape[1] // num_groups}
+
+    def fake(self, x, num_groups, *rest):
+        stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    def kernel_backward(self, impl, args, kept, grads, needs):
+        x, num_groups, weight, bias, scale, shift, eps, act = args
+        dx, dw, db, ds, dsh = impl.backward(grads[0], x, num_groups, weight, bias, scale, shift,
+                                            *kept, act, bool(needs[2] or needs[3]))
+        return dx, None, dw, db, ds, dsh, None, None
+
+
+GROUP_NORM_ACT = GroupNormAct()
+
+
+def _fake_backward(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, act, need_wb):
+    def like(t, wanted=True):
+        return torch.empty_like(t) if t is not None and wanted else x.new_empty(0)
+    return (torch.empty_like(x), like(weight, need_wb), like(bias, need_wb), like(scale),
+            like(shift))
+
+
+# The C++ and CUDA kernels: absent gradients come back as empty tensors.
+NATIVE_FORWARD = native.define("group_norm_act_fwd", SIGNATURE, 3, GROUP_NORM_ACT.fake)
+NATIVE_BACKWARD = native.define("group_norm_act_bwd", BACKWARD_SIGNATURE, 5, _fake_backward)
+
+
+class Eager(Impl):
+    backend, kind = "eager", "composite"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+    def run(self, *args):
+        return reference(*args)
+
+
+class Triton(Impl):
+    backend = "triton"
+    layouts = {"x": ("contiguous", "channels_last", "channels_last_3d"),
+               "weight": ("contiguous",), "bias": ("contiguous",)}
+    max_features = {"group_channels": 1024}  # one group's channels in one tile
+
+    def forward(self, *args):
+        return TRITON.kernels("group_norm_act").forward(*args)
+
+    def backward(self, *args):
+        return TRITON.kernels("group_norm_act").backward(*args)
+
+
+class _Native(Impl):
+    def forward(self, *args):
+        return NATIVE_FORWARD(*args)
+
+    def backward(self, dy, x, num_groups, weight, bias, scale, shift, mean, rstd, act,
+                 need_wb):
+        grads = NATIVE_BACKWARD(dy, x, num_groups, weight, bias, scale, shift, mean, rstd,
+                                act, need_wb)
+        return tuple(g if t is not None and g.numel() else None
+                     for g, t in zip(grads, (x, weight, bias, scale, shift)))
+
+
+class Cpu(_Native):
+    backend = "cpu"
+    layouts = {"x": ("contiguous",), "weight": ("contiguous",), "bias": ("contiguous",)}
+
+
+class Cuda(_Native):
+    backend = "cuda"
+    layouts = {"x": ("contiguous", "channels_last"), "weight": ("contiguous",),
+               "bias": ("contiguous",)}
+
+
+for _impl in (Eager(), Triton(), Cpu(), Cuda()):
+    GROUP_NORM_ACT.register(_impl)
 
 
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -79,156 +197,10 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                    act: bool = True) -> Tensor:
     """SiLU((GroupNorm(x)·weight + bias)·(1 + scale) + shift).
 
-    x: [N, C, *spatial] (any memory format), fp32/fp16/bf16.
+    x: [N, C, *spatial] (any memory format), fp32/fp16/bf16 (fp64 on eager).
     weight, bias: [C] GroupNorm affine parameters, or None.
     scale, shift: [N, C] AdaGN modulation, or None.
     act: apply SiLU. Statistics are always computed in fp32.
     Returns a tensor shaped and typed like x.
     """
-    check_args(x, num_groups, weight, bias, scale, shift)
-    return dispatch.call(OP, x, num_groups, weight, bias, scale, shift, eps, act)
-
-
-def group_norm_act_backend(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
-                           bias: Optional[Tensor] = None, scale: Optional[Tensor] = None,
-                           shift: Optional[Tensor] = None, eps: float = 1e-5,
-                           act: bool = True) -> str:
-    """The name of the backend group_norm_act would run these arguments on."""
-    return dispatch.select(OP, x, num_groups, weight, bias, scale, shift, eps, act).name
-
-
-def group_norm_act_with(backend: str, x: Tensor, num_groups: int, weight: Optional[Tensor],
-                        bias: Optional[Tensor], scale: Optional[Tensor] = None,
-                        shift: Optional[Tensor] = None, eps: float = 1e-5,
-                        act: bool = True) -> Tensor:
-    """group_norm_act on one named backend, whatever the current setting: a
-    value recomputed in backward must come from the backend that made it."""
-    return dispatch.backends()[backend].ops[OP](x, num_groups, weight, bias, scale, shift,
-                                                 eps, act)
-
-
-# --- the fused path: one custom op for every fused backend ---------------------------
-#
-# torch.ops.adm_fast.group_norm_act returns (y, mean, rstd); its backward saves only
-# x, the per-(sample, group) mean and 1/std and the small vectors, and recomputes
-# the normalised and activated values. `backend` names the implementation in
-# IMPLS (a module with forward/backward, loaded on first use).
-
-IMPLS: Dict[str, Callable] = {}
-
-
-@torch.library.triton_op("adm_fast::group_norm_act", mutates_args=())
-def _fused(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-           scale: Optional[Tensor], shift: Optional[Tensor], num_groups: int, eps: float,
-           act: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return IMPLS[backend]().forward(x, weight, bias, scale, shift, num_groups, eps, act)
-
-
-@_fused.register_fake
-def _(x, weight, bias, scale, shift, num_groups, eps, act, backend):
-    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
-
-
-@torch.library.triton_op("adm_fast::group_norm_act_backward", mutates_args=())
-def _fused_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                    scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor,
-                    rstd: Tensor, num_groups: int, act: bool, need_wb: bool,
-                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = IMPLS[backend]().backward(dy, x, weight, bias, scale, shift, mean, rstd,
-                                      num_groups, act, need_wb)
-    # Custom ops return tensors: an absent gradient is an empty one.
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
-
-
-@_fused_backward.register_fake
-def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act, need_wb, backend):
-    def like(t, wanted=True):
-        return torch.empty_like(t) if t is not None and wanted else x.new_empty(0)
-    return (torch.empty_like(x), like(weight, need_wb), like(bias, need_wb), like(scale),
-            like(shift))
-
-
-def _setup(ctx, inputs, output):
-    x, weight, bias, scale, shift, num_groups, eps, act, backend = inputs
-    ctx.save_for_backward(x, weight, bias, scale, shift, output[1], output[2])
-    ctx.num_groups, ctx.act, ctx.backend, ctx.eps = num_groups, act, backend, eps
-
-
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    if torch.is_grad_enabled():
-        # create_graph=True (double backward): the kernels are not
-        # differentiable, so take this gradient through the eager reference.
-        return differentiable_grads(
-            lambda *t: reference(t[0], ctx.num_groups, *t[1:], ctx.eps, ctx.act),
-            (x, weight, bias, scale, shift), need[:5], dy) + (None,) * 4
-    grads = torch.ops.adm_fast.group_norm_act_backward(
-        dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.act,
-        bool(need[1] or need[2]), ctx.backend)
-    return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 4
-
-
-_fused.register_autograd(_backward, setup_context=_setup)
-
-
-def differentiable_grads(fn, tensors, needs, grad_out):
-    """Gradients of fn(*tensors) w.r.t. the tensors needing them, with graph."""
-    leaves = [t.detach().requires_grad_(bool(n)) if t is not None else None
-              for t, n in zip(tensors, needs)]
-    out = fn(*leaves)
-    wanted = [t for t in leaves if t is not None and t.requires_grad]
-    got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
-                                   allow_unused=True))
-    return tuple(next(got) if t is not None and t.requires_grad else None for t in leaves)
-
-
-class _Direct(torch.autograd.Function):
-    """The custom op's autograd, without the custom op: in eager mode its
-    dispatch costs ~150 µs per forward+backward, more than the kernels of a
-    small GroupNorm (an 8×8 map) take."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, act, backend):
-        y, mean, rstd = IMPLS[backend]().forward(x, weight, bias, scale, shift, num_groups,
-                                                 eps, act)
-        _setup(ctx, (x, weight, bias, scale, shift, num_groups, eps, act, backend),
-               (y, mean, rstd))
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():
-            return _backward(ctx, dy, None, None)
-        grads = IMPLS[ctx.backend]().backward(dy, x, weight, bias, scale, shift, mean, rstd,
-                                              ctx.num_groups, ctx.act, bool(need[1] or need[2]))
-        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 4
-
-
-def fused(backend: str) -> Callable:
-    """The op implementation that runs `backend`'s kernels: through the custom op
-    under torch.compile, through a plain autograd Function when autograd wants
-    the backward, straight to the kernels otherwise (sampling)."""
-    def run(x, num_groups, weight, bias, scale, shift, eps, act):
-        if torch.compiler.is_compiling():
-            return torch.ops.adm_fast.group_norm_act(x, weight, bias, scale, shift, num_groups,
-                                                     float(eps), bool(act), backend)[0]
-        if needs_grad(x, weight, bias, scale, shift):
-            return _Direct.apply(x, weight, bias, scale, shift, num_groups, float(eps),
-                                 bool(act), backend)
-        return IMPLS[backend]().forward(x, weight, bias, scale, shift, num_groups, float(eps),
-                                        bool(act))[0]
-    return run
-
-
-def needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def needs_custom_op(*tensors) -> bool:
-    """Whether a call must go through the custom op: under torch.compile, or
-    when autograd will want its backward."""
-    return torch.compiler.is_compiling() or needs_grad(*tensors)
+    return GROUP_NORM_ACT(x, num_groups, weight, bias, scale, shift, float(eps), bool(act))

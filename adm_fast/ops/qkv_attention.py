@@ -9,34 +9,26 @@ The output is [N, H·C, T] in both cases.
 The eager reference is guided-diffusion's arithmetic: q and k are each scaled
 by C^-1/4 before the product (kinder to fp16 than dividing after), the
 softmax runs in fp32 and is cast back, the products run in qkv's dtype.
+
+Implementations: eager (the reference), sdpa (torch's
+scaled_dot_product_attention with the layout copies it needs), triton
+(kernels/qkv_attention.py: reads q, k, v in place, online softmax; returns
+(out, lse) and its backward keeps only qkv, out and the per-row logsumexp,
+so training memory does not grow with T²).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple
+from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
-from .group_norm_act import differentiable_grads, needs_grad
-
-OP = "qkv_attention"
-
-
-def check_args(qkv, num_heads) -> None:
-    if not isinstance(qkv, Tensor) or not qkv.is_floating_point():
-        raise TypeError(f"{OP}: qkv must be a floating-point tensor, got "
-                        f"{getattr(qkv, 'dtype', type(qkv))}")
-    if qkv.dim() != 3:
-        raise ValueError(f"{OP}: qkv must be [N, 3*H*C, T], got shape {tuple(qkv.shape)}")
-    if not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"{OP}: num_heads must be a positive int, got {num_heads!r}")
-    if qkv.shape[1] % (3 * num_heads):
-        raise ValueError(f"{OP}: qkv has {qkv.shape[1]} channels, not divisible by "
-                         f"3 * num_heads = {3 * num_heads}")
+from .backends import TRITON
+from .impl import Call, Impl
+from .op import Op
 
 
 def split_heads(qkv: Tensor, num_heads: int, legacy: bool):
@@ -60,98 +52,7 @@ def reference(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
     up = torch.float64 if weight.dtype == torch.float64 else torch.float32
     weight = torch.softmax(weight.to(up), dim=-1).to(weight.dtype)
     out = torch.einsum("bts,bcs->bct", weight, v)
-    return out.reshape(n, -1, t)
-
-
-def qkv_attention(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
-    """Multi-head attention over T tokens.
-
-    qkv: [N, 3·H·C, T], fp32/fp16/bf16, in the legacy (heads, qkv) or the new
-    (qkv, heads) channel order. Returns [N, H·C, T] in qkv's dtype.
-    """
-    check_args(qkv, num_heads)
-    return dispatch.call(OP, qkv, num_heads, legacy)
-
-
-# --- the fused path: one custom op for every fused backend ---------------------------
-#
-# torch.ops.adm_fast.qkv_attention returns (out, lse); the backward saves only
-# qkv, out and the per-row logsumexp and recomputes the T×T weights, so training
-# memory does not grow with T².
-
-IMPLS: Dict[str, Callable] = {}
-
-
-@torch.library.triton_op("adm_fast::qkv_attention", mutates_args=())
-def _fused(qkv: Tensor, num_heads: int, legacy: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    return IMPLS[backend]().forward(qkv, num_heads, legacy)
-
-
-@_fused.register_fake
-def _(qkv, num_heads, legacy, backend):
-    n, width, t = qkv.shape
-    out = qkv.new_empty((n, width // 3, t))
-    return out, qkv.new_empty((n, num_heads, t), dtype=torch.float32)
-
-
-@torch.library.triton_op("adm_fast::qkv_attention_backward", mutates_args=())
-def _fused_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
-                    legacy: bool, backend: str) -> Tensor:
-    return IMPLS[backend]().backward(dout, qkv, out, lse, num_heads, legacy)
-
-
-@_fused_backward.register_fake
-def _(dout, qkv, out, lse, num_heads, legacy, backend):
-    return torch.empty_like(qkv)
-
-
-def _setup(ctx, inputs, output):
-    qkv, num_heads, legacy, backend = inputs
-    ctx.save_for_backward(qkv, output[0], output[1])
-    ctx.num_heads, ctx.legacy, ctx.backend = num_heads, legacy, backend
-
-
-def _backward(ctx, dout, _dlse):
-    qkv, out, lse = ctx.saved_tensors
-    if torch.is_grad_enabled():  # double backward: through the eager reference
-        (dqkv,) = differentiable_grads(lambda q: reference(q, ctx.num_heads, ctx.legacy),
-                                       (qkv,), (True,), dout)
-        return dqkv, None, None, None
-    dqkv = torch.ops.adm_fast.qkv_attention_backward(dout, qkv, out, lse, ctx.num_heads,
-                                                     ctx.legacy, ctx.backend)
-    return dqkv, None, None, None
-
-
-_fused.register_autograd(_backward, setup_context=_setup)
-
-
-class _Direct(torch.autograd.Function):
-    """The custom op's autograd without its dispatch, for eager-mode training
-    (as group_norm_act's)."""
-
-    @staticmethod
-    def forward(ctx, qkv, num_heads, legacy, backend):
-        out, lse = IMPLS[backend]().forward(qkv, num_heads, legacy)
-        _setup(ctx, (qkv, num_heads, legacy, backend), (out, lse))
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        if torch.is_grad_enabled():
-            return _backward(ctx, dout, None)
-        qkv, out, lse = ctx.saved_tensors
-        dqkv = IMPLS[ctx.backend]().backward(dout, qkv, out, lse, ctx.num_heads, ctx.legacy)
-        return dqkv, None, None, None
-
-
-def fused(backend: str) -> Callable:
-    def run(qkv, num_heads, legacy):
-        if torch.compiler.is_compiling():
-            return torch.ops.adm_fast.qkv_attention(qkv, num_heads, bool(legacy), backend)[0]
-        if needs_grad(qkv):
-            return _Direct.apply(qkv, num_heads, bool(legacy), backend)
-        return IMPLS[backend]().forward(qkv, num_heads, bool(legacy))[0]
-    return run
+    return out.reshape(n, num_heads * c, t)
 
 
 def sdpa(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
@@ -163,3 +64,102 @@ def sdpa(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
                for p in split_heads(qkv, num_heads, legacy))
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(-1, -2).reshape(n, num_heads * c, t)
+
+
+class QkvAttention(Op):
+    name = "qkv_attention"
+    signature = "Tensor qkv, int num_heads, bool legacy"
+    kernel_returns = 2  # out, then the fp32 [N, H, T] logsumexp the backward keeps
+    kept_outputs = (0, 1)
+    has_kernel_backward = True
+    preferences = [
+        # CPU (2 threads, fp32; bench/bench_qkv_attention.py, 2026-11-29): SDPA's
+        # flash kernel wins from 1024 tokens (1.4–2.9× eager at N=4), while below
+        # 1024 its layout copies cost more than it saves (0.6–0.98×).
+        {"device": "cpu", "min": {"tokens": 768}, "order": ["sdpa"]},
+        {"device": "cpu", "order": ["eager", "sdpa"]},
+    ]
+
+    def check(self, qkv, num_heads, legacy) -> None:
+        op = self.name
+        if not isinstance(qkv, Tensor) or not qkv.is_floating_point():
+            raise TypeError(f"{op}: qkv must be a floating-point tensor, got "
+                            f"{getattr(qkv, 'dtype', type(qkv))}")
+        if qkv.dim() != 3:
+            raise ValueError(f"{op}: qkv must be [N, 3*H*C, T], got shape {tuple(qkv.shape)}")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
+        if qkv.shape[1] % (3 * num_heads) or qkv.shape[1] == 0:
+            raise ValueError(f"{op}: qkv has {qkv.shape[1]} channels, not divisible by "
+                             f"3 * num_heads = {3 * num_heads}")
+
+    def reference(self, *args):
+        return reference(*args)
+
+    def features(self, qkv, num_heads, legacy):
+        return {"tokens": qkv.shape[-1], "head_dim": qkv.shape[1] // (3 * num_heads)}
+
+    def fake(self, qkv, num_heads, legacy):
+        n, width, t = qkv.shape
+        out = qkv.new_empty((n, width // 3, t))
+        return out, qkv.new_empty((n, num_heads, t), dtype=torch.float32)
+
+    def kernel_backward(self, impl, args, kept, grads, needs):
+        qkv, num_heads, legacy = args
+        return impl.backward(grads[0], qkv, *kept, num_heads, legacy), None, None
+
+
+QKV_ATTENTION = QkvAttention()
+
+
+class Eager(Impl):
+    backend, kind = "eager", "composite"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+    def run(self, *args):
+        return reference(*args)
+
+
+class Sdpa(Impl):
+    # First-order backward only, like the other fused backends (double backward:
+    # use_backend("eager")).
+    backend, kind = "sdpa", "composite"
+
+    def run(self, *args):
+        return sdpa(*args)
+
+
+class Triton(Impl):
+    backend = "triton"
+    max_features = {"head_dim": 256}
+
+    def extra_reasons(self, call: Call) -> List[str]:
+        if call.tensors["qkv"].stride(-1) != 1:
+            return ["qkv's tokens are not contiguous (stride of the last dim != 1)"]
+        return []
+
+    def auto_reasons(self, call: Call) -> List[str]:
+        why = super().auto_reasons(call)
+        if not why and call.tensors["qkv"].dtype == torch.float32:
+            why = ["fp32 attention runs three TF32 products on small tiles here; auto "
+                   "leaves it to SDPA"]
+        return why
+
+    def forward(self, *args):
+        return TRITON.kernels("qkv_attention").forward(*args)
+
+    def backward(self, *args):
+        return TRITON.kernels("qkv_attention").backward(*args)
+
+
+for _impl in (Eager(), Sdpa(), Triton()):
+    QKV_ATTENTION.register(_impl)
+
+
+def qkv_attention(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
+    """Multi-head attention over T tokens.
+
+    qkv: [N, 3·H·C, T], fp32/fp16/bf16 (fp64 on eager), in the legacy (heads,
+    qkv) or the new (qkv, heads) channel order. Returns [N, H·C, T] in qkv's dtype.
+    """
+    return QKV_ATTENTION(qkv, num_heads, bool(legacy))

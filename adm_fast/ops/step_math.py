@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-MEAN_TYPES = ("eps", "x_start", "x_prev")
-VAR_TYPES = ("learned", "learned_range", "fixed")
+from ..kernels.step_codes import MEAN_TYPES, VAR_TYPES  # noqa: F401  (name -> kernel code)
 
 
 def per_sample(v: Tensor, like: Tensor) -> Tensor:

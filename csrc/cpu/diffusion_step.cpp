@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "../step_codes.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -20,11 +21,13 @@
 namespace adm_fast_cpu {
 namespace {
 
+using namespace adm_fast;  // the step codes (csrc/step_codes.h)
+
 constexpr int64_t kGrain = 16384;
 
 template <int MEAN, bool CLIP>
 inline float pred_x0(float x, float out, float a, float b) {
-  float x0 = MEAN == 0 ? a * x - b * out : MEAN == 1 ? out : a * out - b * x;
+  float x0 = MEAN == kMeanEps ? a * x - b * out : MEAN == kMeanXStart ? out : a * out - b * x;
   // Selects, not std::fmin/fmax: those are library calls that keep the loop
   // scalar (13x slower), and they would turn a NaN into ±1 where torch.clamp
   // keeps it.
@@ -40,11 +43,11 @@ ADM_CLONES void ddpm_row(const float* x, const float* out, const float* v, const
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float log_var, var;
-    if constexpr (VAR == 2) {
+    if constexpr (VAR == kVarFixed) {
       log_var = lo;
       var = fixed_var;
     } else {
-      if constexpr (VAR == 1) {
+      if constexpr (VAR == kVarLearnedRange) {
         const float frac = (v[j] + 1.0f) / 2.0f;
         log_var = frac * hi + (1.0f - frac) * lo;
       } else {
@@ -53,7 +56,7 @@ ADM_CLONES void ddpm_row(const float* x, const float* out, const float* v, const
       var = vexp(log_var);
     }
     const float x0 = pred_x0<MEAN, CLIP>(x[j], out[j], a, b);
-    float mean = MEAN == 2 ? out[j] : c1 * x0 + c2 * x[j];
+    float mean = MEAN == kMeanXPrev ? out[j] : c1 * x0 + c2 * x[j];
     if constexpr (GRAD) mean += var * grad[j];
     sample[j] = mean + nonzero * vexp(0.5f * log_var) * noise[j];
     x0_out[j] = x0;
@@ -91,12 +94,14 @@ DdpmFn ddpm_pick(bool clip, bool grad) {
 }
 template <int MEAN>
 DdpmFn ddpm_pick(int var, bool clip, bool grad) {
-  return var == 0 ? ddpm_pick<MEAN, 0>(clip, grad) : var == 1 ? ddpm_pick<MEAN, 1>(clip, grad)
-                                                              : ddpm_pick<MEAN, 2>(clip, grad);
+  return var == kVarLearned        ? ddpm_pick<MEAN, kVarLearned>(clip, grad)
+         : var == kVarLearnedRange ? ddpm_pick<MEAN, kVarLearnedRange>(clip, grad)
+                                   : ddpm_pick<MEAN, kVarFixed>(clip, grad);
 }
 DdpmFn ddpm_pick(int mean, int var, bool clip, bool grad) {
-  return mean == 0 ? ddpm_pick<0>(var, clip, grad) : mean == 1 ? ddpm_pick<1>(var, clip, grad)
-                                                               : ddpm_pick<2>(var, clip, grad);
+  return mean == kMeanEps      ? ddpm_pick<kMeanEps>(var, clip, grad)
+         : mean == kMeanXStart ? ddpm_pick<kMeanXStart>(var, clip, grad)
+                               : ddpm_pick<kMeanXPrev>(var, clip, grad);
 }
 
 using DdimFn = void (*)(const float*, const float*, const float*, const float*, float*, float*,
@@ -111,8 +116,9 @@ DdimFn ddim_pick(bool clip, bool grad, bool noise) {
   return clip ? ddim_pick<MEAN, true>(grad, noise) : ddim_pick<MEAN, false>(grad, noise);
 }
 DdimFn ddim_pick(int mean, bool clip, bool grad, bool noise) {
-  return mean == 0 ? ddim_pick<0>(clip, grad, noise) : mean == 1 ? ddim_pick<1>(clip, grad, noise)
-                                                                 : ddim_pick<2>(clip, grad, noise);
+  return mean == kMeanEps      ? ddim_pick<kMeanEps>(clip, grad, noise)
+         : mean == kMeanXStart ? ddim_pick<kMeanXStart>(clip, grad, noise)
+                               : ddim_pick<kMeanXPrev>(clip, grad, noise);
 }
 
 template <typename F>
@@ -137,7 +143,7 @@ void ddpm_step(const float* x, const float* model_out, const float* noise, const
     for (int r = 0; r < 8; ++r) k[r] = coefs[r * B + n];
     const int64_t row = n * CHW + start;
     const float* out = model_out + n * out_stride + start;
-    row_fn(x + row, out, var_type == 2 ? nullptr : out + CHW, noise + row,
+    row_fn(x + row, out, var_type == adm_fast::kVarFixed ? nullptr : out + CHW, noise + row,
            grad ? grad + row : nullptr, sample + row, x0_out + row, len, k);
   });
 }

@@ -25,8 +25,8 @@ void group_norm_act_bwd(const T* dy, const T* x, const float* mean, const float*
                         float* t2, int64_t N, int64_t C, int64_t HW, int64_t G, bool act);
 
 // One DDPM / DDIM step (adm_fast.ops.step_math), fp32; coefs is [rows, B].
-// model_out is [B, C or 2C, HW] with sample stride out_stride; mean_type 0 eps,
-// 1 x_start, 2 x_prev; var_type 0 learned, 1 learned_range, 2 fixed.
+// model_out is [B, C or 2C, HW] with sample stride out_stride; mean_type and
+// var_type are the codes of csrc/step_codes.h.
 void ddpm_step(const float* x, const float* model_out, const float* noise, const float* grad,
                const float* coefs, float* sample, float* x0_out, int64_t B, int64_t CHW,
                int64_t out_stride, int mean_type, int var_type, bool clip);

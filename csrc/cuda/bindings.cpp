@@ -1,7 +1,7 @@
 // The only CUDA-side file that touches tensors: checks, allocation (through
 // PyTorch's caching allocator), launches on PyTorch's current stream with
-// every launch's status checked, and the torch.library registration of the
-// adm_fast_cuda ops. Built only against a CUDA build of PyTorch.
+// every launch's status checked (argument checks: csrc/checks.h), and the CUDA
+// kernels of the adm_fast_native ops. Built only against a CUDA build of PyTorch.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +12,7 @@
 #include <string>
 #include <tuple>
 
+#include "../checks.h"
 #include "kernels.h"
 
 namespace adm_fast_cuda {
@@ -77,10 +78,13 @@ GroupNormArgs args_of(const Tensor& x, const Tensor& w, const Tensor& b, const T
 }
 
 std::tuple<Tensor, Tensor, Tensor> group_norm_act_fwd_op(
-    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
-    const optional<Tensor>& scale, const optional<Tensor>& shift, int64_t groups, double eps,
-    bool act) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+    const Tensor& x, int64_t groups, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& scale, const optional<Tensor>& shift,
+    double eps, bool act) {
+  constexpr const char* op = "adm_fast_native::group_norm_act_fwd";
+  adm_fast::check_group_norm(op, x, groups, weight, bias, scale, shift);
+  adm_fast::check_eps(op, eps);
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor w = f32(weight, x, "weight"), b = f32(bias, x, "bias"), s = f32(scale, x, "scale"),
          sh = f32(shift, x, "shift");
@@ -100,10 +104,13 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_act_fwd_op(
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_bwd_op(
-    const Tensor& dy, const Tensor& x, const optional<Tensor>& weight,
+    const Tensor& dy, const Tensor& x, int64_t groups, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const optional<Tensor>& scale, const optional<Tensor>& shift,
-    const Tensor& mean, const Tensor& rstd, int64_t groups, bool act, bool need_wb) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+    const Tensor& mean, const Tensor& rstd, bool act, bool need_wb) {
+  constexpr const char* op = "adm_fast_native::group_norm_act_bwd";
+  adm_fast::check_group_norm(op, x, groups, weight, bias, scale, shift);
+  adm_fast::check_group_norm_backward(op, dy, x, groups, mean, rstd);
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor w = f32(weight, x, "weight"), b = f32(bias, x, "bias"), s = f32(scale, x, "scale"),
          sh = f32(shift, x, "shift");
@@ -130,16 +137,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_bwd_op(
   check_launch(group_norm_act_backward(a, ws.data_ptr<float>(),
                                        c10::cuda::getCurrentCUDAStream().stream()),
                "group_norm_act backward");
-  Tensor none = x.new_empty({0});
-  return {dx,
-          need_wb && weight.has_value() ? t2.sum(0).to(weight->scalar_type()) : none,
-          need_wb && bias.has_value() ? t1.sum(0).to(bias->scalar_type()) : x.new_empty({0}),
-          ds.defined() ? ds.to(scale->scalar_type()) : x.new_empty({0}),
-          dsh.defined() ? dsh.to(shift->scalar_type()) : x.new_empty({0})};
+  // Absent (or not asked for) gradients are empty tensors.
+  auto none = [&] { return x.new_empty({0}); };
+  return {dx, need_wb && weight.has_value() ? t2.sum(0).to(weight->scalar_type()) : none(),
+          need_wb && bias.has_value() ? t1.sum(0).to(bias->scalar_type()) : none(),
+          ds.defined() ? ds.to(scale->scalar_type()) : none(),
+          dsh.defined() ? dsh.to(shift->scalar_type()) : none()};
 }
 
 StepArgs step_args(const Tensor& x, const Tensor& model_out, const Tensor& noise,
-                   const Tensor& coefs, const Tensor& grad, int64_t rows) {
+                   const Tensor& coefs, const Tensor& grad) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "x must be a contiguous CUDA tensor");
   check_cuda(model_out, x, "model_out");
   check_cuda(noise, x, "noise");
@@ -162,18 +169,18 @@ StepArgs step_args(const Tensor& x, const Tensor& model_out, const Tensor& noise
   a.b = x.size(0);
   a.chw = x.numel() / std::max<int64_t>(1, a.b);
   a.out_stride = model_out.stride(0);
-  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == rows && coefs.size(1) == a.b,
-              "coefs must be [", rows, ", B]");
   return a;
 }
 
+// fp32 outputs: what adm_fast.ops.step_op.out_dtypes gives for the fp32
+// coefficients adm_fast passes; a direct caller casts as it likes.
 std::tuple<Tensor, Tensor> run_step(const Tensor& x, const Tensor& model_out, const Tensor& noise,
                                     const Tensor& coefs, const optional<Tensor>& grad,
-                                    int64_t rows, int64_t mean_type, bool clip, bool ddim,
-                                    int64_t var_type, double eta) {
+                                    int64_t mean_type, bool clip, bool ddim, int64_t var_type,
+                                    double eta) {
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor c = coefs.to(at::kFloat).contiguous();
-  StepArgs a = step_args(x, model_out, noise, c, grad.has_value() ? *grad : Tensor(), rows);
+  StepArgs a = step_args(x, model_out, noise, c, grad.has_value() ? *grad : Tensor());
   Tensor sample = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   Tensor x0 = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   a.coefs = c.data_ptr<float>();
@@ -185,45 +192,36 @@ std::tuple<Tensor, Tensor> run_step(const Tensor& x, const Tensor& model_out, co
   check_launch(ddim ? ddim_step(a, static_cast<float>(eta), stream)
                     : ddpm_step(a, static_cast<int>(var_type), stream),
                ddim ? "ddim_step" : "ddpm_step");
-  const auto x0_type = at::promote_types(x.scalar_type(), model_out.scalar_type());
-  const auto s_type = grad.has_value() ? at::promote_types(x0_type, at::kFloat) : x0_type;
-  return {sample.to(s_type), x0.to(x0_type)};
+  return {sample, x0};
 }
 
 std::tuple<Tensor, Tensor> ddpm_step_op(const Tensor& x, const Tensor& model_out,
                                         const Tensor& noise, const Tensor& coefs,
                                         const optional<Tensor>& grad, int64_t mean_type,
                                         int64_t var_type, bool clip) {
-  return run_step(x, model_out, noise, coefs, grad, 8, mean_type, clip, false, var_type, 0.0);
+  adm_fast::check_step("adm_fast_native::ddpm_step", x, model_out, noise, coefs, grad, 8,
+                       mean_type, var_type);
+  TORCH_CHECK(var_type >= 0, "adm_fast_native::ddpm_step: var_type code ", var_type,
+              " is negative");
+  return run_step(x, model_out, noise, coefs, grad, mean_type, clip, false, var_type, 0.0);
 }
 
 std::tuple<Tensor, Tensor> ddim_step_op(const Tensor& x, const Tensor& model_out,
                                         const Tensor& noise, const Tensor& coefs,
                                         const optional<Tensor>& grad, int64_t mean_type,
                                         bool clip, double eta) {
-  return run_step(x, model_out, noise, coefs, grad, 7, mean_type, clip, true, 0, eta);
+  adm_fast::check_step("adm_fast_native::ddim_step", x, model_out, noise, coefs, grad, 7,
+                       mean_type, -1);
+  TORCH_CHECK(std::isfinite(eta), "adm_fast_native::ddim_step: eta must be finite, got ", eta);
+  return run_step(x, model_out, noise, coefs, grad, mean_type, clip, true, 0, eta);
 }
 
 }  // namespace
 }  // namespace adm_fast_cuda
 
-TORCH_LIBRARY(adm_fast_cuda, m) {
-  m.def(
-      "group_norm_act_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? "
-      "shift, int num_groups, float eps, bool act) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "group_norm_act_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
-      "Tensor? shift, Tensor mean, Tensor rstd, int num_groups, bool act, bool need_wb) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "ddpm_step(Tensor x, Tensor model_out, Tensor noise, Tensor coefs, Tensor? grad, "
-      "int mean_type, int var_type, bool clip) -> (Tensor, Tensor)");
-  m.def(
-      "ddim_step(Tensor x, Tensor model_out, Tensor noise, Tensor coefs, Tensor? grad, "
-      "int mean_type, bool clip, float eta) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(adm_fast_cuda, CUDA, m) {
+// The schemas are defined in Python (adm_fast/ops/native.py); this registers the
+// CUDA kernels for them.
+TORCH_LIBRARY_IMPL(adm_fast_native, CUDA, m) {
   m.impl("group_norm_act_fwd", &adm_fast_cuda::group_norm_act_fwd_op);
   m.impl("group_norm_act_bwd", &adm_fast_cuda::group_norm_act_bwd_op);
   m.impl("ddpm_step", &adm_fast_cuda::ddpm_step_op);

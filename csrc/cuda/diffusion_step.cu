@@ -2,18 +2,23 @@
 // the guidance gradient and the noise. Blocks are laid out (chunk, sample) so
 // the sample's coefficients are block-wide scalars. Arithmetic in the order of
 // adm_fast/ops/step_math.py, in fp32.
+#include "../step_codes.h"
 #include "common.cuh"
 #include "kernels.h"
 
 namespace adm_fast_cuda {
 namespace {
 
+using namespace adm_fast;  // the step codes (csrc/step_codes.h)
+
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ float pred_x0(float x, float out, float a, float b, int mean_type,
                                          bool clip) {
-  float x0 = mean_type == 0 ? a * x - b * out : (mean_type == 1 ? out : a * out - b * x);
-  return clip ? fminf(fmaxf(x0, -1.0f), 1.0f) : x0;
+  float x0 = mean_type == kMeanEps ? a * x - b * out
+             : (mean_type == kMeanXStart ? out : a * out - b * x);
+  // Selects, not fminf/fmaxf, which would turn a NaN into ±1 where torch.clamp keeps it.
+  return clip ? (x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0)) : x0;
 }
 
 template <typename T, typename To>
@@ -30,16 +35,18 @@ __global__ void ddpm_kernel(const T* __restrict__ x, const To* __restrict__ out,
   const int64_t row = n * chw + i;
   const float xv = to_f(x[row]), o = to_f(out[n * out_stride + i]);
   float log_var, var;
-  if (var_type == 2) {
+  if (var_type == kVarFixed) {
     log_var = lo;
     var = fixed_var;
   } else {
     const float v = to_f(out[n * out_stride + chw + i]);
-    log_var = var_type == 1 ? ((v + 1.0f) / 2.0f) * hi + (1.0f - (v + 1.0f) / 2.0f) * lo : v;
+    log_var = var_type == kVarLearnedRange
+                  ? ((v + 1.0f) / 2.0f) * hi + (1.0f - (v + 1.0f) / 2.0f) * lo
+                  : v;
     var = expf(log_var);
   }
   const float x0 = pred_x0(xv, o, a, bb, mean_type, clip);
-  float mean = mean_type == 2 ? o : c1 * x0 + c2 * xv;
+  float mean = mean_type == kMeanXPrev ? o : c1 * x0 + c2 * xv;
   if (grad != nullptr) mean += var * to_f(grad[row]);
   sample[row] = mean + nonzero * expf(0.5f * log_var) * to_f(noise[row]);
   x0_out[row] = x0;

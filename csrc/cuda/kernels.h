@@ -59,8 +59,8 @@ cudaError_t group_norm_act_backward(const GroupNormBackwardArgs& a, float* works
 // One DDPM / DDIM step (adm_fast.ops.step_math). x, noise, grad, sample, x0:
 // contiguous [B, CHW] of dtype `dtype`; model_out [B, C or 2C, HW] of
 // out_dtype with sample stride out_stride; coefs fp32 [rows, B]; grad may be
-// null. mean_type 0 eps, 1 x_start, 2 x_prev; var_type 0 learned,
-// 1 learned_range, 2 fixed. sample and x0 are written as fp32.
+// null. mean_type and var_type are the codes of csrc/step_codes.h. sample and
+// x0 are written as fp32.
 struct StepArgs {
   DType dtype, out_dtype;
   const void* x;

@@ -1,0 +1,157 @@
+"""The backends adm_fast ships: where each can run here, and why not.
+
+  eager   guided-diffusion's arithmetic, the reference; everywhere
+  sdpa    torch's scaled_dot_product_attention; everywhere
+  triton  Triton kernels (kernels/): CUDA tensors, or CPU tensors in Triton's
+          interpreter when TRITON_INTERPRET=1 was set before adm_fast was imported
+  cpu     fused C++ kernels (csrc/cpu, the adm_fast._C_cpu extension)
+  cuda    hand-written CUDA kernels (csrc/cuda, the adm_fast._C_cuda extension)
+
+What each supports per op is declared by the op's implementations (the Impl
+classes in each op's spec file).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import List, Optional
+
+import torch
+
+from .backend import Backend, register_backend
+
+
+class _Anywhere(Backend):
+    """Plain torch code: runs on every device torch does (meta tensors too)."""
+
+    def device_reasons(self, device_type: str) -> List[str]:
+        return []
+
+
+class EagerBackend(_Anywhere):
+    name, priority = "eager", 0
+
+    def notes(self) -> str:
+        return "everywhere: guided-diffusion's arithmetic, the reference"
+
+
+class SdpaBackend(_Anywhere):
+    name, priority = "sdpa", 10
+
+    def notes(self) -> str:
+        return "any device: torch.nn.functional.scaled_dot_product_attention"
+
+
+class TritonBackend(Backend):
+    """Kernels are defined once, at import: compiled for CUDA, or interpreted on
+    CPU tensors (Triton reads TRITON_INTERPRET when the kernels are defined).
+    These are module-level facts that torch.compile reads as constants."""
+
+    name, priority = "triton", 20
+
+    def __init__(self) -> None:
+        self.error: Optional[str] = None
+        self.modules = {}
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install
+            self.error = f"triton is not importable ({type(e).__name__}: {e})"
+            self.interpreted = False
+            return
+        for mod in ("group_norm_act", "diffusion_step", "qkv_attention"):
+            self.modules[mod] = importlib.import_module(f"adm_fast.kernels.{mod}")
+        kernel = self.modules["diffusion_step"].ddpm_step_kernel
+        self.interpreted = type(kernel).__name__ == "InterpretedFunction"
+        self.device_types = ("cpu",) if self.interpreted else ("cuda",)
+
+    def kernels(self, name: str):
+        return self.modules[name]
+
+    def unavailable_reasons(self) -> List[str]:
+        return [self.error] if self.error else []
+
+    def device_reasons(self, device_type: str) -> List[str]:
+        if self.interpreted and device_type == "cuda":
+            return ["kernels were defined for the interpreter (TRITON_INTERPRET=1); "
+                    "unset it to run them on the GPU"]
+        if not self.interpreted and device_type == "cpu":
+            return ["CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 "
+                    "before importing adm_fast"]
+        return super().device_reasons(device_type)
+
+    def auto_reasons(self, device_type: str) -> List[str]:
+        if device_type == "cpu":
+            return ["CPU tensors would run in Triton's interpreter, which auto never picks"]
+        return []
+
+    def notes(self) -> str:
+        if self.interpreted:
+            return "CPU tensors, in Triton's interpreter (TRITON_INTERPRET=1): for tests"
+        return "CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 at import)"
+
+
+class NativeBackend(Backend):
+    """A compiled extension registering kernels for the adm_fast_native ops
+    (their schemas are defined in Python, by the op specs through ops/native.py).
+    Loaded by `load()`, once the specs have defined the schemas."""
+
+    module = ""
+    how_to_build = ""
+
+    def __init__(self) -> None:
+        self.ext = None
+        self.error: Optional[str] = "not loaded"
+
+    def load(self) -> None:
+        if os.environ.get("ADM_FAST_NO_EXT") == "1":
+            self.error = "extensions disabled by ADM_FAST_NO_EXT=1"
+            return
+        try:
+            self.ext = importlib.import_module(self.module)
+            self.error = None
+        except ImportError as e:
+            self.error = f"{self.how_to_build()} ({type(e).__name__}: {e})"
+
+    def unavailable_reasons(self) -> List[str]:
+        return [self.error] if self.error else []
+
+    def build_info(self) -> str:
+        return self.ext.build_info() if self.ext is not None else self.error
+
+
+class CpuBackend(NativeBackend):
+    name, priority, device_types, module = "cpu", 30, ("cpu",), "adm_fast._C_cpu"
+
+    def how_to_build(self) -> str:
+        return ("the C++ CPU extension is not built; reinstall with "
+                "pip install --no-build-isolation -e .")
+
+    def notes(self) -> str:
+        return "CPU tensors, NCHW-contiguous"
+
+
+class CudaBackend(NativeBackend):
+    # Until bench/gpu_check's measurements say otherwise per shape, auto ranks
+    # the CUDA kernels below Triton's.
+    name, priority, device_types, module = "cuda", 15, ("cuda",), "adm_fast._C_cuda"
+
+    def how_to_build(self) -> str:
+        why = ("torch is a CPU build" if torch.version.cuda is None else
+               "adm_fast was installed without it (ADM_FAST_CUDA=0, or nvcc was not found)")
+        return f"the CUDA extension is not built: {why}"
+
+    def notes(self) -> str:
+        return "CUDA tensors, NCHW or channels_last"
+
+
+EAGER = register_backend(EagerBackend())
+SDPA = register_backend(SdpaBackend())
+TRITON = register_backend(TritonBackend())
+CPU = register_backend(CpuBackend())
+CUDA = register_backend(CudaBackend())
+
+
+def load_native() -> None:
+    for b in (CPU, CUDA):
+        b.load()

@@ -1,0 +1,124 @@
+"""One implementation of one op, declared as data (xformers' way).
+
+An `Impl` states where it runs — its backend, device types, dtypes, layouts,
+the largest sizes it takes — and `not_supported_reasons(call)` reads those
+declarations; the dispatcher walks a list of them and can say, for any call,
+why each was passed over. `kind` tells the op machinery how to call it:
+  "composite"  `run(*args)` is differentiable torch code (eager, SDPA);
+  "kernel"     `forward(*args)` returns the outputs and what backward keeps,
+               `backward(...)` the gradients (the op's spec says the shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def layout_of(t: Tensor) -> str:
+    """"contiguous", "channels_last" (4-D), "channels_last_3d" (5-D) or "strided"."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last_3d"
+    return "strided"
+
+
+@dataclass
+class Call:
+    """What implementations are chosen by: the op's tensors by name (absent
+    optional ones left out), the op's own size features, and whether autograd
+    will want the backward."""
+
+    tensors: Dict[str, Tensor]
+    features: Dict[str, int]
+    grad: bool
+
+    @property
+    def device_type(self) -> str:
+        return next(iter(self.tensors.values())).device.type
+
+    def devices(self):
+        return {t.device for t in self.tensors.values()}
+
+
+class Impl:
+    """Subclass per (op, backend); override only what differs from these defaults."""
+
+    op: str = ""  # set by the op's spec when the implementation is registered
+    backend: str = ""
+    kind: str = "kernel"
+    device_types: Optional[Tuple[str, ...]] = None  # None: wherever the backend runs
+    dtypes: Tuple[torch.dtype, ...] = FLOATS  # of every tensor argument
+    layouts: Mapping[str, Tuple[str, ...]] = {}  # tensor name -> accepted layouts
+    max_features: Mapping[str, int] = {}  # feature -> largest supported value
+    differentiable: bool = True  # has a backward (composite: torch's autograd)
+
+    def not_supported_reasons(self, call: Call) -> List[str]:
+        b = _backend.get(self.backend)
+        why = b.unavailable_reasons()
+        if why:
+            return list(why)
+        devices = call.devices()
+        if len(devices) > 1:
+            return [f"inputs on several devices: {sorted(map(str, devices))}"]
+        dev = call.device_type
+        why = b.device_reasons(dev)
+        if not why and self.device_types is not None and dev not in self.device_types:
+            why = [f"{dev} tensors are not supported (runs on {'/'.join(self.device_types)})"]
+        for name, t in call.tensors.items():
+            if t.dtype not in self.dtypes:
+                why.append(f"{name} dtype {dtype_name(t.dtype)} is not one of "
+                           f"{'/'.join(map(dtype_name, self.dtypes))}")
+        for name, accepted in self.layouts.items():
+            t = call.tensors.get(name)
+            if t is not None and layout_of(t) not in accepted:
+                wanted = (f"neither {' nor '.join(accepted)}" if len(accepted) > 1
+                          else f"not {accepted[0]}")
+                why.append(f"{name} is {wanted} (it is {layout_of(t)})")
+        for feature, most in self.max_features.items():
+            if call.features.get(feature, 0) > most:
+                why.append(f"{feature.replace('_', ' ')} {call.features[feature]} is more "
+                           f"than {most}")
+        if call.grad and not self.differentiable:
+            why.append("has no backward")
+        return why + self.extra_reasons(call)
+
+    def extra_reasons(self, call: Call) -> List[str]:
+        """Limits that are not plain data."""
+        return []
+
+    def auto_reasons(self, call: Call) -> List[str]:
+        """Why auto should pass over a call this implementation could run."""
+        return _backend.get(self.backend).auto_reasons(call.device_type)
+
+    # "composite": differentiable torch code with the op's signature.
+    def run(self, *args):
+        raise NotImplementedError
+
+    # "kernel": see the op's spec for what forward returns and backward takes.
+    def forward(self, *args):
+        raise NotImplementedError
+
+    def backward(self, *args):
+        raise NotImplementedError
+
+
+def contiguous_reasons(call: Call, names) -> List[str]:
+    return [f"{n} is not contiguous" for n in names
+            if n in call.tensors and not call.tensors[n].is_contiguous()]

@@ -1,0 +1,258 @@
+"""What every op shares, written once: the call path, the torch.library custom
+op, autograd, and the registry of implementations.
+
+An op's spec subclasses `Op` (in the op's own file) and gives its signature,
+argument check, eager reference, size features, fake, and — when its kernels
+have a backward — how to call it. Each call then goes:
+
+  check → (empty input: the reference) → dispatch picks an Impl →
+    composite Impl:       impl.run(*args), torch's autograd
+    kernel Impl, tracing: torch.ops.adm_fast.<op>(*args, backend), a
+                          custom op with a fake and autograd, so torch.compile
+                          sees it (and the Triton kernels inside it)
+    kernel Impl, grads:   a plain autograd.Function with the same autograd
+                          (the custom op's dispatch costs ~150 µs per call in
+                          eager mode, more than a small op's kernels)
+    kernel Impl, no grad: impl.forward(*args) straight (sampling)
+
+Gradients: the spec's `kernel_backward`, or, for ops without one and under
+create_graph=True (double backward), the eager reference differentiated on the
+saved inputs, so every backend supports double backward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+from . import dispatch
+from .impl import Call, Impl
+
+_TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "int": int, "float": float,
+          "bool": bool, "str": str}
+_OPS: Dict[str, "Op"] = {}
+
+
+def parse_signature(signature: str) -> List[Tuple[str, str]]:
+    """"Tensor x, int n" -> [("Tensor", "x"), ("int", "n")]."""
+    return [tuple(part.split()) for part in signature.split(",")]
+
+
+def ops() -> Dict[str, "Op"]:
+    return dict(_OPS)
+
+
+def ops_of_backend(name: str) -> Tuple[str, ...]:
+    """The ops backend `name` has an implementation of."""
+    return tuple(op.name for op in _OPS.values() if name in op.impls)
+
+
+def explain(op_name: str, *args) -> str:
+    """Which backend `op_name` would use for these arguments, and why not the others."""
+    op = _OPS[op_name]
+    op.check(*args)
+    call = op.describe(args)
+    name = _backend.current_backend(op_name)
+    lines = [f"{op_name} (backend setting: {name})"]
+    order = dispatch.auto_order(op, call) if name == _backend.AUTO else [
+        op.impls[n] for n in _backend.backends() if n in op.impls]
+    chosen = None
+    for impl in order:
+        why = impl.not_supported_reasons(call)
+        if name == _backend.AUTO and not why:
+            why = impl.auto_reasons(call)
+        if not why and chosen is None and name in (_backend.AUTO, impl.backend):
+            chosen = impl.backend
+            lines.append(f"  {impl.backend}: chosen")
+        elif why:
+            lines.append(f"  {impl.backend}: not supported: " + "; ".join(why))
+        else:
+            lines.append(f"  {impl.backend}: supported, not chosen")
+    for other in _backend.backends():
+        if other not in op.impls:
+            lines.append(f"  {other}: not supported: " + "; ".join(dispatch.no_impl(op, other)))
+    if chosen is None:
+        lines.append("  -> no backend can run this call")
+    return "\n".join(lines)
+
+
+class Op:
+    """An op's spec; subclasses set the attributes and override the methods."""
+
+    name: str = ""
+    signature: str = ""  # torch schema arguments, in the public function's order
+    returns: int = 1  # outputs the caller gets (one: a tensor; more: a tuple)
+    kernel_returns: int = 1  # what Impl.forward returns: the outputs, then what backward keeps
+    kept_outputs: Tuple[int, ...] = ()  # indices of forward's returns saved for backward
+    has_kernel_backward: bool = False  # else gradients through the reference
+    preferences: Sequence[Dict] = ()  # measured rules for auto (see dispatch.matches)
+
+    # --- the spec -------------------------------------------------------------
+    def check(self, *args) -> None:
+        """Raise a clear error for arguments no implementation can accept."""
+
+    def reference(self, *args):
+        """The upcast eager computation, differentiable, any float dtype."""
+        raise NotImplementedError
+
+    def features(self, *args) -> Dict[str, int]:
+        """Sizes that limits and preferences read."""
+        return {}
+
+    def fake(self, *args) -> Tuple[Tensor, ...]:
+        """Empty tensors shaped as Impl.forward's returns (for torch.compile)."""
+        raise NotImplementedError
+
+    def kernel_backward(self, impl: Impl, args, kept, grads, needs) -> Tuple:
+        """Gradients per argument from impl.backward (has_kernel_backward)."""
+        raise NotImplementedError
+
+    # --- the machinery --------------------------------------------------------
+    def __init__(self) -> None:
+        self.args = parse_signature(self.signature)
+        self.tensor_pos = [i for i, (t, _) in enumerate(self.args) if t.startswith("Tensor")]
+        self.impls: Dict[str, Impl] = {}
+        self._define_custom_op()
+        self.torch_op = getattr(torch.ops.adm_fast, self.name).default
+        _OPS[self.name] = self
+
+    def register(self, impl: Impl) -> Impl:
+        impl.op = self.name
+        self.impls[impl.backend] = impl
+        _backend.bump()
+        return impl
+
+    def unregister(self, backend_name: str) -> None:
+        self.impls.pop(backend_name, None)
+        _backend.bump()
+
+    def describe(self, args) -> Call:
+        tensors = {self.args[i][1]: args[i] for i in self.tensor_pos if args[i] is not None}
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+        return Call(tensors, self.features(*args), grad)
+
+    def __call__(self, *args):
+        self.check(*args)
+        if any(args[i] is not None and args[i].numel() == 0 for i in self.tensor_pos):
+            return self.reference(*args)  # nothing to compute: shapes and dtypes as eager
+        call = self.describe(args)
+        return self.run(dispatch.select(self, call), args, call.grad)
+
+    def run(self, impl: Impl, args, grad: Optional[bool] = None):
+        """This call on one implementation, whatever the backend setting (a value
+        recomputed in backward must come from the implementation that made it)."""
+        if impl.kind == "composite":
+            return impl.run(*args)
+        if torch.compiler.is_compiling():
+            return self._public(self.torch_op(*args, impl.backend))
+        if grad is None:
+            grad = self.describe(args).grad
+        if grad:
+            return _KernelFunction.apply(self, impl, *args)
+        return self._public(impl.forward(*args))
+
+    def _public(self, outs):
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return outs[0] if self.returns == 1 else tuple(outs[: self.returns])
+
+    # --- autograd, shared by the custom op and the plain Function --------------
+    def save(self, ctx, args, outs, backend: str) -> None:
+        ctx.save_for_backward(*[args[i] for i in self.tensor_pos],
+                              *[outs[i] for i in self.kept_outputs])
+        ctx.params = [None if i in self.tensor_pos else a for i, a in enumerate(args)]
+        ctx.backend = backend
+
+    def gradients(self, ctx, grads, needs) -> Tuple:
+        saved = ctx.saved_tensors
+        args = list(ctx.params)
+        for i, t in zip(self.tensor_pos, saved):
+            args[i] = t
+        kept = saved[len(self.tensor_pos):]
+        needs = tuple(needs[: len(self.args)])
+        if self.has_kernel_backward and not torch.is_grad_enabled():
+            got = self.kernel_backward(self.impls[ctx.backend], args, kept, grads, needs)
+        else:
+            got = self._through_reference(args, grads, needs)
+        return tuple(g if needs[i] else None for i, g in enumerate(got))
+
+    def _through_reference(self, args, grads, needs) -> Tuple:
+        wanted = [i for i in self.tensor_pos if needs[i]]
+        if not wanted:
+            return (None,) * len(self.args)
+        create = torch.is_grad_enabled()  # double backward: keep the graph to the inputs
+        with torch.enable_grad():
+            args = [a.detach().requires_grad_(needs[i]) if i in self.tensor_pos
+                    and a is not None and not create else a for i, a in enumerate(args)]
+            outs = self.reference(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
+                                  [g for _, g in pairs], create_graph=create, allow_unused=True)
+        result: List[Optional[Tensor]] = [None] * len(self.args)
+        for i, g in zip(wanted, got):
+            result[i] = g if g is not None else torch.zeros_like(args[i])
+        return tuple(result)
+
+    def _define_custom_op(self):
+        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    annotation=_TYPES[t]) for t, n in self.args]
+        params.append(inspect.Parameter("backend", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                        annotation=str))
+        n = self.kernel_returns
+        ret = Tuple[tuple([Tensor] * n)] if n > 1 else Tensor
+
+        def body(*args):
+            *args, backend = args
+            outs = tuple(self._checked_impl(args, backend).forward(*args))
+            return outs if n > 1 else outs[0]
+
+        body.__signature__ = inspect.Signature(params, return_annotation=ret)
+        op = torch.library.triton_op(f"adm_fast::{self.name}", body, mutates_args=())
+        op.register_fake(lambda *args: self.fake(*args[:-1]) if n > 1
+                         else self.fake(*args[:-1])[0])
+
+        def setup(ctx, inputs, output):
+            output = output if isinstance(output, tuple) else (output,)
+            self.save(ctx, inputs[:-1], output, inputs[-1])
+
+        def backward(ctx, *grads):
+            return self.gradients(ctx, grads, ctx.needs_input_grad) + (None,)
+
+        op.register_autograd(backward, setup_context=setup)
+
+    def _checked_impl(self, args, backend: str) -> Impl:
+        """torch.ops.adm_fast.<op> is public: validate what a direct call passes."""
+        impl = self.impls.get(backend)
+        if impl is None or impl.kind != "kernel":
+            kernels = ", ".join(k for k, v in self.impls.items() if v.kind == "kernel")
+            raise ValueError(f"adm_fast::{self.name}: backend {backend!r} has no kernels for "
+                             f"this op (kernel backends: {kernels})")
+        self.check(*args)
+        call = self.describe(args)
+        if any(t.numel() == 0 for t in call.tensors.values()):
+            raise ValueError(f"adm_fast::{self.name}: empty inputs are not kernel work; call "
+                             f"adm_fast.ops.{self.name}")
+        why = impl.not_supported_reasons(call)
+        if why:
+            raise dispatch.BackendNotSupported(
+                dispatch.format_reasons(self.name, {backend: why}, chosen=backend))
+        return impl
+
+
+class _KernelFunction(torch.autograd.Function):
+    """The custom op's autograd, without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, op: Op, impl: Impl, *args):
+        outs = impl.forward(*args)
+        op.save(ctx, args, outs, impl.backend)
+        ctx.op = op
+        return op._public(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None) + ctx.op.gradients(ctx, grads, ctx.needs_input_grad[2:])
