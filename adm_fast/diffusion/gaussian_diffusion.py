@@ -92,11 +92,13 @@ class GaussianDiffusion(SamplingLoops):
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         # Posterior q(x_{t-1} | x_t, x_0); its variance is 0 at t = 0, so the
-        # log is clipped to the t = 1 value there.
+        # log is clipped to the t = 1 value there. A one-step process (respacing
+        # "1", "ddim1") has no t = 1: its only step takes β_0 there instead.
         self.posterior_variance = (
             betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod))
+        at_t1 = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
         self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+            np.append(at_t1, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = (
             betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod))
         self.posterior_mean_coef2 = (
@@ -107,7 +109,7 @@ class GaussianDiffusion(SamplingLoops):
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.nonzero_mask = (np.arange(self.num_timesteps) != 0).astype(np.float64)
         # Fixed-large uses β̃_1 at t = 0 for a better decoder likelihood.
-        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_variance = np.append(at_t1, betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self._fixed = {
             ModelVarType.FIXED_LARGE: ("fixed_large_variance", "fixed_large_log_variance"),
@@ -130,10 +132,14 @@ class GaussianDiffusion(SamplingLoops):
                 arr if isinstance(key, tuple) else arr[0]).to(device)
         return self._device_tables[cache_key]
 
-    def _check_t(self, t: Tensor, n: Optional[int] = None) -> None:
+    def _check_t(self, t: Tensor, n: Optional[int] = None) -> Tensor:
+        """t, checked, with one entry per sample: a single timestep for a batch
+        of n is broadcast to all of them, as guided-diffusion's indexing does."""
         if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dim() != 1:
             raise TypeError("t must be a 1-D integer tensor of indices into the "
                             f"{self.num_timesteps}-step process")
+        if n is not None and t.shape[0] == 1 and n != 1:
+            t = t.expand(n)
         if n is not None and t.shape[0] != n:
             raise ValueError(f"t has {t.shape[0]} entries for a batch of {n}")
         if t.device.type == "cpu":
@@ -143,6 +149,7 @@ class GaussianDiffusion(SamplingLoops):
                                  f"{t.min().item()}..{t.max().item()}")
         else:  # no host synchronisation: an asynchronous device-side check
             torch._assert_async(((t >= 0) & (t < self.num_timesteps)).all())
+        return t
 
     def _extract(self, name: str, t: Tensor, shape) -> Tensor:
         """Table `name` at t, cast to fp32 and broadcast to `shape`
@@ -188,7 +195,7 @@ class GaussianDiffusion(SamplingLoops):
         return self._model_timesteps(t)
 
     def _run_model(self, model, x: Tensor, t: Tensor, model_kwargs) -> Tensor:
-        self._check_t(t, x.shape[0])
+        t = self._check_t(t, x.shape[0])
         out = model(x, self._model_timesteps(t), **(model_kwargs or {}))
         b, c = x.shape[:2]
         learned = self.var_type_name != "fixed"
@@ -206,7 +213,7 @@ class GaussianDiffusion(SamplingLoops):
 
     def q_mean_variance(self, x_start: Tensor, t: Tensor):
         """Mean, variance and log variance of q(x_t | x_0)."""
-        self._check_t(t, x_start.shape[0])
+        t = self._check_t(t, x_start.shape[0])
         mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
         variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape)
         log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
@@ -214,7 +221,7 @@ class GaussianDiffusion(SamplingLoops):
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Optional[Tensor] = None) -> Tensor:
         """Sample x_t ~ q(x_t | x_0)."""
-        self._check_t(t, x_start.shape[0])
+        t = self._check_t(t, x_start.shape[0])
         if noise is None:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
@@ -227,6 +234,7 @@ class GaussianDiffusion(SamplingLoops):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
         if x_start.shape != x_t.shape:
             raise ValueError("x_start and x_t must have the same shape")
+        t = self._check_t(t, x_t.shape[0])
         mean = (self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
                 + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t)
         variance = self._extract("posterior_variance", t, x_t.shape)
@@ -239,6 +247,7 @@ class GaussianDiffusion(SamplingLoops):
                         denoised_fn=None, model_kwargs=None) -> Dict[str, Tensor]:
         """Apply the model: mean, variance, log_variance of p(x_{t-1} | x_t) and
         pred_xstart, the prediction of x_0."""
+        t = self._check_t(t, x.shape[0])
         out = self._run_model(model, x, t, model_kwargs)
         return self.p_mean_variance_from_output(out, x, t, clip_denoised, denoised_fn)
 
@@ -299,6 +308,7 @@ class GaussianDiffusion(SamplingLoops):
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
                  model_kwargs=None) -> Dict[str, Tensor]:
         """x_{t-1} ~ p(x_{t-1} | x_t), guided by cond_fn when given."""
+        t = self._check_t(t, x.shape[0])
         model_output = self._run_model(model, x, t, model_kwargs)
         noise = torch.randn_like(x)
         if denoised_fn is not None:  # a Python hook: the composite path
@@ -318,6 +328,7 @@ class GaussianDiffusion(SamplingLoops):
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
                     model_kwargs=None, eta=0.0) -> Dict[str, Tensor]:
         """x_{t-1} by DDIM (eta = 0: deterministic), guided by cond_fn when given."""
+        t = self._check_t(t, x.shape[0])
         model_output = self._run_model(model, x, t, model_kwargs)
         if denoised_fn is not None:  # a Python hook: the composite path
             out = self.p_mean_variance_from_output(model_output, x, t, clip_denoised,
@@ -343,6 +354,7 @@ class GaussianDiffusion(SamplingLoops):
         """x_{t+1} by the deterministic DDIM ODE run forward (eta must be 0)."""
         if eta != 0.0:
             raise ValueError("ddim_reverse_sample runs the deterministic ODE: eta must be 0")
+        t = self._check_t(t, x.shape[0])
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
@@ -371,6 +383,7 @@ class GaussianDiffusion(SamplingLoops):
         """Per-sample losses at timesteps t: {"loss", and "mse"/"vb" where they apply}.
         With a learned variance and an MSE loss this is L_hybrid: the VB term
         trains the variance through a stop-gradient copy of the mean."""
+        t = self._check_t(t, x_start.shape[0])
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)

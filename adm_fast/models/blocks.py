@@ -8,6 +8,7 @@ adm_fast.ops; no backend is named here.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -202,7 +203,7 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
+        x = x.reshape(b, c, math.prod(spatial))  # not -1: an empty batch has no inferable size
         h = self.proj_out(self.attention(norm_act_conv(
             self.norm, x, self.qkv, act=False, recompute=not self.use_checkpoint)))
         return (x + h).reshape(b, c, *spatial)
@@ -233,7 +234,7 @@ class AttentionPool2d(nn.Module):
                 f"attention pooling was built for {self.spacial_dim}x{self.spacial_dim} "
                 f"features, got {'x'.join(map(str, spatial))}: the classifier's input "
                 f"must have the image_size it was built with")
-        x = x.reshape(b, c, -1)
+        x = x.reshape(b, c, math.prod(spatial))
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
         x = x + self.positional_embedding[None].to(x.dtype)
         x = self.c_proj(self.attention(self.qkv_proj(x)))

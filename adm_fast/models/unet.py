@@ -148,9 +148,12 @@ class _Trunk(nn.Module):
             convert_torso(part, torch.float32)
 
     def _embed(self, timesteps: Tensor, n: int) -> Tensor:
+        if timesteps.dim() == 1 and timesteps.shape[0] == 1 and n != 1:
+            # One timestep for the whole batch: guided-diffusion broadcasts it.
+            timesteps = timesteps.expand(n)
         if timesteps.dim() != 1 or timesteps.shape[0] != n:
-            raise ValueError(f"timesteps must be a 1-D tensor of {n} values (one per sample), "
-                             f"got shape {tuple(timesteps.shape)}")
+            raise ValueError(f"timesteps must be a 1-D tensor of {n} values (one per sample) "
+                             f"or of one, got shape {tuple(timesteps.shape)}")
         t_emb = timestep_embedding(timesteps, self.model_channels)
         return self.time_embed(t_emb.to(param_dtype(self.time_embed)))
 
