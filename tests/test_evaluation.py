@@ -212,7 +212,8 @@ def test_precision_recall_matches_brute_force_in_blocks(k):
 
 def test_distances_are_fp16_then_fp32_where_fp16_overflows():
     rng = np.random.default_rng(7)
-    u, v = torch.from_numpy(rng.standard_normal((9, 16))), torch.from_numpy(rng.standard_normal((5, 16)))
+    u = torch.from_numpy(rng.standard_normal((9, 16)))
+    v = torch.from_numpy(rng.standard_normal((5, 16)))
     exact = ((u[:, None] - v[None]) ** 2).sum(-1)
     d16 = pairwise_distances(u.float(), v.float())
     assert d16.dtype == torch.float32
@@ -419,6 +420,32 @@ def test_bad_images(evaluator):
         evaluator.compute_activations(np.zeros((2, 3, 8, 8), np.uint8))
     with pytest.raises(EvaluationError, match=r"expected 4-D"):
         evaluator.compute_activations(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_npz_images_are_streamed_in_batches(tmp_path):
+    import zipfile
+
+    from adm_fast.evaluation.batches import open_images
+
+    x = _images(6, 7, 5, 4)
+    for name, save in (("plain", np.savez), ("compressed", np.savez_compressed)):
+        save(tmp_path / f"{name}.npz", x, arr_1=np.arange(7))
+        with open_images(str(tmp_path / f"{name}.npz")) as reader:
+            assert reader.shape == x.shape and len(reader) == 7
+            parts = list(reader.batches(3))
+        assert [len(p) for p in parts] == [3, 3, 1]
+        np.testing.assert_array_equal(np.concatenate(parts), x)
+    np.savez(tmp_path / "fortran.npz", np.asfortranarray(x))  # loaded whole, as the evaluator
+    with open_images(str(tmp_path / "fortran.npz")) as reader:
+        np.testing.assert_array_equal(np.concatenate(list(reader.batches(4))), x)
+    # A header that promises 9 images over the bytes of 7.
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as zf, zf.open("arr_0.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": (9, 5, 4, 3)})
+        f.write(x.tobytes())
+    with open_images(str(tmp_path / "short.npz")) as reader:
+        with pytest.raises(EvaluationError, match="short.npz: arr_0 is truncated: 7 of 9"):
+            list(reader.batches(4))
 
 
 def test_cli_imports_neither_the_network_nor_scipy():

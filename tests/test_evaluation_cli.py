@@ -137,3 +137,16 @@ def test_missing_default_weights_say_what_to_get(files, capsys, monkeypatch, tmp
     assert ("download https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
             f"weights-inception-2015-12-05-6726825d.pth to {tmp_path}/hub/checkpoints/") in err
     assert "or pass --inception PATH" in err
+
+
+def test_different_image_sizes_are_resized_by_the_network(files, capsys, tmp_path):
+    from adm_fast.evaluation import cli as evaluate_cli
+
+    _, paths = files
+    big = tmp_path / "big.npz"
+    np.savez(big, np.random.default_rng(1).integers(0, 256, (2, 12, 20, 3), dtype=np.uint8))
+    evaluate_cli._sizes_note(paths["ref"], str(big))
+    err = capsys.readouterr().err
+    assert "the reference images are 8x8 and the samples 20x12; the network resizes both" in err
+    evaluate_cli._sizes_note(paths["ref"], paths["sample"])
+    assert capsys.readouterr().err == ""

@@ -63,8 +63,9 @@ class ArrayReader:
             n = min(batch_size, self.shape[0] - start)
             data = self._f.read(n * self._row)
             if len(data) != n * self._row:
-                raise EvaluationError(f"{self._where} is truncated: {start + len(data) // self._row}"
-                                      f" of {self.shape[0]} images could be read")
+                read = start + len(data) // self._row
+                raise EvaluationError(f"{self._where} is truncated: {read} of {self.shape[0]} "
+                                      "images could be read")
             yield np.frombuffer(data, dtype=self.dtype).reshape((n,) + self.shape[1:])
 
 

@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", metavar="PATH",
                    help="the InceptionV3 weights (.pth or .safetensors; default: "
                         "torch-fidelity's cache location)")
-    p.add_argument("--batch_size", type=int, default=64, metavar="N", help="images per forward (default 64, "
-                   "the evaluator's)")
+    p.add_argument("--batch_size", type=int, default=64, metavar="N",
+                   help="images per forward (default 64, the evaluator's)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="fp32 (default: the evaluator's arithmetic) or bf16 autocast (faster on "

@@ -203,10 +203,16 @@ class InceptionV3(nn.Module):
                 (len(wrong), "with other shapes", wrong)) if keys]
             raise EvaluationError(f"{where} are not torch-fidelity's InceptionV3 weights "
                                   f"({'; '.join(shown)})")
-        net.load_state_dict({k: v.float() for k, v in state_dict.items()}, assign=True)
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v
+                             for k, v in state_dict.items()}, assign=True)
         self.net = net.eval().requires_grad_(False)
         self._spatial = None
         self.net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        # BatchNorm must keep its running statistics: this network only extracts.
+        return super().train(False)
 
     def _keep_spatial(self, module, inputs, output):
         n = output.shape[0]
