@@ -52,7 +52,6 @@ from .batches import EvaluationError
 PORT_MODULE = "torch_fidelity.feature_extractor_inceptionv3"
 SPATIAL_MODULE = "Mixed_6d.branch1x1"  # TF's mixed_6/conv
 SPATIAL_CHANNELS = 7
-POOL_DIM, SPATIAL_DIM = 2048, 17 * 17 * SPATIAL_CHANNELS
 INSTALL = "pip install --no-deps torch-fidelity==0.4.0 && pip install scipy"
 
 
