@@ -71,6 +71,9 @@ setup(
         "pillow>=9",
         "triton>=3.0; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # "eval": adm-fast evaluate's statistics. Its network, torch-fidelity's
+    # InceptionV3, is installed with `pip install --no-deps torch-fidelity==0.4.0`:
+    # as a requirement it would pull torchvision, and with it another torch.
+    extras_require={"test": ["pytest>=7"], "eval": ["scipy>=1.9"]},
     entry_points={"console_scripts": ["adm-fast=adm_fast.cli:main"]},
 )
