@@ -8,6 +8,7 @@ training benchmarks, all in this process.
     adm-fast bench ops [group_norm_act|qkv_attention|diffusion_step ...] [their flags]
     adm-fast bench models [its flags]
     adm-fast bench train [its flags]
+    adm-fast bench evaluate [its flags]
 
 Rows go to --results DIR (default: the current folder).
 
@@ -29,14 +30,15 @@ from .layouts import GPU_PRESETS, TINY, BenchInputError
 PROG = "adm-fast bench"
 OPS = ("group_norm_act", "qkv_attention", "diffusion_step")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-USAGE = (f"usage: {PROG} {{sample,ops,models,train}} [flags]   ({PROG} NAME --help for its "
-         "flags)\n\n"
+USAGE = (f"usage: {PROG} {{sample,ops,models,train,evaluate}} [flags]   ({PROG} NAME --help "
+         "for its flags)\n\n"
          "  sample  classifier-guided sampling throughput: adm_fast's backends against the eager\n"
          "          reference and torch.compile, with max |Δ| against eager and MFU\n"
          "  ops     the per-op benchmarks (group_norm_act, qkv_attention, diffusion_step):\n"
          "          leading names pick some, other flags go to each\n"
          "  models  UNet forward and training step, eager vs adm_fast (vs torch.compile)\n"
-         "  train   a training step: bytes saved for backward, time, GPU peak, max batch\n\n"
+         "  train   a training step: bytes saved for backward, time, GPU peak, max batch\n"
+         "  evaluate  adm-fast evaluate's costs: Inception features/s, the P/R distance blocks\n\n"
          "Result rows go to --results DIR (default: the current folder).")
 
 
@@ -150,10 +152,10 @@ def main(argv=None) -> int:
             return _sample(rest)
         if name == "ops":
             return _ops(rest)
-        if name in ("models", "train"):
+        if name in ("models", "train", "evaluate"):
             return _module_main(name, rest)
         raise BenchInputError(f"unknown benchmark {name!r}; choose from sample, ops, models, "
-                              "train")
+                              "train, evaluate")
     except BenchInputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
