@@ -206,7 +206,10 @@ def run(args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
         return run(args)
     except (DemoError, CheckpointError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
