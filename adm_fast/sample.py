@@ -219,6 +219,7 @@ def _execute(args, world, job: Job, backend: str, progress: Progress,
         with use_backend(args["backend"]) if args["backend"] else contextlib.nullcontext():
             stats = _sample(args, job, world, folder, progress)
         distributed.barrier(world)
+        seconds = time.perf_counter() - start  # the sampling, not the writing of the files
         if world.is_main:
             written = folder.assemble(write_png)
     except KeyboardInterrupt:
@@ -230,7 +231,7 @@ def _execute(args, world, job: Job, backend: str, progress: Progress,
     if world.is_main:
         for path in written.values():
             print(f"wrote {path}")
-        _report(args, job, world, stats, time.perf_counter() - start, backend)
+        _report(args, job, world, stats, seconds, backend)
     return 0
 
 
