@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Optional
 
 COMMANDS = {
     "info": ("adm_fast.info", "which backends are built and usable here, and why not"),
@@ -24,11 +25,31 @@ COMMANDS = {
 }
 
 
+# Commands whose module parses no flags of its own: their --help (and any stray
+# flag) is answered here, so that `adm-fast info --help` never runs info.
+_NO_PARSER = {"info"}
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
-    return ("usage: adm-fast COMMAND [flags]   (adm-fast COMMAND --help for its flags)\n\n"
+    return ("usage: adm-fast COMMAND [flags]   (adm-fast COMMAND --help for its flags)\n"
+            "       adm-fast --version\n\n"
             "A fast, exact engine for ADM.\n\ncommands:\n" + rows)
+
+
+def _flagless(name: str, argv) -> Optional[int]:
+    """Parse a flagless command's argv: None to run it, else the exit code
+    (0 after --help, 2 for anything else given)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"adm-fast {name}", description=COMMANDS[name][1],
+                                     allow_abbrev=False)
+    try:
+        parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return None
 
 
 def main(argv=None) -> int:
@@ -36,10 +57,20 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv == ["--version"]:
+        from . import __version__  # adm_fast is imported already to reach this module
+
+        print(f"adm-fast {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"adm-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        what = "option" if name.startswith("-") else "command"
+        print(f"adm-fast: unknown {what} {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name in _NO_PARSER and rest:
+        code = _flagless(name, rest)
+        if code is not None:
+            return code
     module, _, func = COMMANDS[name][0].partition(":")
     return int(getattr(importlib.import_module(module), func or "main")(rest) or 0)
 

@@ -1,24 +1,24 @@
 """Sampling as a function: batches of images from a loaded model, guided or not,
 and guided-diffusion's output files.
 
-`sample_images` is what `adm-fast sample` runs; the demo and the benchmarks
-call it too. It keeps guided-diffusion's random draw order per batch (the
-labels with `torch.randint(0, num_classes, (batch,))`, then the sampling
-loop's own noise) and always samples full batches, truncating the last one,
-as guided-diffusion's scripts do: so after `torch.manual_seed(seed)` the same
-weights give guided-diffusion's samples. Beside it: reading super-resolution
-base samples, gathering samples over torchrun ranks, and writing the .npz and
-.png files.
+`sample_images` is what `adm-fast sample` runs (through `iter_batches`, one
+batch at a time); the benchmarks call it too. Per batch it keeps
+guided-diffusion's random draw order (the labels with
+`torch.randint(0, num_classes, (batch,))`, then the sampling loop's own
+noise) and always samples full batches, truncating the last one, as
+guided-diffusion's scripts do. Each batch starts from its own seed,
+`batch_seed(seed, b)`, so batch b's images depend only on the seed and b:
+not on which batches ran before, in which process, or on how many ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
-import sys
 import time
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,9 +26,17 @@ from torch import Tensor, nn
 
 from .diffusion import classifier_cond_fn, classifier_free_guidance
 from .models import SuperResModel
+from .sampling.base_samples import check_low_res, load_base_samples
+from .sampling.classes import check_classes
+from .sampling.files import atomic_write, npz_members, write_npz
+from .sampling.grid import GRID_MAX_IMAGES, image_grid
+from .sampling.progress import Progress
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
-GRID_MAX_IMAGES = 64  # a PNG of 10,000 samples would be gigapixels; the npz has them all
+
+__all__ = ["SAMPLERS", "GRID_MAX_IMAGES", "batch_seed", "check_low_res", "image_grid",
+           "iter_batches", "load_base_samples", "low_res_batch", "sample_images",
+           "save_samples", "to_uint8_nhwc", "write_png"]
 
 
 class _DropLabels(nn.Module):
@@ -54,47 +62,18 @@ def low_res_batch(images: np.ndarray, device) -> Tensor:
     return batch.permute(0, 3, 1, 2).to(device)
 
 
-def check_low_res(low_res: np.ndarray, low_res_labels, image_size: int, class_cond: bool):
-    if not isinstance(low_res, np.ndarray) or low_res.dtype != np.uint8 or low_res.ndim != 4 \
-            or low_res.shape[-1] != 3 or len(low_res) == 0:
-        shape = getattr(low_res, "shape", None)
-        dtype = getattr(low_res, "dtype", type(low_res).__name__)
-        raise ValueError(f"low-res samples must be a non-empty uint8 array [N, H, W, 3] "
-                         f"(as image_sample.py writes arr_0), got {dtype} {shape}")
-    if low_res.shape[1] > image_size or low_res.shape[2] > image_size:
-        raise ValueError(f"low-res samples of {low_res.shape[1]}x{low_res.shape[2]} are larger "
-                         f"than the model's {image_size}x{image_size} output")
-    if class_cond:
-        if low_res_labels is None:
-            raise ValueError("a class-conditional super-resolution model needs the low-res "
-                             "samples' labels (arr_1)")
-        if np.shape(low_res_labels) != (len(low_res),):
-            raise ValueError(f"need one label per low-res sample ({len(low_res)}), got labels "
-                             f"of shape {np.shape(low_res_labels)}")
+def batch_seed(seed: int, batch: int) -> int:
+    """The torch seed of batch `batch` in a run seeded `seed`: the first 64-bit
+    word of numpy's SeedSequence(seed, spawn_key=(batch,)), i.e. child `batch`
+    of SeedSequence(seed). Distinct (seed, batch) pairs give unrelated streams
+    (seed + batch would make seed 1's batch 0 seed 0's batch 1)."""
+    words = np.random.SeedSequence(seed, spawn_key=(batch,)).generate_state(1, np.uint64)
+    return int(words[0])
 
 
-def load_base_samples(path: str, small_size: Optional[int] = None):
-    """(uint8 NHWC images, labels or None) from an .npz as image_sample.py writes it
-    (arr_0, and arr_1 when there), for super-resolution."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--base_samples not found: {path}")
-    try:
-        with np.load(path) as npz:
-            if "arr_0" not in npz.files:
-                raise ValueError(f"--base_samples {path} has no arr_0 (found {npz.files})")
-            images = npz["arr_0"]
-            labels = npz["arr_1"] if "arr_1" in npz.files else None
-    except OSError as e:
-        raise ValueError(f"--base_samples {path} is not a readable .npz ({e})") from None
-    if small_size is not None and images.ndim == 4 and images.shape[1:3] != (small_size,) * 2:
-        raise ValueError(f"--base_samples are {images.shape[1]}x{images.shape[2]} but the "
-                         f"model upsamples {small_size}x{small_size} images")
-    return images, labels
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+def _whole(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer of at least {low}, got {value!r}")
     return int(value)
 
 
@@ -106,33 +85,29 @@ def _loop(diffusion, sampler: str, eta: float, steps: Optional[int]):
     return diffusion.dpm_solver_sample_loop_progressive, {"steps": steps}
 
 
-def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: int,
-                  classifier: Optional[nn.Module] = None, classifier_scale: float = 0.0,
-                  cfg_scale: Optional[float] = None, sampler: str = "ddpm", eta: float = 0.0,
-                  steps: Optional[int] = None, clip_denoised: bool = True,
-                  low_res: Optional[np.ndarray] = None, low_res_labels=None,
-                  seed: Optional[int] = 0, device=None, progress: bool = False,
-                  cuda_graph: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], Dict]:
-    """Sample `num_samples` images in batches of `batch_size`.
+@dataclasses.dataclass
+class _Plan:
+    """Everything a batch needs, checked once."""
+    model_fn: Callable
+    cond_fn: Optional[Callable]
+    loop: Callable
+    loop_kwargs: Dict
+    num_samples: int
+    batch_size: int
+    image_size: int
+    device: torch.device
+    clip_denoised: bool
+    labels_from: Optional[int]  # draw labels among this many classes (None: no draw)
+    classes: Optional[Tensor]  # ... or among these, on the device
+    low_res: Optional[np.ndarray]
+    low_res_labels: Optional[np.ndarray]
 
-    sampler: "ddpm" (p_sample_loop), "ddim" (ddim_sample_loop, with eta) or
-    "dpm++" (dpm_solver_sample_loop; steps=N picks N timesteps uniform in
-    log-SNR, None runs over the diffusion's own timesteps).
-    classifier, classifier_scale: classifier guidance; scale 0 samples as
-    without a classifier. cfg_scale: classifier-free guidance weight (the model
-    needs a null class). low_res, low_res_labels: super-resolution input, the
-    uint8 NHWC samples (and labels, for a class-conditional model) of a base
-    model, used in order and cycled. cuda_graph: replay each whole step as a
-    CUDA graph (ddpm, ddim). seed: torch.manual_seed for the run
-    (the caller's RNG state is left as it was); None uses the current state.
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
 
-    Returns (uint8 [N, H, W, 3], int64 labels [N] or None, stats) where labels
-    are there when the images were drawn for classes (class-conditional model
-    or classifier guidance) and stats holds seconds, images_per_s,
-    ms_per_step, steps (per batch) and batches.
-    """
-    num_samples = _positive_int("num_samples", num_samples)
-    batch_size = _positive_int("batch_size", batch_size)
+
+def _check_sampler(sampler: str, eta: float, steps: Optional[int], cuda_graph: bool) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if eta != 0.0 and sampler != "ddim":
@@ -140,9 +115,18 @@ def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: 
     if steps is not None and sampler != "dpm++":
         raise ValueError(f"steps picks dpm++'s timesteps; for {sampler}, respace the diffusion "
                          "(timestep_respacing) instead")
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    if cuda_graph and sampler == "dpm++":
+        raise ValueError("cuda_graph runs the ddpm and ddim steps; dpm++ has no graphed step")
+
+
+def _plan(model, diffusion, *, num_samples, batch_size, classifier=None, classifier_scale=0.0,
+          cfg_scale=None, sampler="ddpm", eta=0.0, steps=None, clip_denoised=True,
+          low_res=None, low_res_labels=None, classes=None, device=None,
+          cuda_graph=False) -> _Plan:
+    num_samples = _whole("num_samples", num_samples, 1)
+    batch_size = _whole("batch_size", batch_size, 1)
+    _check_sampler(sampler, eta, steps, cuda_graph)
+    device = torch.device(device if device is not None else next(model.parameters()).device)
     num_classes = getattr(model, "num_classes", None)
     class_cond = num_classes is not None
     image_size = model.image_size
@@ -156,151 +140,176 @@ def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: 
         raise ValueError(f"the classifier is for {classifier.image_size}x{classifier.image_size} "
                          f"images but the model samples {image_size}x{image_size}")
     guided = classifier is not None and classifier_scale != 0
-    if guided and not class_cond:
-        num_classes = classifier.out_channels
-    elif classifier_scale != 0 and classifier is None:
+    if classifier_scale != 0 and classifier is None:
         raise ValueError("classifier_scale needs a classifier")
+    draws = None if is_sr else (num_classes if class_cond else
+                                classifier.out_channels if guided else None)
+    what = ("a super-resolution model (its labels come with low_res)" if is_sr else
+            "the model" if class_cond else "the classifier" if guided else
+            "an unconditional model without classifier guidance")
+    classes = check_classes(classes, draws, what)
 
     model_fn = model
     if cfg_scale is not None:
         model_fn = classifier_free_guidance(model, cfg_scale)
     elif guided and not class_cond:
         model_fn = _DropLabels(model)
-    cond_fn = classifier_cond_fn(classifier, classifier_scale) if guided else None
     loop, loop_kwargs = _loop(diffusion, sampler, eta, steps)
     if cuda_graph:
-        if sampler == "dpm++":
-            raise ValueError("cuda_graph runs the ddpm and ddim steps; dpm++ has no graphed step")
         loop_kwargs["cuda_graph"] = True
+    return _Plan(model_fn, classifier_cond_fn(classifier, classifier_scale) if guided else None,
+                 loop, loop_kwargs, num_samples, batch_size, image_size, device, clip_denoised,
+                 draws, None if classes is None else torch.tensor(classes, device=device),
+                 low_res, None if not (is_sr and class_cond) else np.asarray(low_res_labels))
+
+
+def _sample_batch(plan: _Plan, b: int, progress: Optional[Progress]):
+    bs, dev = plan.batch_size, plan.device
+    kwargs = {}
+    if plan.low_res is not None:
+        idx = np.arange(b * bs, (b + 1) * bs) % len(plan.low_res)  # cycled, in order
+        kwargs["low_res"] = low_res_batch(plan.low_res[idx], dev)
+        if plan.low_res_labels is not None:
+            kwargs["y"] = torch.as_tensor(plan.low_res_labels[idx], dtype=torch.long, device=dev)
+    elif plan.classes is not None:  # the same single draw as below, over the chosen classes
+        kwargs["y"] = plan.classes[torch.randint(0, len(plan.classes), (bs,), device=dev)]
+    elif plan.labels_from is not None:
+        kwargs["y"] = torch.randint(0, plan.labels_from, (bs,), device=dev)
+    if progress is not None:
+        progress.start_batch()
+    final = None
+    for final in plan.loop(plan.model_fn, (bs, 3, plan.image_size, plan.image_size),
+                           clip_denoised=plan.clip_denoised, cond_fn=plan.cond_fn,
+                           model_kwargs=kwargs, device=dev, **plan.loop_kwargs):
+        if progress is not None:
+            progress.step()
+    keep = min(bs, plan.num_samples - b * bs)
+    images = to_uint8_nhwc(final["sample"][:keep]).cpu().numpy()
+    labels = kwargs["y"][:keep].cpu().numpy().astype(np.int64) if "y" in kwargs else None
+    if progress is not None:
+        progress.end_batch(keep)
+    return images, labels
+
+
+def _run(plan: _Plan, order: Sequence[int], seed: Optional[int], progress: Optional[Progress]):
+    cuda = [plan.device] if plan.device.type == "cuda" else []
+    for b in order:
+        rng = torch.random.fork_rng(devices=cuda) if seed is not None else \
+            contextlib.nullcontext()
+        with rng:
+            if seed is not None:
+                torch.manual_seed(batch_seed(seed, b))
+            images, labels = _sample_batch(plan, b, progress)
+        yield b, images, labels
+
+
+def iter_batches(model: nn.Module, diffusion, *, num_samples: int, batch_size: int,
+                 batches: Optional[Iterable[int]] = None, seed: Optional[int] = 0,
+                 progress: Optional[Progress] = None,
+                 **options) -> Iterator[Tuple[int, np.ndarray, Optional[np.ndarray]]]:
+    """Yield (b, uint8 images [k, H, W, 3], int64 labels [k] or None) for each
+    batch index b in `batches` (default all, in order), k = the images of
+    batch b that are within num_samples. The arguments are sample_images's
+    (checked here, before the first batch); progress: a sampling.progress.Progress."""
+    plan = _plan(model, diffusion, num_samples=num_samples, batch_size=batch_size, **options)
+    if seed is not None:
+        seed = _whole("seed", seed, 0)
+    order = list(range(plan.num_batches)) if batches is None else list(batches)
+    for b in order:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or \
+                not 0 <= b < plan.num_batches:
+            raise ValueError(f"batch index {b!r} is not in 0..{plan.num_batches - 1}")
+    return _run(plan, order, seed, progress)
+
+
+def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: int,
+                  classifier: Optional[nn.Module] = None, classifier_scale: float = 0.0,
+                  cfg_scale: Optional[float] = None, sampler: str = "ddpm", eta: float = 0.0,
+                  steps: Optional[int] = None, clip_denoised: bool = True,
+                  low_res: Optional[np.ndarray] = None, low_res_labels=None,
+                  classes: Optional[Sequence[int]] = None, seed: Optional[int] = 0, device=None,
+                  progress: bool = False,
+                  cuda_graph: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], Dict]:
+    """Sample `num_samples` images in batches of `batch_size`.
+
+    sampler: "ddpm" (p_sample_loop), "ddim" (ddim_sample_loop, with eta) or
+    "dpm++" (dpm_solver_sample_loop; steps=N picks N timesteps uniform in
+    log-SNR, None runs over the diffusion's own timesteps).
+    classifier, classifier_scale: classifier guidance; scale 0 samples as
+    without a classifier. cfg_scale: classifier-free guidance weight (the model
+    needs a null class). low_res, low_res_labels: super-resolution input, the
+    uint8 NHWC samples (and labels, for a class-conditional model) of a base
+    model, used in order and cycled. classes: draw the labels uniformly from
+    these classes (sorted, each once: label = classes[randint(0, len(classes))])
+    instead of from all the model's (or the guiding classifier's) classes.
+    cuda_graph: replay each whole step as a CUDA graph (ddpm, ddim).
+
+    seed: batch b (images b*batch_size ...) is sampled after
+    torch.manual_seed(batch_seed(seed, b)), drawing first its labels (one
+    randint of batch_size), then the loop's noise (x_T, then each step's), as
+    guided-diffusion does after a manual_seed. So a batch's images depend only
+    on (seed, b), and any subset of batches, in any order or process, gives the
+    same images as one run. The caller's RNG state is left as it was. None:
+    no seeding, the batches draw from the current RNG state one after another.
+
+    Returns (uint8 [N, H, W, 3], int64 labels [N] or None, stats) where labels
+    are there when the images were drawn for classes (class-conditional model
+    or classifier guidance) and stats holds seconds, images_per_s,
+    ms_per_step, steps (per batch) and batches.
+    """
+    options = dict(classifier=classifier, classifier_scale=classifier_scale, cfg_scale=cfg_scale,
+                   sampler=sampler, eta=eta, steps=steps, clip_denoised=clip_denoised,
+                   low_res=low_res, low_res_labels=low_res_labels, classes=classes,
+                   device=device, cuda_graph=cuda_graph)
+    bar = Progress(progress, total=num_samples, steps=0)
+    batches = iter_batches(model, diffusion, num_samples=num_samples, batch_size=batch_size,
+                           seed=seed, progress=bar, **options)  # checks the arguments
     num_steps = (len(diffusion.log_snr_timesteps(int(steps))) if steps is not None
                  else diffusion.num_timesteps)
-    batches = math.ceil(num_samples / batch_size)
-    shape = (batch_size, 3, image_size, image_size)
-
+    bar.steps = num_steps
     images, labels = [], []
-    rng = contextlib.nullcontext()
-    if seed is not None:
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    with rng, _bars(progress, num_samples, num_steps) as (sample_bar, step_bar):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with bar:
         start = time.perf_counter()
-        for b in range(batches):
-            kwargs = {}
-            if is_sr:
-                idx = np.arange(b * batch_size, (b + 1) * batch_size) % len(low_res)
-                kwargs["low_res"] = low_res_batch(low_res[idx], device)
-                if class_cond:
-                    kwargs["y"] = torch.as_tensor(np.asarray(low_res_labels)[idx],
-                                                  dtype=torch.long, device=device)
-            elif class_cond or guided:
-                kwargs["y"] = torch.randint(0, num_classes, (batch_size,), device=device)
-            step_bar.reset()
-            final = None
-            for final in loop(model_fn, shape, clip_denoised=clip_denoised, cond_fn=cond_fn,
-                              model_kwargs=kwargs, device=device, **loop_kwargs):
-                step_bar.update()
-            images.append(to_uint8_nhwc(final["sample"]).cpu())
-            if "y" in kwargs:
-                labels.append(kwargs["y"].cpu())
-            sample_bar.update(min(batch_size, num_samples - b * batch_size))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        for _, imgs, labs in batches:
+            images.append(imgs)
+            if labs is not None:
+                labels.append(labs)
+        where = torch.device(device if device is not None else next(model.parameters()).device)
+        if where.type == "cuda":
+            torch.cuda.synchronize(where)
         seconds = time.perf_counter() - start
-
-    arr = torch.cat(images)[:num_samples].numpy()
-    label_arr = torch.cat(labels)[:num_samples].numpy() if labels else None
+    n_batches = len(images)
     stats = dict(seconds=seconds, images_per_s=num_samples / seconds,
-                 ms_per_step=1000.0 * seconds / (batches * num_steps), steps=num_steps,
-                 batches=batches, sampler=sampler)
-    return arr, label_arr, stats
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _bars(progress: bool, num_samples: int, num_steps: int):
-    if not progress:
-        yield _NoBar(), _NoBar()
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=num_samples, desc="samples", unit="img", file=sys.stderr) as samples, \
-            tqdm(total=num_steps, desc="steps", unit="step", leave=False,
-                 file=sys.stderr) as steps:
-        yield samples, steps
-
-
-def gather_samples(images: np.ndarray, labels: Optional[np.ndarray], device):
-    """Every rank's samples (and labels), rank 0's first, on every rank: all_gather,
-    as NCCL has no gather. Every rank must pass arrays of the same shapes."""
-    import torch.distributed as dist
-
-    def gather(arr):
-        t = torch.from_numpy(arr).to(device)
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t)
-        return torch.cat([p.cpu() for p in parts]).numpy()
-
-    return gather(images), None if labels is None else gather(labels)
+                 ms_per_step=1000.0 * seconds / (n_batches * num_steps), steps=num_steps,
+                 batches=n_batches, sampler=sampler)
+    return np.concatenate(images), np.concatenate(labels) if labels else None, stats
 
 
 # --- output files ------------------------------------------------------------------
 
-def image_grid(images: np.ndarray, max_images: int = GRID_MAX_IMAGES, pad: int = 2) -> np.ndarray:
-    """The first max_images of uint8 [N, H, W, 3] tiled in a near-square grid."""
-    images = images[:max_images]
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top:top + h, left:left + w] = img
-    return grid
-
-
-def _atomic_write(path: str, write) -> None:
-    """Write through a hidden temporary name and rename, so an interrupted run
-    leaves no file that looks complete."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.partial{os.getpid()}")
+def write_png(images: np.ndarray, path: str) -> Optional[str]:
+    """A .png grid of the first images (atomically); None without Pillow."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # else a crash after the rename could still lose the data
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        from PIL import Image
+    except ImportError:
+        return None
+    grid = Image.fromarray(image_grid(images))
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    return path
 
 
 def save_samples(images: np.ndarray, labels: Optional[np.ndarray], out_dir: str,
                  png: bool = True) -> Dict[str, str]:
     """Write samples_{N}x{H}x{W}x3.npz as guided-diffusion does (arr_0 the uint8
-    images, arr_1 the labels when there are any) and, with png and Pillow
-    installed, a .png grid of the first images. Returns {"npz": path, "png": path}."""
+    images, arr_1 the labels when there are any; the same arrays always give
+    the same bytes) and, with png and Pillow installed, a .png grid of the
+    first images, each written atomically. Returns {"npz": path, "png": path}.
+    Raises sampling.files.OutputError (naming the file: disk full, ...)."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, "samples_" + "x".join(str(s) for s in images.shape))
     arrays = (images,) if labels is None else (images, labels)
     written = {"npz": stem + ".npz"}
-    _atomic_write(written["npz"], lambda f: np.savez(f, *arrays))
-    if png:
-        try:
-            from PIL import Image
-        except ImportError:
-            print("adm-fast sample: Pillow is not installed; no PNG grid written",
-                  file=sys.stderr)
-            return written
+    atomic_write(written["npz"], lambda f: write_npz(f, npz_members(*arrays)))
+    if png and write_png(images, stem + ".png"):
         written["png"] = stem + ".png"
-        grid = Image.fromarray(image_grid(images))
-        _atomic_write(written["png"], lambda f: grid.save(f, format="PNG"))
     return written

@@ -55,8 +55,10 @@ def test_reduced_demo(tmp_path, capsys):
     assert "real held-out digits" in out
     for name in ("scale_0.png", "scale_1.png", "scale_3.png", "scale_10.png"):
         from PIL import Image
-        with Image.open(out_dir / name) as im:  # 10 rows of 16px digits zoomed 2x
-            assert im.size == (2 * (32 + 2) + 2, 10 * (32 + 2) + 2)
+        with Image.open(out_dir / name) as im:  # 10 rows of 16px digits zoomed 4x, labelled
+            width, height = im.size
+            assert height == 10 * (64 + 2) + 2
+            assert 2 * (64 + 2) + 2 < width < 2 * (64 + 2) + 2 + 64
     results = json.loads((out_dir / "results.json").read_text())
     assert [r["scale"] for r in results["rows"]] == [0, 1, 3, 10]
     assert results["num_samples"] == 20 and results["steps"] == 5
@@ -127,6 +129,34 @@ def test_heldout_file_is_the_split():
     np.testing.assert_array_equal(labels, held_y)
 
 
+def test_grid_is_enlarged_and_rows_labelled(tmp_path):
+    """16x16 digits are shown at 64 px (nearest: each pixel a 4x4 block), one row
+    per digit, and a margin on the left names each row's digit."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (23, 16, 16, 3), dtype=np.uint8)
+    labels = experiment.demo_labels(23).numpy()
+    tiles = experiment.grid(images, labels)
+    assert tiles.shape == (10 * (64 + 2) + 2, 3 * (64 + 2) + 2, 3)
+    np.testing.assert_array_equal(tiles[2:66, 2:66], images[0].repeat(4, 0).repeat(4, 1))
+    third_of_3 = 2 + 3 * 66, 2 + 2 * 66  # row 3 (digit 3), column 2: sample 23 is absent
+    assert (tiles[third_of_3[0]:third_of_3[0] + 64, third_of_3[1]:third_of_3[1] + 64]
+            == experiment.GRID_FILL).all()
+    np.testing.assert_array_equal(tiles[2 + 66:2 + 66 + 64, 2 + 66:2 + 66 + 64],
+                                  images[11].repeat(4, 0).repeat(4, 1))
+    path = experiment.save_grid(images, labels, str(tmp_path / "g.png"))
+    with Image.open(path) as im:
+        saved = np.asarray(im.convert("RGB"))
+    margin = saved.shape[1] - tiles.shape[1]
+    assert saved.shape[0] == tiles.shape[0] and 8 <= margin <= 64
+    np.testing.assert_array_equal(saved[:, margin:], tiles)
+    cells = [saved[2 + r * 66:2 + r * 66 + 64, :margin] for r in range(10)]
+    for cell in cells:  # white text on the grey margin, in every row
+        assert (cell > 200).any() and (cell == experiment.GRID_FILL).mean() > 0.5
+    assert len({c.tobytes() for c in cells}) == 10  # ten different labels
+
+
 def test_metrics():
     labels = np.array([0, 0, 1, 1, 2])
     same = np.tile(np.array([[1.0, 0.0]]), (5, 1))
@@ -158,6 +188,7 @@ def test_training_commands_parse():
     (["--steps", "0"], "must be at least 1"),
     (["--batch_size", "two"], "expected an integer"),
     (["--bogus"], "unrecognized arguments"),
+    (["--num_sam", "20"], "unrecognized arguments: --num_sam"),  # no abbreviations
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     assert cli.main(argv) == 2

@@ -72,7 +72,7 @@ def _scales(text: str) -> List[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=__doc__.split("\n\n", 1)[1])
+                epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
     p.add_argument("--out", default="adm_fast_demo",
                    help="folder for the grids, results.json and, with --train, data and weights")
     p.add_argument("--num_samples", type=_int_at_least(MIN_SAMPLES), default=100,
@@ -206,7 +206,10 @@ def run(args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
         return run(args)
     except (DemoError, CheckpointError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

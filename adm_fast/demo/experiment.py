@@ -20,9 +20,11 @@ from .. import ops
 from ..checkpoint import load_checkpoint
 from ..diffusion import classifier_cond_fn, create_gaussian_diffusion
 from ..models import EncoderUNetModel, UNetModel
+from ..sampling import grid as _grid
 from . import digits
 from .train import PARTS, SCHEDULE
 
+GRID_FILL = 64  # grey between the tiles: black digits stay visible
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
 
@@ -214,26 +216,26 @@ def run_scale(models, diffusion, scale: float, num_samples: int, batch_size: int
     return row, images
 
 
-def grid(images: np.ndarray, labels: Sequence[int], max_cols: int = 10, zoom: int = 2,
-         pad: int = 2) -> np.ndarray:
-    """One row per digit asked for (up to its first `max_cols` samples), zoomed for viewing."""
+def grid(images: np.ndarray, labels: Sequence[int], max_cols: int = 10,
+         zoom: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """One row per digit asked for (up to its first `max_cols` samples), enlarged
+    (nearest) to a readable size (default: grid.zoom_for the image size)."""
     labels = np.asarray(labels)
     cols = min(max_cols, int(np.bincount(labels, minlength=digits.NUM_DIGITS).max()))
-    h, w = images.shape[1] * zoom, images.shape[2] * zoom
-    rows = digits.NUM_DIGITS
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 64, dtype=np.uint8)
-    for d in range(rows):
-        for c, i in enumerate(np.flatnonzero(labels == d)[:cols]):
-            img = images[i].repeat(zoom, axis=0).repeat(zoom, axis=1)
-            top, left = pad + d * (h + pad), pad + c * (w + pad)
-            out[top:top + h, left:left + w] = img
-    return out
+    zoom = _grid.zoom_for(*images.shape[1:3]) if zoom is None else zoom
+    rows = [np.flatnonzero(labels == d) for d in range(digits.NUM_DIGITS)]
+    return _grid.tile(images, rows, cols, zoom=zoom, pad=pad, fill=GRID_FILL)
 
 
 def save_grid(images: np.ndarray, labels: Sequence[int], path: str) -> str:
+    """The grid with each row labelled by its digit, as a PNG."""
     from PIL import Image
 
-    Image.fromarray(grid(images, labels)).save(path)
+    zoom = _grid.zoom_for(*images.shape[1:3])
+    tiles = grid(images, labels, zoom=zoom)
+    labelled = _grid.label_rows(tiles, [str(d) for d in range(digits.NUM_DIGITS)],
+                                row_height=images.shape[1] * zoom, fill=GRID_FILL)
+    Image.fromarray(labelled).save(path)
     return path
 
 

@@ -1,0 +1,184 @@
+"""What a checkpoint is, before its weights are read: the model kind and the
+flags to build and sample it with.
+
+Flags come, lowest to highest priority, from guided-diffusion's defaults, the
+preset (recognised from the tensors, named in an adm_fast file, or given with
+--preset), an adm_fast safetensors file's own model flags
+("adm_fast.flags") and diffusion flags ("adm_fast.diffusion"), and the flags
+given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+from .. import presets as _presets
+from ..checkpoint import CheckpointError, detect_preset, read_state_dict
+from ..script_util import (classifier_defaults, create_classifier, create_model,
+                           diffusion_defaults, model_and_diffusion_defaults, sr_create_model,
+                           sr_model_and_diffusion_defaults)
+
+SCRIPT_DEFAULTS = dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False,
+                       model_path="", classifier_path="", classifier_scale=1.0, base_samples="")
+CONSTRUCT = {kind: list(inspect.signature(fn).parameters)
+             for kind, fn in (("unet", create_model), ("sr", sr_create_model),
+                              ("classifier", create_classifier))}
+DIFFUSION_FLAGS = tuple(diffusion_defaults())
+META_DIFFUSION = "adm_fast.diffusion"
+# Flags of the constructors that leave the state_dict's layout as it is.
+_NOT_LAYOUT = {"use_fp16", "use_checkpoint", "dropout", "small_size", "classifier_use_fp16"}
+_KIND_OF_CLASS = {"UNetModel": "unet", "SuperResModel": "sr", "EncoderUNetModel": "classifier"}
+
+
+class InputError(ValueError):
+    """Bad flags or files: reported in one line, exit code 2."""
+
+
+def _gd_defaults() -> Dict:
+    d = dict(SCRIPT_DEFAULTS)
+    for table in (model_and_diffusion_defaults(), classifier_defaults(),
+                  sr_model_and_diffusion_defaults()):
+        d.update(table)
+    for fn in (create_model, sr_create_model, create_classifier):
+        # adm_fast's additions (null_class, ...) have no guided-diffusion default
+        for name, p in inspect.signature(fn).parameters.items():
+            if name not in d and p.default is not inspect.Parameter.empty:
+                d[name] = p.default
+    return d
+
+
+DEFAULTS = _gd_defaults()
+
+
+def _file_kind(path: str) -> str:
+    """'safetensors', 'torch' (a torch.save zip or legacy pickle) or an InputError."""
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path} is empty (0 bytes), not a checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then a JSON object
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip, or a pickle
+        return "torch"
+    raise InputError(f"{path} is not a checkpoint: neither safetensors nor a torch.save "
+                     f"(.pt) file (it starts with {head!r})")
+
+
+def inspect_checkpoint(path: str, what: str):
+    """(metadata, state_dict of meta tensors): enough to tell the model apart
+    without reading its weights."""
+    if not path:
+        raise InputError(f"--{what}_path is required")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} checkpoint not found: {path}")
+    if _file_kind(path) == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: torch.empty(f.get_slice(k).get_shape(), device="meta")
+                      for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(f"{path} is not a readable safetensors file: {e}") from None
+        return meta, sd
+    try:
+        sd, meta = read_state_dict(path, device="meta")
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch.load's unpickler raises anything on a damaged file
+        raise InputError(f"{path} is not a readable torch.save checkpoint "
+                         f"({type(e).__name__}: {e})") from None
+    return meta, sd
+
+
+_DIFFUSION_TYPES = {k: type(v) for k, v in diffusion_defaults().items()}
+
+
+def stored_diffusion(meta: Dict[str, str], path: str) -> Dict:
+    """The diffusion flags a checkpoint stores ({} when it stores none)."""
+    if META_DIFFUSION not in meta:
+        return {}
+    try:
+        flags = json.loads(meta[META_DIFFUSION])
+    except ValueError as e:
+        raise InputError(f"{path}: metadata {META_DIFFUSION} is not JSON ({e})") from None
+    if not isinstance(flags, dict):
+        raise InputError(f"{path}: metadata {META_DIFFUSION} must be a JSON object, got "
+                         f"{type(flags).__name__}")
+    for k, v in flags.items():
+        want = _DIFFUSION_TYPES.get(k)
+        if want is None:
+            raise InputError(f"{path}: metadata {META_DIFFUSION} has an unknown flag {k!r} "
+                             f"(known: {', '.join(DIFFUSION_FLAGS)})")
+        if type(v) is not want:
+            raise InputError(f"{path}: metadata {META_DIFFUSION}: {k} must be "
+                             f"{want.__name__}, got {v!r}")
+    return flags
+
+
+@dataclasses.dataclass
+class Source:
+    kind: str
+    preset: Optional[_presets.Preset]
+    flags: Dict  # guided-diffusion defaults < preset < the file's flags < flags given
+    known: set  # the flags not left at guided-diffusion's defaults
+    spec: object  # what load_checkpoint gets as preset=
+    diffusion: Dict  # the diffusion flags the file stores
+
+
+def _base_flags(path, meta, sd, preset_name, fallback):
+    """(preset or None, flags from the preset and the file, from_meta, kind)."""
+    preset, base, from_meta, kind = None, {}, False, None
+    if preset_name:
+        preset = _presets.get(preset_name)
+    elif "adm_fast.class" in meta:
+        from_meta, kind = True, _KIND_OF_CLASS.get(meta["adm_fast.class"])
+        if kind is None:
+            raise InputError(f"{path} holds an unknown model class {meta['adm_fast.class']}")
+        try:
+            base = json.loads(meta.get("adm_fast.flags", "{}"))
+        except ValueError as e:
+            raise InputError(f"{path}: metadata adm_fast.flags is not JSON ({e})") from None
+        if not isinstance(base, dict):
+            raise InputError(f"{path}: metadata adm_fast.flags must be a JSON object")
+        preset = _presets.PRESETS.get(meta.get("adm_fast.preset", ""))
+    else:
+        try:
+            preset = detect_preset(sd, path)
+        except CheckpointError:
+            if not fallback:
+                raise
+            kind, base = fallback.pop("kind"), fallback
+    if preset is not None:
+        kind, base = preset.kind, {**preset.flags, **base}
+    base.pop("kind", None)
+    return preset, base, from_meta, kind
+
+
+def resolve(path: str, what: str, explicit: Dict, preset_name: Optional[str] = None,
+            fallback: Optional[Dict] = None, keep_size: bool = False) -> Source:
+    meta, sd = inspect_checkpoint(path, what)
+    preset, base, from_meta, kind = _base_flags(path, meta, sd, preset_name, fallback)
+    stored = stored_diffusion(meta, path)
+    base = {**base, **{k: v for k, v in stored.items() if k != "timestep_respacing"}}
+    changed = {k for k, v in explicit.items() if k in CONSTRUCT.get(kind, ()) and
+               k not in _NOT_LAYOUT and v != base.get(k, DEFAULTS[k]) and
+               not (keep_size and k == "image_size")}
+    flags = {**DEFAULTS, **base, **{k: v for k, v in explicit.items()
+                                   if not (keep_size and k == "image_size")}}
+    if from_meta and not changed:
+        spec = None
+    elif preset is not None and not changed:
+        spec = preset
+    else:
+        spec = {"kind": kind, **{k: flags[k] for k in CONSTRUCT.get(kind, ())}}
+    return Source(kind, preset, flags, set(base) | set(explicit), spec, stored)
