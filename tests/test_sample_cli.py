@@ -449,8 +449,6 @@ def test_single_step_respacing_reports_one_line(flags, ckpt, tmp_path, capsys):
         assert err.startswith("adm-fast sample: error: ") and err.count("\n") == 1, err
 
 
-@pytest.mark.xfail(strict=True, reason="diffusion fix pending: IndexError in "
-                   "gaussian_diffusion for a single respaced step (issue 13 item 6)")
 @pytest.mark.parametrize("flags, sampler", [(["--timestep_respacing", "1"], "ddpm"),
                                             (["--use_ddim", "True", "--timestep_respacing",
                                               "ddim1"], "ddim")])
