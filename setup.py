@@ -30,7 +30,11 @@ def _flag(name: str):
 
 
 # -ffp-contract=off: the step kernels must round as the eager step does (no FMA).
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
+# -fno-trapping-math: lets GCC turn the selects of the clamps and the SiLU into
+# vector blends (with trapping math it keeps them as branches and leaves the
+# loop scalar: SiLU ran 20x slower on an AVX2 EPYC); results are unchanged.
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+             "-ffp-contract=off"]
 ext_modules = []
 if _flag("ADM_FAST_CPU") is not False:
     # -fopenmp: at::parallel_for is inline OpenMP in the headers; without the

@@ -32,8 +32,9 @@ GN_SHAPES = [(2, 64, 8, 8), (1, 96, 7, 7), (3, 64, 5, 9), (2, 128, 16, 16), (4, 
 def test_group_norm_act_reference(shape, mode, channels_last):
     n, c = shape[:2]
     x = torch.randn(shape) * 3 + 1.5  # non-zero mean
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
+    if channels_last:  # 4-D: channels_last; 3-D: the [N, C, T] view of one (C contiguous)
+        x = (x.to(memory_format=torch.channels_last) if x.dim() == 4
+             else x.movedim(1, -1).contiguous().movedim(-1, 1))
     w, b = torch.randn(c) + 1, torch.randn(c)
     scale = torch.randn(n, c) if mode == "adagn" else None
     shift = torch.randn(n, c) if mode == "adagn" else None
@@ -80,8 +81,9 @@ from conftest import CPU_EXT, DEVICE, assert_lowp_close, poisoned  # noqa: E402
 def make_inputs(shape, mode, dtype, channels_last=False, device=DEVICE):
     n, c = shape[:2]
     x = torch.randn(shape) * 2 + 1.5
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
+    if channels_last:  # 4-D: channels_last; 3-D: the [N, C, T] view of one (C contiguous)
+        x = (x.to(memory_format=torch.channels_last) if x.dim() == 4
+             else x.movedim(1, -1).contiguous().movedim(-1, 1))
     w, b = torch.randn(c) * 0.5 + 1, torch.randn(c) * 0.5
     scale = shift = None
     if mode == "adagn":  # the halves of one embedding projection, as ResBlock makes them
@@ -158,24 +160,27 @@ def _check_fp32(inp, dy, out, grads):
         assert rel_err(grads[k], ref_grads[k]) <= 1e-5, k
 
 
-CPU_CASES = [(s, m) for s, m, cl in TRITON_CASES if not cl] + [((2, 256, 32, 32), "adagn")]
+# NCHW and channels-last (the NHWC kernel), 4-D and the 3-D attention view.
+CPU_CASES = TRITON_CASES + [((2, 256, 32, 32), "adagn", False), ((2, 256, 32, 32), "adagn", True),
+                            ((2, 64, 65), "plain", True), ((1, 96, 7, 7), "act", True)]
 
 
 @pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
-@pytest.mark.parametrize("shape, mode", CPU_CASES)
-def test_cpu_fp32(shape, mode):
-    inp = make_inputs(shape, mode, torch.float32, device="cpu")
+@pytest.mark.parametrize("shape, mode, channels_last", CPU_CASES)
+def test_cpu_fp32(shape, mode, channels_last):
+    inp = make_inputs(shape, mode, torch.float32, channels_last, device="cpu")
     dy = torch.randn(shape)
     with poisoned():
         out, grads = run("cpu", inp, dy)
     _check_fp32(inp, dy, out, grads)
+    assert grads["x"].stride() == inp["x"].stride()
 
 
 @pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
-def test_cpu_backend_leaves_channels_last_to_eager():
-    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
+def test_cpu_backend_leaves_strided_x_to_eager():
+    x = torch.randn(2, 64, 8, 16)[..., ::2]
     w, b = torch.ones(64), torch.zeros(64)
-    with use_backend("cpu"), pytest.raises(ops.BackendNotSupported, match="channels_last"):
+    with use_backend("cpu"), pytest.raises(ops.BackendNotSupported, match="it is strided"):
         ops.group_norm_act(x, 32, w, b)
     assert "eager: chosen" in ops.explain("group_norm_act", x, 32, w, b, None, None, 1e-5, True)
 
@@ -193,7 +198,8 @@ def _low_precision_cases():
              for kind in ("fused", "split") for case in (TRITON_CASES[0], TRITON_CASES[3])]
     cases += [pytest.param("cpu", case, marks=cpu) for case in
               [((2, 128, 8, 8), "adagn", False), ((1, 96, 7, 7), "act", False),
-               ((2, 64, 65), "plain", False)]]
+               ((2, 64, 65), "plain", False), ((2, 128, 8, 8), "adagn", True),
+               ((2, 64, 65), "plain", True)]]
     cases += [pytest.param("cuda", case, marks=cuda) for case in
               [TRITON_CASES[0], TRITON_CASES[3], ((4, 128, 64, 64), "adagn", True)]]
     return cases

@@ -178,7 +178,8 @@ class _Native(Impl):
 
 class Cpu(_Native):
     backend = "cpu"
-    layouts = {"x": ("contiguous",), "weight": ("contiguous",), "bias": ("contiguous",)}
+    layouts = {"x": ("contiguous", "channels_last", "channels_last_1d", "channels_last_3d"),
+               "weight": ("contiguous",), "bias": ("contiguous",)}
 
 
 class Cuda(_Native):

@@ -29,13 +29,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def layout_of(t: Tensor) -> str:
-    """"contiguous", "channels_last" (4-D), "channels_last_3d" (5-D) or "strided"."""
+    """"contiguous", "channels_last" (4-D), "channels_last_3d" (5-D),
+    "channels_last_1d" (3-D [N, C, T] with C contiguous: the [N, C, H·W] view
+    of a channels_last map, as attention takes it) or "strided"."""
     if t.is_contiguous():
         return "contiguous"
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return "channels_last"
     if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
         return "channels_last_3d"
+    if t.dim() == 3 and t.movedim(1, -1).is_contiguous():
+        return "channels_last_1d"
     return "strided"
 
 

@@ -29,9 +29,25 @@ Tensor f32(const optional<Tensor>& t) {
 
 const float* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-void check_cpu_x(const char* op, const Tensor& x) {
+// x as [N, HW, C] with C contiguous (channels_last, or the [N, C, T] view of a
+// channels_last map), rather than NCHW-contiguous.
+bool channels_last_like(const Tensor& x) {
+  return !x.is_contiguous() && x.dim() >= 3 && x.movedim(1, -1).is_contiguous();
+}
+
+// true: channels-last x; false: NCHW-contiguous.
+bool check_cpu_x(const char* op, const Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor");
-  TORCH_CHECK(x.is_contiguous(), op, ": the CPU kernels take NCHW-contiguous x");
+  const bool nhwc = channels_last_like(x);
+  TORCH_CHECK(nhwc || x.is_contiguous(), op,
+              ": the CPU kernels take NCHW-contiguous or channels-last x");
+  return nhwc;
+}
+
+// t in x's layout (a copy only where it is not already).
+Tensor like_layout(const Tensor& t, const Tensor& x, bool nhwc) {
+  Tensor u = t.to(x.scalar_type());
+  return nhwc ? u.movedim(1, -1).contiguous().movedim(-1, 1) : u.contiguous();
 }
 
 std::tuple<Tensor, Tensor, Tensor> group_norm_act_fwd_op(
@@ -41,16 +57,16 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_act_fwd_op(
   constexpr const char* op = "adm_fast_native::group_norm_act_fwd";
   adm_fast::check_group_norm(op, x, groups, weight, bias, scale, shift);
   adm_fast::check_eps(op, eps);
-  check_cpu_x(op, x);
+  const bool nhwc = check_cpu_x(op, x);
   const int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c);
   Tensor w = f32(weight), b = f32(bias), s = f32(scale), sh = f32(shift);
-  Tensor y = at::empty_like(x);
+  Tensor y = at::empty_like(x);  // x's strides: NCHW or channels-last
   Tensor mean = at::empty({n, groups}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({n, groups}, x.options().dtype(at::kFloat));
   ADM_DISPATCH(x.scalar_type(), "gn_fwd", [&] {
-    group_norm_act_fwd<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                 mean.data_ptr<float>(), rstd.data_ptr<float>(), ptr(w), ptr(b),
-                                 ptr(s), ptr(sh), n, c, hw, groups, eps, act);
+    auto fwd = nhwc ? group_norm_act_fwd_nhwc<scalar_t> : group_norm_act_fwd<scalar_t>;
+    fwd(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<float>(),
+        rstd.data_ptr<float>(), ptr(w), ptr(b), ptr(s), ptr(sh), n, c, hw, groups, eps, act);
   });
   return {y, mean, rstd};
 }
@@ -62,9 +78,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_bwd_op(
   constexpr const char* op = "adm_fast_native::group_norm_act_bwd";
   adm_fast::check_group_norm(op, x, groups, weight, bias, scale, shift);
   adm_fast::check_group_norm_backward(op, dy, x, groups, mean, rstd);
-  check_cpu_x(op, x);
+  const bool nhwc = check_cpu_x(op, x);
   const int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c);
-  Tensor g = dy.to(x.scalar_type()).contiguous();
+  Tensor g = like_layout(dy, x, nhwc);
   Tensor w = f32(weight), b = f32(bias), s = f32(scale), sh = f32(shift);
   Tensor m = mean.to(at::kFloat).contiguous(), r = rstd.to(at::kFloat).contiguous();
   Tensor dx = at::empty_like(x);
@@ -74,8 +90,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_bwd_op(
   Tensor t1 = need_wb ? at::empty({n, c}, opts) : Tensor();
   Tensor t2 = need_wb ? at::empty({n, c}, opts) : Tensor();
   ADM_DISPATCH(x.scalar_type(), "gn_bwd", [&] {
-    group_norm_act_bwd<scalar_t>(
-        g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr(m), ptr(r), ptr(w), ptr(b), ptr(s),
+    auto bwd = nhwc ? group_norm_act_bwd_nhwc<scalar_t> : group_norm_act_bwd<scalar_t>;
+    bwd(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr(m), ptr(r), ptr(w), ptr(b), ptr(s),
         ptr(sh), dx.data_ptr<scalar_t>(), ds.defined() ? ds.data_ptr<float>() : nullptr,
         dsh.defined() ? dsh.data_ptr<float>() : nullptr, need_wb ? t1.data_ptr<float>() : nullptr,
         need_wb ? t2.data_ptr<float>() : nullptr, n, c, hw, groups, act);

@@ -24,6 +24,18 @@ void group_norm_act_bwd(const T* dy, const T* x, const float* mean, const float*
                         const float* shift, T* dx, float* dscale, float* dshift, float* t1,
                         float* t2, int64_t N, int64_t C, int64_t HW, int64_t G, bool act);
 
+// The same for channels-last x, seen as [N, HW, C] (C contiguous); same outputs.
+template <typename T>
+void group_norm_act_fwd_nhwc(const T* x, T* y, float* mean, float* rstd, const float* weight,
+                             const float* bias, const float* scale, const float* shift,
+                             int64_t N, int64_t C, int64_t HW, int64_t G, double eps, bool act);
+
+template <typename T>
+void group_norm_act_bwd_nhwc(const T* dy, const T* x, const float* mean, const float* rstd,
+                             const float* weight, const float* bias, const float* scale,
+                             const float* shift, T* dx, float* dscale, float* dshift, float* t1,
+                             float* t2, int64_t N, int64_t C, int64_t HW, int64_t G, bool act);
+
 // One DDPM / DDIM step (adm_fast.ops.step_math), fp32; coefs is [rows, B].
 // model_out is [B, C or 2C, HW] with sample stride out_stride; mean_type and
 // var_type are the codes of csrc/step_codes.h.

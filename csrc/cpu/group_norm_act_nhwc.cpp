@@ -1,0 +1,254 @@
+// group_norm_act on the CPU for channels-last x ([N, HW, C] in memory, C
+// contiguous): the layout oneDNN's convolutions are fastest in here, so a UNet
+// run channels_last keeps it from conv to norm to conv.
+//
+// A group's values are strided (cg of every C), so the work goes by rows: each
+// task takes a chunk of one sample's rows and accumulates per-channel partial
+// sums along the contiguous C axis (vectorised), which are then folded into
+// per-group statistics. Statistics are two-pass (mean, then squared deviations
+// from it), fp32 within a chunk and double across chunks, as in the NCHW
+// kernel; the elementwise math is the NCHW kernel's, per channel.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+#include "vec.h"
+
+namespace adm_fast_cpu {
+namespace {
+
+// Rows per task: about 16K values, and at most 512 rows summed in fp32.
+int64_t chunk_rows(int64_t C) { return std::max<int64_t>(1, std::min<int64_t>(512, 16384 / C)); }
+
+template <typename T>
+ADM_CLONES void add_row(const T* x, float* acc, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) acc[c] += to_f(x[c]);
+}
+
+template <typename T>
+ADM_CLONES void add_sq_row(const T* x, const float* mu, float* acc, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const float d = to_f(x[c]) - mu[c];
+    acc[c] += d * d;
+  }
+}
+
+// Per-channel sums of f(row) over each chunk of rows, into part[task][C], in
+// parallel over (sample, chunk) tasks; then per (n, c) in double.
+template <typename F>
+std::vector<double> channel_sums(int64_t N, int64_t HW, int64_t C, int width, F&& row_fn) {
+  const int64_t rows = chunk_rows(C), chunks = (HW + rows - 1) / rows;
+  std::vector<float> part(static_cast<size_t>(N * chunks * width * C), 0.0f);
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, r0 = (task % chunks) * rows;
+      float* acc = part.data() + task * width * C;
+      for (int64_t r = r0; r < std::min(HW, r0 + rows); ++r) row_fn(n, r, acc);
+    }
+  });
+  std::vector<double> total(static_cast<size_t>(N * width * C), 0.0);
+  for (int64_t task = 0; task < N * chunks; ++task) {
+    const int64_t n = task / chunks;
+    for (int64_t k = 0; k < width * C; ++k) total[n * width * C + k] += part[task * width * C + k];
+  }
+  return total;
+}
+
+// Per-(n, c) vectors broadcast from per-(n, g) values.
+std::vector<float> per_channel(const float* per_group, int64_t N, int64_t C, int64_t G) {
+  std::vector<float> out(static_cast<size_t>(N * C));
+  const int64_t cg = C / G;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) out[n * C + c] = per_group[n * G + c / cg];
+  return out;
+}
+
+struct Affine {  // per-(n, c) fp32 parameters, as the NCHW kernel's Channel
+  std::vector<float> w, b, one_s, sh;
+};
+
+Affine affine(const float* weight, const float* bias, const float* scale, const float* shift,
+              int64_t N, int64_t C) {
+  Affine p{std::vector<float>(N * C), std::vector<float>(N * C), std::vector<float>(N * C),
+           std::vector<float>(N * C)};
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = n * C + c;
+      p.w[i] = weight ? weight[c] : 1.0f;
+      p.b[i] = bias ? bias[c] : 0.0f;
+      p.one_s[i] = scale ? 1.0f + scale[i] : 1.0f;
+      p.sh[i] = shift ? shift[i] : 0.0f;
+    }
+  return p;
+}
+
+template <typename T>
+ADM_CLONES void apply_row(const T* x, T* y, const float* mu, const float* a, const float* d,
+                          int64_t C, bool act) {
+  if (act) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float h = (to_f(x[c]) - mu[c]) * a[c] + d[c];
+      y[c] = from_f<T>(h / (1.0f + vexp(-h)));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) y[c] = from_f<T>((to_f(x[c]) - mu[c]) * a[c] + d[c]);
+  }
+}
+
+// g = dy·SiLU'(h2) (or dy), and x̂, for one row.
+struct GradRow {
+  const float *mu, *rstd, *w, *b, *one_s, *sh;
+  bool act;
+};
+
+template <typename T>
+ADM_CLONES void grad_sums_row(const T* x, const T* dy, const GradRow& p, float* s1, float* s2,
+                              int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const float xhat = (to_f(x[c]) - p.mu[c]) * p.rstd[c];
+    float g = to_f(dy[c]);
+    if (p.act) {
+      const float h = (xhat * p.w[c] + p.b[c]) * p.one_s[c] + p.sh[c];
+      const float sig = 1.0f / (1.0f + vexp(-h));
+      g = g * sig * (1.0f + h * (1.0f - sig));
+    }
+    s1[c] += g;
+    s2[c] += g * xhat;
+  }
+}
+
+template <typename T>
+ADM_CLONES void dx_row(const T* x, const T* dy, T* dx, const GradRow& p, const float* k,
+                       const float* c1, const float* c2, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const float xhat = (to_f(x[c]) - p.mu[c]) * p.rstd[c];
+    float g = to_f(dy[c]);
+    if (p.act) {
+      const float h = (xhat * p.w[c] + p.b[c]) * p.one_s[c] + p.sh[c];
+      const float sig = 1.0f / (1.0f + vexp(-h));
+      g = g * sig * (1.0f + h * (1.0f - sig));
+    }
+    dx[c] = from_f<T>(p.rstd[c] * (g * k[c] - c1[c] - xhat * c2[c]));
+  }
+}
+
+template <typename F>
+void over_rows(int64_t N, int64_t HW, int64_t C, F&& fn) {
+  const int64_t rows = chunk_rows(C), chunks = (HW + rows - 1) / rows;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, r0 = (task % chunks) * rows;
+      for (int64_t r = r0; r < std::min(HW, r0 + rows); ++r) fn(n, r);
+    }
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void group_norm_act_fwd_nhwc(const T* x, T* y, float* mean, float* rstd, const float* weight,
+                             const float* bias, const float* scale, const float* shift,
+                             int64_t N, int64_t C, int64_t HW, int64_t G, double eps, bool act) {
+  const int64_t cg = C / G;
+  const double m = static_cast<double>(cg * HW);
+  auto sums = channel_sums(N, HW, C, 1, [&](int64_t n, int64_t r, float* acc) {
+    add_row(x + (n * HW + r) * C, acc, C);
+  });
+  for (int64_t ng = 0; ng < N * G; ++ng) {
+    double s = 0.0;
+    for (int64_t c = 0; c < cg; ++c) s += sums[(ng / G) * C + (ng % G) * cg + c];
+    mean[ng] = static_cast<float>(s / m);
+  }
+  const std::vector<float> mu = per_channel(mean, N, C, G);
+  auto sq = channel_sums(N, HW, C, 1, [&](int64_t n, int64_t r, float* acc) {
+    add_sq_row(x + (n * HW + r) * C, mu.data() + n * C, acc, C);
+  });
+  for (int64_t ng = 0; ng < N * G; ++ng) {
+    double s = 0.0;
+    for (int64_t c = 0; c < cg; ++c) s += sq[(ng / G) * C + (ng % G) * cg + c];
+    const float var = static_cast<float>(s / m);
+    rstd[ng] = 1.0f / std::sqrt(var + static_cast<float>(eps));
+  }
+  const std::vector<float> r = per_channel(rstd, N, C, G);
+  const Affine p = affine(weight, bias, scale, shift, N, C);
+  std::vector<float> a(N * C), d(N * C);
+  for (int64_t i = 0; i < N * C; ++i) {
+    a[i] = r[i] * p.w[i] * p.one_s[i];
+    d[i] = p.b[i] * p.one_s[i] + p.sh[i];
+  }
+  over_rows(N, HW, C, [&](int64_t n, int64_t row) {
+    const int64_t o = (n * HW + row) * C;
+    apply_row(x + o, y + o, mu.data() + n * C, a.data() + n * C, d.data() + n * C, C, act);
+  });
+}
+
+template <typename T>
+void group_norm_act_bwd_nhwc(const T* dy, const T* x, const float* mean, const float* rstd,
+                             const float* weight, const float* bias, const float* scale,
+                             const float* shift, T* dx, float* dscale, float* dshift, float* t1,
+                             float* t2, int64_t N, int64_t C, int64_t HW, int64_t G, bool act) {
+  const int64_t cg = C / G;
+  const double m = static_cast<double>(cg * HW);
+  const std::vector<float> mu = per_channel(mean, N, C, G), r = per_channel(rstd, N, C, G);
+  const Affine p = affine(weight, bias, scale, shift, N, C);
+  auto rows_of = [&](int64_t n) {
+    const int64_t o = n * C;
+    return GradRow{mu.data() + o, r.data() + o, p.w.data() + o, p.b.data() + o,
+                   p.one_s.data() + o, p.sh.data() + o, act};
+  };
+  auto sums = channel_sums(N, HW, C, 2, [&](int64_t n, int64_t row, float* acc) {
+    const int64_t o = (n * HW + row) * C;
+    grad_sums_row(x + o, dy + o, rows_of(n), acc, acc + C, C);
+  });
+  std::vector<float> k(N * C), c1(N * C), c2(N * C);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      double a1 = 0.0, a2 = 0.0;
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+        const int64_t i = n * C + c;
+        const double r1 = sums[n * 2 * C + c], r2 = sums[n * 2 * C + C + c];
+        if (dshift) dshift[i] = static_cast<float>(r1);
+        if (dscale) dscale[i] = static_cast<float>(p.w[i] * r2 + p.b[i] * r1);
+        if (t1) t1[i] = static_cast<float>(p.one_s[i] * r1);
+        if (t2) t2[i] = static_cast<float>(p.one_s[i] * r2);
+        a1 += p.w[i] * p.one_s[i] * r1;
+        a2 += p.w[i] * p.one_s[i] * r2;
+      }
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+        const int64_t i = n * C + c;
+        k[i] = p.one_s[i] * p.w[i];
+        c1[i] = static_cast<float>(a1 / m);
+        c2[i] = static_cast<float>(a2 / m);
+      }
+    }
+  }
+  over_rows(N, HW, C, [&](int64_t n, int64_t row) {
+    const int64_t o = (n * HW + row) * C;
+    dx_row(x + o, dy + o, dx + o, rows_of(n), k.data() + n * C, c1.data() + n * C,
+           c2.data() + n * C, C);
+  });
+}
+
+#define ADM_INSTANTIATE(T)                                                                   \
+  template void group_norm_act_fwd_nhwc<T>(const T*, T*, float*, float*, const float*,       \
+                                           const float*, const float*, const float*, int64_t, \
+                                           int64_t, int64_t, int64_t, double, bool);          \
+  template void group_norm_act_bwd_nhwc<T>(                                                  \
+      const T*, const T*, const float*, const float*, const float*, const float*,            \
+      const float*, const float*, T*, float*, float*, float*, float*, int64_t, int64_t,      \
+      int64_t, int64_t, bool);
+ADM_INSTANTIATE(float)
+ADM_INSTANTIATE(c10::BFloat16)
+ADM_INSTANTIATE(c10::Half)
+#undef ADM_INSTANTIATE
+
+}  // namespace adm_fast_cpu
