@@ -55,6 +55,7 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "DiskFullError", "is_safetensors",
            "read_state_dict", "read_metadata", "read_diffusion_flags", "read_class_names",
            "check_fits", "detect_preset", "load_checkpoint", "save_checkpoint", "write_atomic",
+           "write_error",
            "fsync_path", "META_DIFFUSION", "META_CLASSES"]
 
 
@@ -290,7 +291,9 @@ def _describe(meta: Mapping[str, str], shapes) -> Tuple[Optional[str], str]:
         parts.append("learned sigma")
     if meta.get(_META_PRESET):
         parts.append(f"preset {meta[_META_PRESET]}")
-    return kind, f"a {f'{size}x{size} ' if size else ''}{name} ({', '.join(parts)})"
+    what = f"{size}x{size} {name}" if size else name
+    article = "an" if str(size).startswith("8") or size in (11, 18) else "a"
+    return kind, f"{article} {what} ({', '.join(parts)})"
 
 
 def _closest(shapes, kind: Optional[str]):
@@ -464,7 +467,7 @@ def load_checkpoint(path: Union[str, os.PathLike], preset=None, device=None,
         preset = detect_preset(sd, path)
     model, found = _build(preset, meta, path)
     target = (f"preset {found.name}" if found else
-              f"the model {'its metadata describes' if preset is None else 'the flags given describe'}")
+              f"the model described by {'its metadata' if preset is None else 'the flags given'}")
     diff = _diff(shapes, _model_layout(model))
     if any(diff):
         asked = preset.flags if isinstance(preset, Preset) else (
@@ -500,7 +503,9 @@ class _Recording:
         return getattr(self._f, name)
 
 
-def _write_error(path: str, exc: BaseException, recorded: Optional[OSError]) -> OSError:
+def write_error(path: str, exc: BaseException, recorded: Optional[OSError] = None) -> OSError:
+    """The OSError to raise for a failed write of `path`: DiskFullError when
+    the cause (exc, its chain, or `recorded`) is ENOSPC/EDQUOT."""
     seen, e = [], exc
     while e is not None and len(seen) < 8:
         seen.append(e)
@@ -532,7 +537,7 @@ def write_atomic(path: Union[str, os.PathLike], write: Callable) -> None:
             os.fsync(raw.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        raise _write_error(path, e, f.error if f is not None else None) from None
+        raise write_error(path, e, f.error if f is not None else None) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

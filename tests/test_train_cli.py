@@ -147,3 +147,30 @@ def test_a_full_disk_is_one_line(four_classes, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"adm-fast train: error: disk full: cannot write {tmp_path}"), err
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_a_full_disk_while_logging_says_so(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from adm_fast.train import metrics
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    m = metrics.Metrics(str(tmp_path))
+    m.add("grad_norm", 1.0)
+    monkeypatch.setattr(metrics, "open", lambda *a, **k: Full(builtins.open(*a, **k)),
+                        raising=False)
+    with pytest.raises(ckpt.DiskFullError, match="disk full: cannot write .*progress.jsonl"):
+        m.dump(1)

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..checkpoint import write_atomic
+from ..checkpoint import write_atomic, write_error
 
 log = logging.getLogger("adm_fast.train")
 
@@ -133,6 +133,12 @@ class Metrics:
         return row
 
     def _write(self, row: Dict) -> None:
+        try:
+            self._append(row)
+        except OSError as e:  # a full disk says so, naming the log
+            raise write_error(self._jsonl, e) from None
+
+    def _append(self, row: Dict) -> None:
         with open(self._jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         path = os.path.join(self.log_dir, "progress.csv")
