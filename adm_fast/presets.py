@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .models.precision import apply_dtype
 from .script_util import create_from_flags
 
 _ADM = dict(attention_resolutions="32,16,8", learn_sigma=True, diffusion_steps=1000,
@@ -42,8 +43,6 @@ class Preset:
         overrides change flags that do not alter the layout (use_checkpoint,
         dropout, use_fp16 ...). With device="meta" nothing is allocated.
         """
-        from .checkpoint import apply_dtype  # checkpoint imports presets
-
         with torch.device(device or "cpu"):
             model = create_from_flags(self.kind, {**self.flags, **overrides})
         apply_dtype(model, dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import json
 from typing import Dict, Tuple
 
 from .diffusion import create_gaussian_diffusion
@@ -141,6 +142,12 @@ def attention_downsample_rates(attention_resolutions, image_size: int) -> Tuple[
     return tuple(rates)
 
 
+def _num_classes(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {n!r}")
+    return n
+
+
 def _records_flags(kind: str):
     """Attach the script flags a model was built from as `model.flags`
     (with "kind"), so checkpoints and tools can tell how to rebuild it."""
@@ -163,10 +170,13 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
                  class_cond=False, use_checkpoint=False, attention_resolutions="16",
                  num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
                  use_scale_shift_norm=False, dropout=0, resblock_updown=False,
-                 use_fp16=False, use_new_attention_order=False, null_class=False):
+                 use_fp16=False, use_new_attention_order=False, null_class=False,
+                 num_classes=NUM_CLASSES):
     """guided-diffusion's create_model; null_class (an adm_fast addition, off by
     default so released checkpoints keep their shapes) adds the "no label"
-    embedding row classifier-free guidance needs."""
+    embedding row classifier-free guidance needs, and num_classes (another;
+    guided-diffusion fixes it at 1000) sizes the label embedding of a
+    class-conditional model."""
     return UNetModel(
         image_size=image_size,
         in_channels=3,
@@ -176,7 +186,7 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
         attention_resolutions=attention_downsample_rates(attention_resolutions, image_size),
         dropout=dropout,
         channel_mult=parse_channel_mult(channel_mult, image_size),
-        num_classes=NUM_CLASSES if class_cond else None,
+        num_classes=_num_classes(num_classes) if class_cond else None,
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
         num_heads=num_heads,
@@ -192,15 +202,17 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
 @_records_flags("classifier")
 def create_classifier(image_size, classifier_use_fp16, classifier_width, classifier_depth,
                       classifier_attention_resolutions, classifier_use_scale_shift_norm,
-                      classifier_resblock_updown, classifier_pool, classifier_channel_mult=""):
+                      classifier_resblock_updown, classifier_pool, classifier_channel_mult="",
+                      num_classes=NUM_CLASSES):
     """guided-diffusion's create_classifier; classifier_channel_mult (an
     adm_fast addition; "" keeps guided-diffusion's choice per image size) lets
-    small classifiers exist for sizes guided-diffusion has no table for."""
+    small classifiers exist for sizes guided-diffusion has no table for, and
+    num_classes (another) is the number of logits."""
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=classifier_width,
-        out_channels=NUM_CLASSES,
+        out_channels=_num_classes(num_classes),
         num_res_blocks=classifier_depth,
         attention_resolutions=attention_downsample_rates(
             classifier_attention_resolutions, image_size),
@@ -217,7 +229,7 @@ def create_classifier(image_size, classifier_use_fp16, classifier_width, classif
 def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma,
                     class_cond, use_checkpoint, attention_resolutions, num_heads,
                     num_head_channels, num_heads_upsample, use_scale_shift_norm, dropout,
-                    resblock_updown, use_fp16, null_class=False):
+                    resblock_updown, use_fp16, null_class=False, num_classes=NUM_CLASSES):
     if small_size <= 0 or small_size > large_size:
         raise ValueError(f"small_size must be in (0, large_size={large_size}], got {small_size}")
     return SuperResModel(
@@ -229,7 +241,7 @@ def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_
         attention_resolutions=attention_downsample_rates(attention_resolutions, large_size),
         dropout=dropout,
         channel_mult=parse_channel_mult("", large_size, SR_CHANNEL_MULT, "large size"),
-        num_classes=NUM_CLASSES if class_cond else None,
+        num_classes=_num_classes(num_classes) if class_cond else None,
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,
         num_head_channels=num_head_channels,
@@ -258,6 +270,8 @@ def create_from_flags(kind: str, flags: dict):
     if kind != "classifier":
         keys.append("null_class")
         defaults["null_class"] = False
+    keys.append("num_classes")
+    defaults["num_classes"] = NUM_CLASSES
     unknown = set(flags) - set(defaults) - set(diffusion_defaults()) - {"kind"}
     if unknown:
         raise ValueError(f"unknown {kind} flags: {', '.join(sorted(unknown))}")
@@ -279,7 +293,8 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
                                diffusion_steps, noise_schedule, timestep_respacing, use_kl,
                                predict_xstart, rescale_timesteps, rescale_learned_sigmas,
                                use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
-                               use_new_attention_order, null_class=False):
+                               use_new_attention_order, null_class=False,
+                               num_classes=NUM_CLASSES):
     model = create_model(
         image_size, num_channels, num_res_blocks, channel_mult=channel_mult,
         learn_sigma=learn_sigma, class_cond=class_cond, use_checkpoint=use_checkpoint,
@@ -287,7 +302,8 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
         num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm, dropout=dropout,
         resblock_updown=resblock_updown, use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order, null_class=null_class)
+        use_new_attention_order=use_new_attention_order, null_class=null_class,
+        num_classes=num_classes)
     return model, _diffusion(diffusion_steps, **locals())
 
 
@@ -297,11 +313,11 @@ def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_
                                     classifier_pool, learn_sigma, diffusion_steps,
                                     noise_schedule, timestep_respacing, use_kl, predict_xstart,
                                     rescale_timesteps, rescale_learned_sigmas,
-                                    classifier_channel_mult=""):
+                                    classifier_channel_mult="", num_classes=NUM_CLASSES):
     classifier = create_classifier(
         image_size, classifier_use_fp16, classifier_width, classifier_depth,
         classifier_attention_resolutions, classifier_use_scale_shift_norm,
-        classifier_resblock_updown, classifier_pool, classifier_channel_mult)
+        classifier_resblock_updown, classifier_pool, classifier_channel_mult, num_classes)
     return classifier, _diffusion(diffusion_steps, **locals())
 
 
@@ -311,21 +327,83 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
                                   diffusion_steps, noise_schedule, timestep_respacing, use_kl,
                                   predict_xstart, rescale_timesteps, rescale_learned_sigmas,
                                   use_checkpoint, use_scale_shift_norm, resblock_updown,
-                                  use_fp16, null_class=False):
+                                  use_fp16, null_class=False, num_classes=NUM_CLASSES):
     model = sr_create_model(
         large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma,
         class_cond=class_cond, use_checkpoint=use_checkpoint,
         attention_resolutions=attention_resolutions, num_heads=num_heads,
         num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm, dropout=dropout,
-        resblock_updown=resblock_updown, use_fp16=use_fp16, null_class=null_class)
+        resblock_updown=resblock_updown, use_fp16=use_fp16, null_class=null_class,
+        num_classes=num_classes)
     return model, _diffusion(diffusion_steps, **locals())
 
 
-def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: dict) -> None:
+# One line per flag for --help: what it means in guided-diffusion's scripts
+# (adm_fast's additions say so).
+FLAG_HELP: Dict[str, str] = {
+    # model (create_model, sr_create_model)
+    "image_size": "side of the square images the model takes, in pixels",
+    "num_channels": "base channel width of the UNet (its first level)",
+    "num_res_blocks": "residual blocks per resolution level",
+    "num_heads": "attention heads (when num_head_channels is -1)",
+    "num_heads_upsample": "attention heads in the decoder (-1: as num_heads)",
+    "num_head_channels": "channels per attention head, fixing the head count per width "
+                         "(-1: use num_heads)",
+    "attention_resolutions": "comma list of pixel resolutions that get self-attention",
+    "channel_mult": "comma list of per-level width multipliers (\"\": the released "
+                    "models' choice for image_size)",
+    "dropout": "dropout rate in the residual blocks",
+    "class_cond": "condition on class labels (the file-name prefix before '_')",
+    "use_checkpoint": "recompute each block's activations in backward (less memory)",
+    "use_scale_shift_norm": "FiLM-style timestep conditioning (scale and shift after the "
+                            "GroupNorm)",
+    "resblock_updown": "residual blocks for down- and upsampling (BigGAN style)",
+    "use_fp16": "guided-diffusion's fp16 recipe: fp16 convolutions, fp32 master weights, "
+                "dynamic loss scaling",
+    "use_new_attention_order": "split qkv before heads (the 64x64 model's attention order)",
+    "null_class": "adm_fast: add a 'no label' embedding row for classifier-free guidance",
+    "num_classes": "adm_fast: number of classes (guided-diffusion fixes 1000)",
+    "large_size": "super-resolution: output side in pixels",
+    "small_size": "super-resolution: side of the low-resolution input",
+    # diffusion (create_gaussian_diffusion)
+    "learn_sigma": "the model also predicts the variance (6 output channels; L_hybrid)",
+    "diffusion_steps": "timesteps T of the forward process",
+    "noise_schedule": "beta schedule: linear or cosine",
+    "timestep_respacing": "use a subset of the timesteps (\"250\", \"ddim50\", ...; \"\": all)",
+    "use_kl": "train on the variational bound (KL) instead of the MSE",
+    "predict_xstart": "the model predicts x_0 instead of the noise",
+    "rescale_timesteps": "feed timesteps scaled to [0, 1000) to the model",
+    "rescale_learned_sigmas": "weight the vb term by T/1000 (guided-diffusion's RESCALED_MSE)",
+    # classifier (create_classifier)
+    "classifier_use_fp16": "the classifier in guided-diffusion's fp16 recipe",
+    "classifier_width": "base channel width of the classifier",
+    "classifier_depth": "residual blocks per resolution level of the classifier",
+    "classifier_attention_resolutions": "comma list of pixel resolutions with attention in "
+                                        "the classifier",
+    "classifier_use_scale_shift_norm": "FiLM-style timestep conditioning in the classifier",
+    "classifier_resblock_updown": "residual blocks for downsampling in the classifier",
+    "classifier_pool": "the classifier's head: adaptive, attention, spatial or spatial_v2",
+    "classifier_channel_mult": "adm_fast: comma list of the classifier's per-level width "
+                               "multipliers (\"\": guided-diffusion's choice for image_size)",
+}
+
+
+def show_default(v) -> str:
+    """A default as the command line spells it (strings quoted, so "" shows)."""
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+def add_dict_to_argparser(parser, default_dict: dict, helps=None) -> None:
+    """guided-diffusion's helper; with `helps` ({flag: text}), each flag gets
+    its line of help and its default."""
     for k, v in default_dict.items():
         v_type = str2bool if isinstance(v, bool) else (str if v is None else type(v))
-        parser.add_argument(f"--{k}", default=v, type=v_type)
+        kw = {}
+        if helps is not None:
+            kw = dict(help=f"{helps[k]} (default: {show_default(v)})",
+                      metavar="BOOL" if isinstance(v, bool) else v_type.__name__.upper())
+        parser.add_argument(f"--{k}", default=v, type=v_type, **kw)
 
 
 def args_to_dict(args, keys):

@@ -204,7 +204,8 @@ def test_bad_arguments(tmp_path):
         D.ImageFolderDataset(tmp_path, 8, shard=3, num_shards=4)
     with pytest.raises(DataError, match="image_size"):
         D.ImageFolderDataset(tmp_path, 0)
-    with pytest.raises(DataError, match=r"rank 1 of world_size=2 gets 1 images.*batch_size=2"):
+    with pytest.raises(DataError, match=r"3 images, fewer than one global batch \(batch_size=2 "
+                       r"per rank x world_size=2\)"):
         D.load_data(data_dir=tmp_path, batch_size=2, image_size=8, rank=1, world_size=2)
 
 
@@ -294,14 +295,28 @@ def test_start_batch_resumes_exactly_without_decoding_the_skipped(tmp_path, monk
     _same(_take(resumed, 1), _take(D.load_data(start_batch=7, **kw), 1))
 
 
-def test_ranks_see_disjoint_shards(tmp_path):
-    files = D.make_image_folder(tmp_path, 8, 8, classes=("a", "b"))
-    streams = [D.load_data(data_dir=tmp_path, batch_size=2, image_size=8, rank=r, world_size=2,
-                           num_workers=0, random_flip=False, deterministic=True)
-               for r in range(2)]
-    assert [s.dataset.files for s in streams] == [files[0::2], files[1::2]]
-    first = [next(s)[0] for s in streams]
-    assert not torch.equal(first[0], first[1])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_ranks_split_the_one_process_batches(tmp_path, deterministic):
+    """The data do not depend on the world size: rank r of W gets items r::W of
+    the batch one process gets (so both see the same samples, in the same
+    places of the global batch), across epochs and from any start batch."""
+    D.make_image_folder(tmp_path, 11, 8, classes=("a", "b", "c"))
+    kw = dict(data_dir=tmp_path, image_size=8, class_cond=True, num_workers=0, seed=4,
+              deterministic=deterministic, random_crop=True)
+    one = _take(D.load_data(batch_size=4, **kw), 6)  # 2 global batches per epoch
+    for start in (0, 3):
+        ranks = [_take(D.load_data(batch_size=2, rank=r, world_size=2, start_batch=start,
+                                   **kw), 6 - start) for r in range(2)]
+        for b in range(6 - start):
+            x, cond = one[start + b]
+            for r in range(2):
+                assert torch.equal(ranks[r][b][0], x[r::2]), (start, b, r)
+                assert torch.equal(ranks[r][b][1]["y"], cond["y"][r::2])
+    if deterministic:  # folder order: guided-diffusion's files[r::W] shards
+        ds = D.ImageFolderDataset(tmp_path, 8, class_cond=True, random_flip=False)
+        first = next(D.load_data(batch_size=2, rank=1, world_size=2,
+                                 **{**kw, "random_crop": False, "random_flip": False}))
+        assert torch.equal(first[0], torch.stack([ds[1][0], ds[3][0]]))
 
 
 def test_make_image_folder_is_seeded_and_class_dependent(tmp_path):

@@ -6,7 +6,8 @@ guided-diffusion's flag names. The pieces (data, precision, loop, checkpoints)
 are importable on their own.
 """
 
-from .cli import TrainError, train, train_classifier
+from .cli import train, train_classifier
+from .config import TrainError
 from .data import DataError, ImageFolderDataset, load_data, make_image_folder
 from .loop import TrainLoop
 from .precision import PRECISIONS, MixedPrecisionTrainer

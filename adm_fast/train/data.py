@@ -10,6 +10,13 @@ can be skipped (and counted, across worker processes); augmentation and
 shuffling draw from generators seeded by (seed, epoch, image), so a stream is
 the same for any number of workers and `start_batch=k` resumes it exactly at
 batch k without decoding the k batches before it.
+
+One departure, so that the data do not depend on the number of processes:
+`load_data` orders all files per epoch (shuffled by (seed, epoch)) into global
+batches of batch_size x world_size, and rank r takes the items r, r + W, ...
+of each. One process and W ranks then see the same global batches, each item
+in the same place (with deterministic=True this is guided-diffusion's
+files[r::W] sharding, up to the epoch's last partial batch).
 """
 
 from __future__ import annotations
@@ -226,14 +233,16 @@ class ImageFolderDataset(Dataset):
             except _DECODE_ERRORS as e:
                 if self.on_error == "stop":
                     raise DataError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); "
-                                    "pass on_error='skip' to skip undecodable images") from e
+                                    "skip undecodable images with on_error='skip' "
+                                    "(adm-fast train: --on_error skip)") from e
                 self._bad[j] = 1
                 _log.warning("skipping undecodable image %s (%s)", path, e)
                 continue
             if min(img.size) < self.image_size and not self.allow_upscale:
                 raise DataError(f"{path}: the image is {img.width}x{img.height}, smaller than "
-                                f"image_size={self.image_size} on its shorter side; pass "
-                                "allow_upscale=True to resize it up")
+                                f"image_size={self.image_size} on its shorter side; resize such "
+                                "images up with allow_upscale=True (adm-fast train: "
+                                "--allow_upscale True)")
             return j, img
         raise DataError(f"none of the {n} images of shard {self.shard}/{self.num_shards} can be "
                         f"decoded (first: {self.files[0]})")
@@ -247,13 +256,18 @@ def _checked(classes: Sequence[str]) -> List[str]:
 
 
 class _EpochBatchSampler:
-    """Batches of (epoch, index) forever, from batch `start`; drop_last within each epoch."""
+    """This rank's share of each global batch, as lists of (epoch, index), forever
+    from global batch `start`. An epoch orders all n items (shuffled by (seed,
+    epoch), never by rank or world size) into n // (batch_size * world_size)
+    global batches, the remainder dropped; rank r takes items r::world_size."""
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int,
                  world_size: int, start: int):
-        self.n, self.batch_size, self.shuffle, self.start = n, batch_size, shuffle, start
-        self.key = (seed, _SHUFFLE_TAG, rank, world_size)
-        self.per_epoch = n // batch_size
+        self.n, self.shuffle, self.start = n, shuffle, start
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        self.key = (seed, _SHUFFLE_TAG)
+        self.per_epoch = n // self.global_batch
 
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -266,7 +280,8 @@ class _EpochBatchSampler:
             e, k = divmod(batch, self.per_epoch)
             if e != epoch:
                 epoch, order = e, self.order(e)
-            yield [(epoch, int(i)) for i in order[k * self.batch_size:(k + 1) * self.batch_size]]
+            items = order[k * self.global_batch:(k + 1) * self.global_batch]
+            yield [(epoch, int(i)) for i in items[self.rank::self.world_size]]
             batch += 1
 
 
@@ -290,13 +305,25 @@ class ImageBatchStream:
         if self._it is None:  # workers start at the first batch, not at construction
             self.loader.batch_sampler.start = self.batches_done  # after close(), carry on
             self._it = iter(self.loader)
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except DataError as e:
+            # From a worker, the message is the worker's whole traceback.
+            raise DataError(_worker_message(e)) from None
         self.batches_done += 1
         return batch
 
     def close(self) -> None:
         """Stop the worker processes now (dropping the stream does it too)."""
         self._it = None
+
+
+def _worker_message(e: DataError) -> str:
+    text = str(e).rstrip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split("DataError: ", 1)[-1]
 
 
 def load_data(*, data_dir, batch_size: int, image_size: int, class_cond: bool = False,
@@ -307,8 +334,9 @@ def load_data(*, data_dir, batch_size: int, image_size: int, class_cond: bool = 
               allow_upscale: bool = False) -> ImageBatchStream:
     """guided-diffusion's load_data as a resumable stream; `batch_size` is per rank.
 
-    Each epoch covers this rank's shard once (shuffled by (seed, rank, world_size,
-    epoch) unless `deterministic`), the last partial batch dropped.
+    Each epoch covers the whole folder once in global batches of batch_size x
+    world_size (shuffled by (seed, epoch) unless `deterministic`; the last
+    partial batch dropped), of which this rank gets items rank::world_size.
     """
     if not data_dir:
         raise DataError("load_data: data_dir is empty; give the image folder to train on")
@@ -318,18 +346,22 @@ def load_data(*, data_dir, batch_size: int, image_size: int, class_cond: bool = 
         num_workers = max(0, min(4, (os.cpu_count() or 1) - 1))
     num_workers = _check_int("num_workers", num_workers, 0)
     rank, world_size = _check_int("rank", rank, 0), _check_int("world_size", world_size, 1)
+    if rank >= world_size:
+        raise DataError(f"rank {rank} is out of range for world_size {world_size}")
     dataset = ImageFolderDataset(data_dir, image_size, class_cond=class_cond, classes=classes,
-                                 random_crop=random_crop, random_flip=random_flip, shard=rank,
-                                 num_shards=world_size, on_error=on_error, seed=seed,
-                                 allow_upscale=allow_upscale)
-    if len(dataset) < batch_size:
-        raise DataError(f"{os.fspath(data_dir)}: rank {rank} of world_size={world_size} gets "
-                        f"{len(dataset)} images, fewer than the per-rank batch_size={batch_size}; "
-                        "use a smaller batch_size or world_size, or more images")
+                                 random_crop=random_crop, random_flip=random_flip,
+                                 on_error=on_error, seed=seed, allow_upscale=allow_upscale)
+    if len(dataset) < batch_size * world_size:
+        raise DataError(f"{os.fspath(data_dir)}: {len(dataset)} images, fewer than one global "
+                        f"batch (batch_size={batch_size} per rank x world_size={world_size}); "
+                        "use a smaller batch or more images")
     sampler = _EpochBatchSampler(len(dataset), batch_size, not deterministic, dataset.seed,
                                  rank, world_size, start_batch)
+    # Its own generator: a DataLoader iterator otherwise draws its base seed from
+    # the global RNG, which dropout uses, and a resumed run creates it elsewhere.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(dataset.seed))
     return ImageBatchStream(dataset, loader, start_batch)
 
 

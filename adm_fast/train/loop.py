@@ -58,7 +58,8 @@ class TrainLoop:
                  fp16_scale_growth: float = 1e-3, initial_lg_loss_scale: float = 20.0,
                  schedule_sampler=None, lr_anneal_steps: int = 0, max_steps: int = 0,
                  seed: int = 0, max_grad_norm: Optional[float] = None, progress: bool = True,
-                 run_info: Optional[Dict] = None):
+                 run_info: Optional[Dict] = None, diffusion_flags: Optional[Dict] = None,
+                 classes: Optional[List[str]] = None):
         self.world, self.log_dir = world, log_dir
         self.diffusion, self.data = diffusion, data
         if batch_size < 1 or batch_size % world.world_size:
@@ -72,6 +73,8 @@ class TrainLoop:
         self.ema_rates = parse_ema_rates(ema_rate)
         self.sampler, self.seed, self.progress = schedule_sampler, seed, progress
         self.run_info = dict(run_info or {})
+        # Stored with every weights file: the diffusion it samples with, its labels.
+        self.diffusion_flags, self.classes = diffusion_flags, classes
         self.model = model.to(world.device)
         self.mp = MixedPrecisionTrainer(self.model, precision=precision,
                                         initial_lg_loss_scale=initial_lg_loss_scale,
@@ -91,7 +94,7 @@ class TrainLoop:
                            find_unused_parameters=False)
         if world.is_main:
             os.makedirs(log_dir, exist_ok=True)
-        self.metrics = Metrics(log_dir, enabled=world.is_main)
+        self.metrics = Metrics(log_dir, enabled=world.is_main, start_step=self.step)
 
     # --- randomness -------------------------------------------------------
     def generator(self) -> torch.Generator:
@@ -177,11 +180,23 @@ class TrainLoop:
     def run(self) -> int:
         """Train until --max_steps / --lr_anneal_steps (forever when neither is
         set), saving every save_interval steps and at the end. Returns the step."""
-        total = self.max_steps or self.lr_anneal_steps or None
-        bar = None
-        if self.progress and self.world.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
+        with contextlib.ExitStack() as stack:
+            if self.progress and self.world.is_main:
+                from tqdm import tqdm
+                from tqdm.contrib.logging import logging_redirect_tqdm
+
+                total = self.max_steps or self.lr_anneal_steps or None
+                bar = stack.enter_context(tqdm(total=total, initial=self.step, unit="step",
+                                               dynamic_ncols=True))
+                # Log lines go through tqdm.write while the bar is open: above
+                # it, not glued to its end.
+                stack.enter_context(logging_redirect_tqdm(
+                    loggers=[logging.root, logging.getLogger("adm_fast")]))
+            else:
+                bar = None
+            return self._run(bar)
+
+    def _run(self, bar) -> int:
         log.info("training from step %d: global batch %d = %d rank(s) x %d per rank "
                  "(microbatch %d), precision %s, device %s", self.step, self.global_batch,
                  self.world.world_size, self.local_batch, self.microbatch, self.mp.precision,
@@ -203,8 +218,6 @@ class TrainLoop:
             self.log_row(time.perf_counter() - start, self.step - start_step)
         if last_saved != self.step:
             self.save()
-        if bar is not None:
-            bar.close()
         return self.step
 
     def log_row(self, seconds: float, steps: int) -> Dict:
@@ -223,19 +236,21 @@ class TrainLoop:
         if self.world.is_main:
             os.makedirs(self.log_dir, exist_ok=True)
             files = [st.model_file(self.step)]
+            meta = dict(diffusion=self.diffusion_flags, classes=self.classes)
             ckpt.save_checkpoint(self.model, os.path.join(self.log_dir, files[0]),
                                  state_dict=self.mp.master_params_to_state_dict(
-                                     self.mp.master_params))
+                                     self.mp.master_params), **meta)
             for rate, ema in zip(self.ema_rates, self.emas):
                 files.append(st.ema_file(rate, self.step))
                 ckpt.save_checkpoint(self.model, os.path.join(self.log_dir, files[-1]),
-                                     state_dict=self.mp.master_params_to_state_dict(ema))
+                                     state_dict=self.mp.master_params_to_state_dict(ema), **meta)
             files.append(st.state_file(self.step))
             st.save_state({
                 "step": self.step, "optimizer": self.opt.state_dict(),
                 "precision": self.mp.state_dict(), "sampler": st.sampler_state(self.sampler),
                 "rng": rngs, "world_size": self.world.world_size,
                 "global_batch": self.global_batch, "ema_rates": list(self.ema_rates),
+                "classes": list(self.classes) if self.classes is not None else None,
                 "run": {k: v for k, v in self.run_info.items()
                         if isinstance(v, (str, int, float, bool))},
             }, os.path.join(self.log_dir, files[-1]))

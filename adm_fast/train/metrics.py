@@ -4,11 +4,17 @@ line and appended to progress.jsonl and progress.csv in the log dir.
 
 Values accumulate as tensors and are read once per interval, so logging adds
 no host synchronisation to the steps in between.
+
+A run (re)starting at step S first repairs the log files: a torn last line of
+progress.jsonl (a kill mid-write) is dropped, and so are the rows after S,
+which the run is about to log again; progress.csv is rewritten from what is
+left. A log never holds a step twice.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -19,16 +25,57 @@ from typing import Dict, Optional
 
 import torch
 
+from ..checkpoint import write_atomic, write_error
+
 log = logging.getLogger("adm_fast.train")
 
 
 class Metrics:
-    def __init__(self, log_dir: Optional[str], enabled: bool = True):
+    def __init__(self, log_dir: Optional[str], enabled: bool = True, start_step: int = 0):
         self.log_dir = log_dir if enabled else None
         self._sums: Dict[str, torch.Tensor] = {}
         self._counts: Dict[str, torch.Tensor] = {}
         self._scalars: Dict[str, list] = defaultdict(list)
         self._columns: list = []
+        if self.log_dir is not None and os.path.exists(self._jsonl):
+            self._repair(start_step)
+
+    @property
+    def _jsonl(self) -> str:
+        return os.path.join(self.log_dir, "progress.jsonl")
+
+    def _repair(self, start_step: int) -> None:
+        with open(self._jsonl, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").split("\n")
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("not a row with a step")
+            except ValueError as e:
+                where = "its last line, torn" if i >= len(lines) - 1 else f"line {i}"
+                log.warning("%s: dropping %s (%s)", self._jsonl, where, e)
+                continue
+            if row["step"] <= start_step:
+                rows.append(row)
+        text = "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
+        write_atomic(self._jsonl, lambda f: f.write(text))
+        self._rewrite_csv(rows)
+
+    def _rewrite_csv(self, rows) -> None:
+        seen = list(self._columns)
+        for r in rows:  # rows of an earlier (resumed) run may hold other keys
+            seen += [k for k in r if k not in seen]
+        self._columns = _ordered(seen)
+        out = io.StringIO(newline="")
+        w = csv.DictWriter(out, fieldnames=self._columns)
+        w.writeheader()
+        w.writerows(rows)
+        data = out.getvalue().encode("utf-8")
+        write_atomic(os.path.join(self.log_dir, "progress.csv"), lambda f: f.write(data))
 
     def add_losses(self, losses: Dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: int):
         """Per-sample loss terms at timesteps t: overall means and per-quartile means."""
@@ -86,24 +133,20 @@ class Metrics:
         return row
 
     def _write(self, row: Dict) -> None:
-        with open(os.path.join(self.log_dir, "progress.jsonl"), "a", encoding="utf-8") as f:
+        try:
+            self._append(row)
+        except OSError as e:  # a full disk says so, naming the log
+            raise write_error(self._jsonl, e) from None
+
+    def _append(self, row: Dict) -> None:
+        with open(self._jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         path = os.path.join(self.log_dir, "progress.csv")
-        new = [k for k in row if k not in self._columns]
-        if new or not os.path.exists(path):
+        if any(k not in self._columns for k in row) or not os.path.exists(path):
             # New keys (e.g. once every quartile has been seen): rewrite with
             # the union of columns so the CSV stays rectangular.
-            jsonl = os.path.join(self.log_dir, "progress.jsonl")
-            with open(jsonl, encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            seen = list(self._columns)
-            for r in rows:  # rows of an earlier (resumed) run may hold other keys
-                seen += [k for k in r if k not in seen]
-            self._columns = _ordered(seen)
-            with open(path, "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=self._columns)
-                w.writeheader()
-                w.writerows(rows)
+            with open(self._jsonl, encoding="utf-8") as f:
+                self._rewrite_csv([json.loads(line) for line in f if line.strip()])
         else:
             with open(path, "a", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, fieldnames=self._columns).writerow(row)

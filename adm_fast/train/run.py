@@ -1,11 +1,12 @@
-"""One training run from a dict of flags: process group, model, data, resume,
-loop. Shared by `adm-fast train`, `adm-fast train-classifier` and the Python API."""
+"""One training run from a dict of flags: process group, resume, classes,
+model, data, loop. Shared by `adm-fast train`, `adm-fast train-classifier`
+and the Python API."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -13,11 +14,12 @@ from .. import ops
 from ..diffusion import create_named_schedule_sampler
 from ..script_util import (classifier_and_diffusion_defaults,
                            create_classifier_and_diffusion, create_model_and_diffusion,
-                           model_and_diffusion_defaults)
+                           diffusion_defaults, model_and_diffusion_defaults)
 from . import state as st
-from .cli import TrainError, default_log_dir, precision_of, setup_logging
-from .data import load_data
-from .distributed import broadcast_object, cleanup, env_world_size, setup
+from .config import TrainError, default_log_dir, precision_of, setup_logging
+from .data import class_names, list_image_files, load_data
+from .distributed import barrier, broadcast_object, cleanup, env_world_size, setup
+from .loop import parse_ema_rates
 from .tasks import ClassifierTrainLoop, DiffusionTrainLoop
 
 log = logging.getLogger("adm_fast.train")
@@ -25,19 +27,72 @@ log = logging.getLogger("adm_fast.train")
 
 def _build(kind: str, flags: Dict):
     if kind == "diffusion":
-        keys = list(model_and_diffusion_defaults()) + ["null_class"]
+        keys = list(model_and_diffusion_defaults()) + ["null_class", "num_classes"]
         return create_model_and_diffusion(**{k: flags[k] for k in keys})
-    keys = list(classifier_and_diffusion_defaults()) + ["classifier_channel_mult"]
+    keys = list(classifier_and_diffusion_defaults()) + ["classifier_channel_mult", "num_classes"]
     return create_classifier_and_diffusion(**{k: flags[k] for k in keys})
 
 
-def _resume_path(flags: Dict, log_dir: str) -> str:
-    if flags["resume_checkpoint"]:
-        path = flags["resume_checkpoint"]
+def _resume(flags: Dict, log_dir: str, world) -> Optional[Dict]:
+    """The verified checkpoint to resume from: --resume_checkpoint as given
+    (an error if it is damaged), else the newest intact set in log_dir, newer
+    damaged or incomplete ones skipped with a warning. Rank 0 chooses."""
+    rates = parse_ema_rates(flags["ema_rate"])
+    path = flags["resume_checkpoint"]
+    if path:
         if not os.path.isfile(path):
             raise TrainError(f"--resume_checkpoint {path} does not exist")
-        return path
-    return st.find_latest(log_dir) or "" if os.path.isdir(log_dir) else ""
+        return st.load_resume(path, rates)
+    found = None
+    if world.is_main:
+        found, skipped = st.newest_intact(log_dir, rates)
+        for why in skipped:
+            log.warning("not resuming from the checkpoint at %s", why)
+    chosen = broadcast_object(world, found["path"] if found else None)
+    if chosen is None or found is not None:
+        return found
+    return st.load_resume(chosen, rates, require_state=True)  # the other ranks
+
+
+def _labels(kind: str, flags: Dict, resume: Optional[Dict]):
+    """(class names, num_classes) for a class-conditional run, else (None, default).
+
+    Names come from the checkpoint resumed (so labels keep their meaning) or
+    the data folder (sorted, as guided-diffusion numbers them); num_classes
+    from --num_classes, else the checkpoint resumed, else the names found."""
+    if not (kind == "classifier" or flags["class_cond"]):
+        return None, flags["num_classes"] or 1000
+    names = None
+    if resume is not None:
+        names = (resume["state"] or {}).get("classes")
+        if names is None and "adm_fast.classes" in resume["meta"]:
+            from ..checkpoint import read_class_names
+            names = read_class_names(resume["path"])
+    if names is None:
+        names = class_names(list_image_files(flags["data_dir"]))
+    n = flags["num_classes"]
+    if n < 0:
+        raise TrainError(f"--num_classes must be >= 0 (0: as many as the data has), got {n}")
+    if n == 0:
+        n = _labels_in(resume, kind, flags) or len(names)
+    if n < len(names):
+        raise TrainError(f"--num_classes {n} is fewer than the {len(names)} classes of "
+                         f"{flags['data_dir']} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    return list(names), n
+
+
+def _labels_in(resume: Optional[Dict], kind: str, flags: Dict) -> Optional[int]:
+    """The number of labels the checkpoint resumed has (a guided-diffusion
+    release has 1000), so that resuming keeps the model's shape."""
+    if resume is None:
+        return None
+    w = resume["weights"]
+    if kind == "classifier":
+        heads = [v for k, v in w.items() if k.startswith("out.") and v.dim() >= 1]
+        return int(heads[-1].shape[0]) if heads else None
+    if "label_emb.weight" in w:
+        return int(w["label_emb.weight"].shape[0]) - int(bool(flags["null_class"]))
+    return None
 
 
 def run(kind: str, flags: Dict) -> int:
@@ -56,6 +111,12 @@ def run(kind: str, flags: Dict) -> int:
         if world.is_main:
             os.makedirs(log_dir, exist_ok=True)
         setup_logging(log_dir if world.is_main else None, world.is_main)
+        if world.is_main:
+            removed = st.remove_stale_temporaries(log_dir)
+            if removed:
+                log.info("removed %d temporary file(s) of an interrupted run: %s",
+                         len(removed), ", ".join(removed))
+        barrier(world)
         return _train(kind, flags, world, log_dir, precision, fp16_key)
     finally:
         cleanup(world)
@@ -63,27 +124,26 @@ def run(kind: str, flags: Dict) -> int:
 
 def _train(kind, flags, world, log_dir, precision, fp16_key) -> int:
     gb = flags["batch_size"]
+    resume = _resume(flags, log_dir, world)
+    start = resume["step"] if resume else 0
+    if resume:
+        log.info("resuming from %s at step %d", resume["path"], start)
+    classes, num_classes = _labels(kind, flags, resume)
     # The model is built in fp32 and MixedPrecisionTrainer converts it for fp16,
     # keeping fp32 masters of the freshly initialised weights.
     torch.manual_seed(flags["seed"])  # the same initial weights for the same --seed
-    model, diffusion = _build(kind, {**flags, fp16_key: False})
+    model, diffusion = _build(kind, {**flags, fp16_key: False, "num_classes": num_classes})
     model.flags = {**getattr(model, "flags", {}), fp16_key: flags[fp16_key]}
     if flags["use_checkpoint"]:
         model.set_checkpointing(resblocks=True, attention=bool(flags["checkpoint_attention"]))
     sampler = create_named_schedule_sampler(flags["schedule_sampler"], diffusion)
-    resume_path = _resume_path(flags, log_dir)
-    resume = st.load_resume(resume_path, _rates(flags)) if resume_path else None
-    start = resume["step"] if resume else 0
-    if resume:
-        log.info("resuming from %s at step %d", resume_path, start)
     workers = None if flags["num_workers"] < 0 else flags["num_workers"]
-    class_cond = kind == "classifier" or flags["class_cond"]
     local = gb // world.world_size
-    data_kw = dict(batch_size=local, image_size=flags["image_size"], class_cond=class_cond,
-                   deterministic=flags["deterministic_data"], allow_upscale=flags["allow_upscale"],
-                   random_flip=flags["random_flip"], rank=world.rank,
-                   world_size=world.world_size, num_workers=workers, on_error=flags["on_error"],
-                   seed=flags["seed"])
+    data_kw = dict(batch_size=local, image_size=flags["image_size"],
+                   class_cond=classes is not None, deterministic=flags["deterministic_data"],
+                   allow_upscale=flags["allow_upscale"], random_flip=flags["random_flip"],
+                   rank=world.rank, world_size=world.world_size, num_workers=workers,
+                   on_error=flags["on_error"], seed=flags["seed"], classes=classes)
     random_crop = True if kind == "classifier" else flags["random_crop"]
     data = load_data(data_dir=flags["data_dir"], random_crop=random_crop, start_batch=start,
                      **data_kw)
@@ -94,9 +154,11 @@ def _train(kind, flags, world, log_dir, precision, fp16_key) -> int:
         log_interval=flags["log_interval"], save_interval=flags["save_interval"], resume=resume,
         precision=precision, schedule_sampler=sampler, seed=flags["seed"],
         max_grad_norm=flags["max_grad_norm"] or None, progress=flags["progress"],
-        run_info={"kind": kind, **{k: v for k, v in flags.items() if k != "resume_checkpoint"}})
-    log.info("%s: %d images in this rank's shard, %d classes; log dir %s", kind,
-             data.num_images, len(data.classes or []), log_dir)
+        run_info={"kind": kind, **{k: v for k, v in flags.items() if k != "resume_checkpoint"}},
+        diffusion_flags={k: flags[k] for k in diffusion_defaults()}, classes=classes)
+    log.info("%s: %d images, %s; log dir %s", kind, data.num_images,
+             f"{len(classes)} classes ({num_classes} labels)" if classes else "unconditional",
+             log_dir)
     if kind == "diffusion":
         loop = DiffusionTrainLoop(
             fp16_scale_growth=flags["fp16_scale_growth"], lr_anneal_steps=flags["lr_anneal_steps"],
@@ -105,7 +167,7 @@ def _train(kind, flags, world, log_dir, precision, fp16_key) -> int:
         val = None
         if flags["val_data_dir"]:
             val = load_data(data_dir=flags["val_data_dir"], random_crop=False,
-                            classes=data.classes, **{**data_kw, "random_flip": False})
+                            **{**data_kw, "random_flip": False})
         iterations = flags["max_steps"] or flags["iterations"]
         loop = ClassifierTrainLoop(
             noised=flags["noised"], val_data=val, eval_interval=flags["eval_interval"],
@@ -116,9 +178,3 @@ def _train(kind, flags, world, log_dir, precision, fp16_key) -> int:
     if data.skipped_count:
         log.warning("skipped %d undecodable image(s) on this rank", data.skipped_count)
     return step
-
-
-def _rates(flags):
-    from .loop import parse_ema_rates
-    return parse_ema_rates(flags["ema_rate"])
-
