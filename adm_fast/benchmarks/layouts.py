@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import presets as _presets
-from ..checkpoint import apply_dtype, load_checkpoint
+from ..checkpoint import load_checkpoint
+from ..models.precision import apply_dtype
 from ..diffusion import create_gaussian_diffusion
 from .. import ops
 from ..ops.backend import Setting
