@@ -2,35 +2,47 @@
 
 Models, flags and checkpoints are guided-diffusion's; the hot operations go
 through `adm_fast.ops`, whose backends are chosen per call.
+
+The names below are imported on first use (PEP 562), so that `import adm_fast`
+and every command's --help cost no torch import.
 """
 
-from . import diffusion, ops, presets
-from .checkpoint import (CheckpointError, UnsafeCheckpointError, detect_preset,
-                         load_checkpoint, read_state_dict, save_checkpoint)
-from .diffusion import (ClassifierFreeGuidance, GaussianDiffusion, SpacedDiffusion,
-                        classifier_cond_fn, classifier_free_guidance, create_gaussian_diffusion,
-                        create_named_schedule_sampler)
-from .models import EncoderUNetModel, SuperResModel, UNetModel
-from .ops import explain, use_backend
-from .patch import patch
-from .presets import PRESETS, Preset
-from .script_util import (NUM_CLASSES, classifier_and_diffusion_defaults, classifier_defaults,
-                          create_classifier, create_classifier_and_diffusion, create_model,
-                          create_model_and_diffusion, diffusion_defaults,
-                          model_and_diffusion_defaults, sr_create_model,
-                          sr_create_model_and_diffusion, sr_model_and_diffusion_defaults)
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "diffusion", "ClassifierFreeGuidance", "GaussianDiffusion", "SpacedDiffusion",
-    "classifier_cond_fn", "classifier_free_guidance", "create_gaussian_diffusion",
-    "create_named_schedule_sampler", "create_classifier_and_diffusion",
-    "create_model_and_diffusion", "sr_create_model_and_diffusion",
-    "ops", "presets", "patch", "CheckpointError", "UnsafeCheckpointError", "detect_preset",
-    "load_checkpoint", "read_state_dict", "save_checkpoint", "EncoderUNetModel",
-    "SuperResModel", "UNetModel", "explain", "use_backend", "PRESETS", "Preset", "NUM_CLASSES",
-    "classifier_and_diffusion_defaults", "classifier_defaults", "create_classifier",
-    "create_model", "diffusion_defaults", "model_and_diffusion_defaults", "sr_create_model",
-    "sr_model_and_diffusion_defaults",
-]
+# public name -> the module that defines it
+_WHERE = {
+    **{name: "adm_fast.checkpoint" for name in (
+        "CheckpointError", "UnsafeCheckpointError", "detect_preset", "load_checkpoint",
+        "read_state_dict", "save_checkpoint")},
+    **{name: "adm_fast.diffusion" for name in (
+        "ClassifierFreeGuidance", "GaussianDiffusion", "SpacedDiffusion", "classifier_cond_fn",
+        "classifier_free_guidance", "create_gaussian_diffusion",
+        "create_named_schedule_sampler")},
+    **{name: "adm_fast.models" for name in ("EncoderUNetModel", "SuperResModel", "UNetModel")},
+    "explain": "adm_fast.ops", "use_backend": "adm_fast.ops", "patch": "adm_fast.patch",
+    "PRESETS": "adm_fast.presets", "Preset": "adm_fast.presets",
+    **{name: "adm_fast.script_util" for name in (
+        "NUM_CLASSES", "classifier_and_diffusion_defaults", "classifier_defaults",
+        "create_classifier", "create_classifier_and_diffusion", "create_model",
+        "create_model_and_diffusion", "diffusion_defaults", "model_and_diffusion_defaults",
+        "sr_create_model", "sr_create_model_and_diffusion", "sr_model_and_diffusion_defaults")},
+}
+_SUBMODULES = ("diffusion", "ops", "presets")
+
+__all__ = list(_SUBMODULES) + list(_WHERE)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"adm_fast.{name}")
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value  # once found, a plain attribute
+        return value
+    raise AttributeError(f"module 'adm_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

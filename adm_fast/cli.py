@@ -1,7 +1,9 @@
 """The adm-fast command: one sub-command per module, each with its own flags.
 
 Every sub-command is a function `main(argv) -> int` ("module" or
-"module:function"), imported only when it runs, so `adm-fast info` stays quick and a command's flags live beside its code.
+"module:function"), imported only when it runs. A command's --help is answered
+by its parser alone ("module:function" returning an argparse parser, in a
+module that imports no torch), so every --help is instant.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ COMMANDS = {
     "demo": ("adm_fast.demo.cli", "guided sampling on the shipped digits model: the "
              "fidelity/diversity trade-off and images/s vs the eager reference"),
     "bench": ("adm_fast.benchmarks.cli", "benchmarks: sample (guided sampling, validated "
-              "against eager), ops, train"),
+              "against eager), ops, models, train, evaluate"),
+}
+# The parsers that answer `adm-fast COMMAND --help` without importing the command.
+PARSERS = {
+    "train": "adm_fast.train.config:diffusion_parser",
+    "train-classifier": "adm_fast.train.config:classifier_parser",
+    "sample": "adm_fast.sampling.flags:build_parser",
+    "evaluate": "adm_fast.evaluation.cli:build_parser",
+    "demo": "adm_fast.demo.flags:build_parser",
 }
 
 
@@ -71,6 +81,12 @@ def main(argv=None) -> int:
         code = _flagless(name, rest)
         if code is not None:
             return code
+    if name in PARSERS and any(a in ("-h", "--help") for a in rest):
+        module, _, func = PARSERS[name].partition(":")
+        try:
+            getattr(importlib.import_module(module), func)().parse_args(["--help"])
+        except SystemExit as e:
+            return int(e.code or 0)
     module, _, func = COMMANDS[name][0].partition(":")
     return int(getattr(importlib.import_module(module), func or "main")(rest) or 0)
 

@@ -11,10 +11,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
-from .models.precision import apply_dtype
-from .script_util import create_from_flags
+# Torch and the models are imported where a model is built: the preset table
+# itself is data, which every command's --help reads.
 
 _ADM = dict(attention_resolutions="32,16,8", learn_sigma=True, diffusion_steps=1000,
             noise_schedule="linear", resblock_updown=True, use_scale_shift_norm=True,
@@ -37,12 +35,17 @@ class Preset:
     def model_flags(self) -> Dict:
         return {"kind": self.kind, **self.flags}
 
-    def build(self, device=None, dtype: Optional[torch.dtype] = None, **overrides):
+    def build(self, device=None, dtype=None, **overrides):
         """The model with this preset's layout (random weights).
 
         overrides change flags that do not alter the layout (use_checkpoint,
         dropout, use_fp16 ...). With device="meta" nothing is allocated.
         """
+        import torch
+
+        from .models.precision import apply_dtype
+        from .script_util import create_from_flags
+
         with torch.device(device or "cpu"):
             model = create_from_flags(self.kind, {**self.flags, **overrides})
         apply_dtype(model, dtype)

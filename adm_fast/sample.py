@@ -17,7 +17,6 @@ writes the final files in batch order.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -27,93 +26,23 @@ from typing import Dict
 
 import torch
 
-from . import presets as _presets
 from .diffusion import NonFiniteSampleError
 from .ops import BackendNotSupported, current_backend, use_backend
-from .sampling.classes import parse_classes
 from .sampling.files import OutputError
-from .sampling.job import DTYPES, Job, prepare
+from .sampling.job import Job, prepare
 from .sampling.progress import Progress
-from .sampling.resolve import DEFAULTS, SCRIPT_DEFAULTS, InputError
+from .sampling.flags import DEFAULTS, PROG, SCRIPT_DEFAULTS, InputError, build_parser
 from .sampling.shards import RunFolder, RunMismatch, file_identity, prepare_out
-from .sampling_api import SAMPLERS, iter_batches, sample_images, save_samples, write_png
-from .script_util import str2bool
+from .sampling_api import iter_batches, sample_images, save_samples, write_png
 
 __all__ = ["main", "build_parser", "sample_images", "save_samples"]
 
-PROG = "adm-fast sample"
-BACKENDS = ("auto", "eager", "cpu", "triton", "cuda", "sdpa")
 # The ranks wait for each other once, at the end: a rank with one batch more
 # than the others may take long (1000 steps at 256x256), the default 10 minutes
 # of a collective's timeout is not enough.
 _SYNC_TIMEOUT_S = 7 * 24 * 3600.0
 _NOT_IN_MANIFEST = {"out", "progress", "device", "model_path", "classifier_path",
                     "base_samples"}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise InputError(message)
-
-
-def _arg_type(parse, what: str):
-    def convert(text: str):
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    convert.__name__ = what  # argparse names the type in its messages
-    return convert
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must be a non-negative integer, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    # guided-diffusion's flags default to SUPPRESS so that the ones given can be
-    # told apart: they override the checkpoint's and the preset's.
-    g = p.add_argument_group("guided-diffusion's flags (and adm_fast's model additions)")
-    for k, v in DEFAULTS.items():
-        g.add_argument(f"--{k}", type=str2bool if isinstance(v, bool) else type(v),
-                       default=argparse.SUPPRESS, metavar=type(v).__name__.upper(),
-                       help=f"default: {v!r}")
-    a = p.add_argument_group("adm_fast's flags")
-    models = [n for n in _presets.names() if _presets.get(n).kind != "classifier"]
-    a.add_argument("--preset", metavar="NAME", help="take model flags, respacing and "
-                   "classifier scale from a released checkpoint (default: recognised from "
-                   f"the checkpoint): {', '.join(models)}")
-    a.add_argument("--sampler", choices=SAMPLERS,
-                   help="default ddpm, or ddim with --use_ddim True")
-    a.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (default 0)")
-    a.add_argument("--steps", type=int, help="dpm++: timesteps uniform in log-SNR (default 20 "
-                   "on the full process; without it after --timestep_respacing, those steps)")
-    a.add_argument("--cfg_scale", type=float, help="classifier-free guidance weight "
-                   "(a model with a null class)")
-    a.add_argument("--classes", type=_arg_type(parse_classes, "classes"), metavar="LIST",
-                   help="draw the labels uniformly from these classes: 0,3,7 or 0-9 or "
-                   "0-4,7 (default: all of the model's or the classifier's)")
-    a.add_argument("--seed", type=_arg_type(_seed, "seed"), default=0,
-                   help="batch b is sampled from a seed derived from (seed, b), so a "
-                   "resumed run or any number of ranks give the same images (default 0)")
-    a.add_argument("--out", default=".", help="folder for samples_NxHxWx3.npz and .png, and "
-                   "the finished batches of an unfinished run (default .)")
-    a.add_argument("--backend", choices=BACKENDS, help="adm_fast op backend "
-                   "(default: $ADM_FAST_BACKEND, else auto)")
-    a.add_argument("--device", help="default: cuda if available, else cpu")
-    a.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on a GPU for a model "
-                   "trained with use_fp16, else fp32")
-    a.add_argument("--cuda_graph", action="store_true",
-                   help="replay each whole guided step (model, classifier forward and "
-                   "backward, update) as one CUDA graph: for launch-bound models (64x64); "
-                   "ddpm and ddim, CUDA only")
-    a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="tqdm bars over samples and steps on stderr (default on)")
-    return p
 
 
 def _error(message: str) -> None:

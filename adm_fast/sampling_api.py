@@ -31,8 +31,8 @@ from .sampling.classes import check_classes
 from .sampling.files import atomic_write, npz_members, write_npz
 from .sampling.grid import GRID_MAX_IMAGES, image_grid
 from .sampling.progress import Progress
+from .sampling.flags import SAMPLERS
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 __all__ = ["SAMPLERS", "GRID_MAX_IMAGES", "batch_seed", "check_low_res", "image_grid",
            "iter_batches", "load_base_samples", "low_res_batch", "sample_images",

@@ -9,100 +9,17 @@ models' per-resolution multipliers.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import inspect
-import json
-from typing import Dict, Tuple
+from typing import Tuple
 
+from .defaults import (AUTO_CHANNEL_MULT, FLAG_HELP, MODEL_ADDITIONS, NUM_CLASSES,  # noqa: F401
+                       SR_CHANNEL_MULT, add_dict_to_argparser, args_to_dict,
+                       classifier_and_diffusion_defaults, classifier_defaults, diffusion_defaults,
+                       model_and_diffusion_defaults, show_default, sr_model_and_diffusion_defaults,
+                       str2bool)
 from .diffusion import create_gaussian_diffusion
 from .models import EncoderUNetModel, SuperResModel, UNetModel
-
-NUM_CLASSES = 1000
-
-# channel_mult="" means this, per image size (guided-diffusion's choice).
-AUTO_CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
-    512: (0.5, 1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-}
-SR_CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
-    512: (1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    64: (1, 2, 3, 4),
-}
-
-
-def diffusion_defaults():
-    return dict(
-        learn_sigma=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-    )
-
-
-def classifier_defaults():
-    return dict(
-        image_size=64,
-        classifier_use_fp16=False,
-        classifier_width=128,
-        classifier_depth=2,
-        classifier_attention_resolutions="32,16,8",
-        classifier_use_scale_shift_norm=True,
-        classifier_resblock_updown=True,
-        classifier_pool="attention",
-    )
-
-
-def model_and_diffusion_defaults():
-    res = dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        num_head_channels=-1,
-        attention_resolutions="16,8",
-        channel_mult="",
-        dropout=0.0,
-        class_cond=False,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_fp16=False,
-        use_new_attention_order=False,
-    )
-    res.update(diffusion_defaults())
-    return res
-
-
-def classifier_and_diffusion_defaults():
-    res = classifier_defaults()
-    res.update(diffusion_defaults())
-    return res
-
-
-_SR_KEYS = (
-    "class_cond", "learn_sigma", "num_channels", "num_res_blocks", "num_heads",
-    "num_head_channels", "num_heads_upsample", "attention_resolutions", "dropout",
-    "diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart",
-    "rescale_timesteps", "rescale_learned_sigmas", "use_checkpoint", "use_scale_shift_norm",
-    "resblock_updown", "use_fp16",
-)
-
-
-def sr_model_and_diffusion_defaults():
-    base = model_and_diffusion_defaults()
-    res = dict(large_size=256, small_size=64)
-    res.update({k: base[k] for k in _SR_KEYS})
-    return res
-
 
 def parse_channel_mult(channel_mult, image_size: int, table=AUTO_CHANNEL_MULT,
                        what: str = "image size"):
@@ -337,84 +254,3 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
         resblock_updown=resblock_updown, use_fp16=use_fp16, null_class=null_class,
         num_classes=num_classes)
     return model, _diffusion(diffusion_steps, **locals())
-
-
-# One line per flag for --help: what it means in guided-diffusion's scripts
-# (adm_fast's additions say so).
-FLAG_HELP: Dict[str, str] = {
-    # model (create_model, sr_create_model)
-    "image_size": "side of the square images the model takes, in pixels",
-    "num_channels": "base channel width of the UNet (its first level)",
-    "num_res_blocks": "residual blocks per resolution level",
-    "num_heads": "attention heads (when num_head_channels is -1)",
-    "num_heads_upsample": "attention heads in the decoder (-1: as num_heads)",
-    "num_head_channels": "channels per attention head, fixing the head count per width "
-                         "(-1: use num_heads)",
-    "attention_resolutions": "comma list of pixel resolutions that get self-attention",
-    "channel_mult": "comma list of per-level width multipliers (\"\": the released "
-                    "models' choice for image_size)",
-    "dropout": "dropout rate in the residual blocks",
-    "class_cond": "condition on class labels (the file-name prefix before '_')",
-    "use_checkpoint": "recompute each block's activations in backward (less memory)",
-    "use_scale_shift_norm": "FiLM-style timestep conditioning (scale and shift after the "
-                            "GroupNorm)",
-    "resblock_updown": "residual blocks for down- and upsampling (BigGAN style)",
-    "use_fp16": "guided-diffusion's fp16 recipe: fp16 convolutions, fp32 master weights, "
-                "dynamic loss scaling",
-    "use_new_attention_order": "split qkv before heads (the 64x64 model's attention order)",
-    "null_class": "adm_fast: add a 'no label' embedding row for classifier-free guidance",
-    "num_classes": "adm_fast: number of classes (guided-diffusion fixes 1000)",
-    "large_size": "super-resolution: output side in pixels",
-    "small_size": "super-resolution: side of the low-resolution input",
-    # diffusion (create_gaussian_diffusion)
-    "learn_sigma": "the model also predicts the variance (6 output channels; L_hybrid)",
-    "diffusion_steps": "timesteps T of the forward process",
-    "noise_schedule": "beta schedule: linear or cosine",
-    "timestep_respacing": "use a subset of the timesteps (\"250\", \"ddim50\", ...; \"\": all)",
-    "use_kl": "train on the variational bound (KL) instead of the MSE",
-    "predict_xstart": "the model predicts x_0 instead of the noise",
-    "rescale_timesteps": "feed timesteps scaled to [0, 1000) to the model",
-    "rescale_learned_sigmas": "weight the vb term by T/1000 (guided-diffusion's RESCALED_MSE)",
-    # classifier (create_classifier)
-    "classifier_use_fp16": "the classifier in guided-diffusion's fp16 recipe",
-    "classifier_width": "base channel width of the classifier",
-    "classifier_depth": "residual blocks per resolution level of the classifier",
-    "classifier_attention_resolutions": "comma list of pixel resolutions with attention in "
-                                        "the classifier",
-    "classifier_use_scale_shift_norm": "FiLM-style timestep conditioning in the classifier",
-    "classifier_resblock_updown": "residual blocks for downsampling in the classifier",
-    "classifier_pool": "the classifier's head: adaptive, attention, spatial or spatial_v2",
-    "classifier_channel_mult": "adm_fast: comma list of the classifier's per-level width "
-                               "multipliers (\"\": guided-diffusion's choice for image_size)",
-}
-
-
-def show_default(v) -> str:
-    """A default as the command line spells it (strings quoted, so "" shows)."""
-    return json.dumps(v) if isinstance(v, str) else str(v)
-
-
-def add_dict_to_argparser(parser, default_dict: dict, helps=None) -> None:
-    """guided-diffusion's helper; with `helps` ({flag: text}), each flag gets
-    its line of help and its default."""
-    for k, v in default_dict.items():
-        v_type = str2bool if isinstance(v, bool) else (str if v is None else type(v))
-        kw = {}
-        if helps is not None:
-            kw = dict(help=f"{helps[k]} (default: {show_default(v)})",
-                      metavar="BOOL" if isinstance(v, bool) else v_type.__name__.upper())
-        parser.add_argument(f"--{k}", default=v, type=v_type, **kw)
-
-
-def args_to_dict(args, keys):
-    return {k: getattr(args, k) for k in keys}
-
-
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")

@@ -57,3 +57,21 @@ def test_shared_layout_picked_by_file_name():
 def test_unknown_preset_name():
     with pytest.raises(KeyError, match="unknown preset 'nope'.*64x64_diffusion"):
         presets.get("nope")
+
+
+def test_model_additions_are_the_constructors_own_defaults():
+    """adm_fast.defaults lists adm_fast's constructor additions without importing
+    the models (for --help); they must be what the constructors take."""
+    import inspect
+
+    from adm_fast import script_util as su
+    from adm_fast.defaults import MODEL_ADDITIONS
+
+    tables = {**su.model_and_diffusion_defaults(), **su.classifier_defaults(),
+              **su.sr_model_and_diffusion_defaults()}
+    found = {}
+    for fn in (su.create_model, su.sr_create_model, su.create_classifier):
+        for name, p in inspect.signature(fn).parameters.items():
+            if name not in tables and p.default is not inspect.Parameter.empty:
+                found[name] = p.default
+    assert found == MODEL_ADDITIONS

@@ -13,8 +13,14 @@ bench/ in the repository keeps thin scripts, gpu_check and results/).
                   and the largest batch that fits
 """
 
-from .common import PEAK_GBPS, PEAK_TFLOPS_BF16
-from .flops import step_flops
-from .sample import TINY, run_sample_bench
+import importlib
 
-__all__ = ["PEAK_GBPS", "PEAK_TFLOPS_BF16", "TINY", "run_sample_bench", "step_flops"]
+_WHERE = {"PEAK_GBPS": "common", "PEAK_TFLOPS_BF16": "common", "step_flops": "flops",
+          "TINY": "sample", "run_sample_bench": "sample"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):  # imported on first use: `adm-fast bench --help` needs no torch
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

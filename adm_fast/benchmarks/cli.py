@@ -17,19 +17,15 @@ Misuse exits with code 2 and one line `adm-fast bench: error: ...`.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from pathlib import Path
 from typing import List
 
-import torch
-
-from .layouts import GPU_PRESETS, TINY, BenchInputError
+from .flags import GPU_PRESETS, BenchInputError, build_parser
 
 PROG = "adm-fast bench"
 OPS = ("group_norm_act", "qkv_attention", "diffusion_step")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 USAGE = (f"usage: {PROG} {{sample,ops,models,train,evaluate}} [flags]   ({PROG} NAME --help "
          "for its flags)\n\n"
          "  sample  classifier-guided sampling throughput: adm_fast's backends against the eager\n"
@@ -42,59 +38,16 @@ USAGE = (f"usage: {PROG} {{sample,ops,models,train,evaluate}} [flags]   ({PROG} 
          "Result rows go to --results DIR (default: the current folder).")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise BenchInputError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    cuda = torch.cuda.is_available()
-    p = _Parser(prog=f"{PROG} sample", allow_abbrev=False, description=(
-        "Classifier-guided sampling throughput: guided-diffusion's computation (eager), "
-        "adm_fast's backends and torch.compile, timed over whole sampling loops, with their "
-        "max |Δ| against eager on the same seed and (CUDA) MFU."))
-    p.add_argument("--preset", nargs="+", metavar="NAME",
-                   help=f"ADM layouts: a diffusion preset or {TINY.name!r} (32x32, 64 channels) "
-                        f"(default: {' '.join(GPU_PRESETS)} on CUDA, {TINY.name} on CPU)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    p.add_argument("--batch_size", type=int, help="images per batch (default 8 on CUDA, 4 on CPU)")
-    p.add_argument("--steps", type=int, default=25,
-                   help="sampling steps (the respacing count) of each timed loop (default 25)")
-    p.add_argument("--guidance", type=float, help="classifier scale; 0: no classifier "
-                   "(default: the preset's classifier_scale)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--dtype", choices=list(DTYPES), help="fp32, or guided-diffusion's use_fp16 "
-                   "recipe in bf16/fp16 (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--backends", nargs="+", metavar="NAME", help="adm_fast settings to time: "
-                   "auto and/or backends (an explicit backend takes the ops it implements, auto "
-                   "the rest; default: auto and every backend auto could pick here)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also torch.compile of the eager models (default on for CUDA, off on "
-                        "CPU, where compiling takes minutes)")
-    p.add_argument("--warmup", type=int, help="untimed loops per implementation after the "
-                   "validation loop (default 1 on CUDA, 0 on CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="timed loops per implementation, "
-                   "interleaved; the median is reported (default 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's "
-                   "choice); on a CPU shared with other jobs, fewer threads than cores avoid "
-                   "OpenMP workers waiting on descheduled peers")
-    p.add_argument("--model_path", help="UNet checkpoint (default: random weights)")
-    p.add_argument("--classifier_path", help="classifier checkpoint (default: random weights)")
-    p.add_argument("--results", metavar="DIR", help="where sample_<cpu|gpu>.csv is appended "
-                   "to (default: the current folder)")
-    p.add_argument("--no_save", action="store_true", help="print only")
-    return p
-
-
 def _sample(argv: List[str]) -> int:
-    from .sample import SampleBenchConfig, run_sample_bench
-
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    device = torch.device(args.device)
+    import torch
+
+    from .layouts import TINY
+    from .sample import SampleBenchConfig, run_sample_bench
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
         if args.threads < 1:
             raise BenchInputError(f"--threads must be at least 1, got {args.threads}")
@@ -108,7 +61,8 @@ def _sample(argv: List[str]) -> int:
         device=device,
         batch_size=args.batch_size if args.batch_size is not None else (8 if cuda else 4),
         steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-        dtype=DTYPES[args.dtype or ("bf16" if cuda else "fp32")],
+        dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+               "fp16": torch.float16}[args.dtype or ("bf16" if cuda else "fp32")],
         backends=backends,
         compile=cuda if args.compile is None else args.compile,
         warmup=args.warmup if args.warmup is not None else (1 if cuda else 0),

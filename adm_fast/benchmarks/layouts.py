@@ -19,12 +19,7 @@ from .. import ops
 from ..ops.backend import Setting
 from ..script_util import create_from_flags
 
-GPU_PRESETS = ("64x64_diffusion", "128x128_diffusion", "256x256_diffusion", "512x512_diffusion")
-
-
-class BenchInputError(ValueError):
-    """Flags or files the benchmark cannot run with: one line, exit code 2."""
-
+from .flags import GPU_PRESETS, TINY_NAME, BenchInputError  # noqa: F401  (re-exported)
 
 @dataclass(frozen=True)
 class Layout:
@@ -47,7 +42,7 @@ class Layout:
 # of the same kind; a guided step of a small batch takes about 0.2 s on one
 # CPU core.
 TINY = Layout(
-    "tiny",
+    TINY_NAME,
     dict(image_size=32, num_channels=64, num_res_blocks=2, channel_mult="1,2,2",
          attention_resolutions="16,8", num_head_channels=32, learn_sigma=True, class_cond=True,
          resblock_updown=True, use_scale_shift_norm=True, diffusion_steps=1000,

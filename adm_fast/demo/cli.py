@@ -1,102 +1,21 @@
-"""adm-fast demo: classifier guidance on handwritten digits, in a few minutes on a CPU.
-
-A small unconditional ADM samples 16×16 digits, steered by a noisy classifier
-at each --scales value (guided-diffusion's classifier_sample.py, Algorithm 1
-of Dhariwal & Nichol). An independent classifier, trained on clean digits
-only and never used for guidance, then scores the samples:
-
-  fidelity   the share it reads as the digit the guidance asked for
-             (0.10 is chance: at scale 0 the label is ignored)
-  diversity  the mean distance between its features of samples asked for
-             the same digit, averaged over the digits
-
-The paper's trade-off shows as fidelity rising and diversity falling with the
-scale. Sampling speed is printed for adm_fast's default backend and for the
-eager reference. The models ship in adm_fast/demo/weights; --train remakes
-them from scratch with adm_fast's trainer (needs scikit-learn, ~30 minutes).
-"""
+"""adm-fast demo: its run (the flags and the text of --help are in flags.py)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
 from ..checkpoint import CheckpointError
 from ..ops import current_backend
 from . import digits, experiment
-from .experiment import DemoError
+from .flags import PROG, DemoError, build_parser  # noqa: F401  (build_parser: the CLI's --help)
 
-PROG = "adm-fast demo"
-DEFAULT_SCALES = "0,1,3,10"
-MIN_SAMPLES = 2 * digits.NUM_DIGITS  # two per digit, so each digit has a pair to compare
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise DemoError(message)
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
-def _scales(text: str) -> List[float]:
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma list of numbers such as {DEFAULT_SCALES}, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one scale")
-    bad = [v for v in values if not math.isfinite(v) or v < 0]
-    if bad:
-        raise argparse.ArgumentTypeError(f"scales must be finite and >= 0, got {bad[0]:g}")
-    return values
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
-    p.add_argument("--out", default="adm_fast_demo",
-                   help="folder for the grids, results.json and, with --train, data and weights")
-    p.add_argument("--num_samples", type=_int_at_least(MIN_SAMPLES), default=100,
-                   help=f"samples per scale, the digits in turn (default 100; at least "
-                        f"{MIN_SAMPLES})")
-    p.add_argument("--steps", type=_int_at_least(1), default=50,
-                   help="DDPM sampling steps, respaced from the 1000 trained (default 50)")
-    p.add_argument("--scales", type=_scales, default=_scales(DEFAULT_SCALES),
-                   help=f"classifier scales, a comma list (default {DEFAULT_SCALES})")
-    p.add_argument("--seed", type=_int_at_least(0), default=0,
-                   help="the same seed at every scale: same x_T and noise (default 0)")
-    p.add_argument("--batch_size", type=_int_at_least(1), default=100,
-                   help="samples per sampling batch (default 100)")
-    p.add_argument("--eager_steps", type=_int_at_least(0), default=5,
-                   help="steps of one batch timed on the eager backend per scale "
-                        "(0 skips the eager column; default 5)")
-    p.add_argument("--device", default="",
-                   help="where to sample: cpu, cuda, cuda:1 ... (default: cuda when there is "
-                        "one, else cpu)")
-    p.add_argument("--weights", default="",
-                   help="folder with diffusion/classifier/clean.safetensors (default: shipped)")
-    p.add_argument("--train", action="store_true",
-                   help="retrain all three models into OUT/weights first, then sample with them")
-    return p
 
 
 def _cell(value: Optional[float], fmt: str) -> str:

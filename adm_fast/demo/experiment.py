@@ -22,14 +22,11 @@ from ..diffusion import classifier_cond_fn, create_gaussian_diffusion
 from ..models import EncoderUNetModel, UNetModel
 from ..sampling import grid as _grid
 from . import digits
+from .flags import DemoError
 from .train import PARTS, SCHEDULE
 
 GRID_FILL = 64  # grey between the tiles: black digits stay visible
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-
-
-class DemoError(ValueError):
-    """Weights or settings the demo cannot use; reported in one line, exit 2."""
 
 
 @dataclass

@@ -20,12 +20,9 @@ import torch
 
 from .. import presets as _presets
 from ..checkpoint import CheckpointError, detect_preset, read_state_dict
-from ..script_util import (classifier_defaults, create_classifier, create_model,
-                           diffusion_defaults, model_and_diffusion_defaults, sr_create_model,
-                           sr_model_and_diffusion_defaults)
+from ..script_util import create_classifier, create_model, diffusion_defaults, sr_create_model
+from .flags import DEFAULTS, SCRIPT_DEFAULTS, InputError  # noqa: F401  (this module's vocabulary)
 
-SCRIPT_DEFAULTS = dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False,
-                       model_path="", classifier_path="", classifier_scale=1.0, base_samples="")
 CONSTRUCT = {kind: list(inspect.signature(fn).parameters)
              for kind, fn in (("unet", create_model), ("sr", sr_create_model),
                               ("classifier", create_classifier))}
@@ -34,26 +31,6 @@ META_DIFFUSION = "adm_fast.diffusion"
 # Flags of the constructors that leave the state_dict's layout as it is.
 _NOT_LAYOUT = {"use_fp16", "use_checkpoint", "dropout", "small_size", "classifier_use_fp16"}
 _KIND_OF_CLASS = {"UNetModel": "unet", "SuperResModel": "sr", "EncoderUNetModel": "classifier"}
-
-
-class InputError(ValueError):
-    """Bad flags or files: reported in one line, exit code 2."""
-
-
-def _gd_defaults() -> Dict:
-    d = dict(SCRIPT_DEFAULTS)
-    for table in (model_and_diffusion_defaults(), classifier_defaults(),
-                  sr_model_and_diffusion_defaults()):
-        d.update(table)
-    for fn in (create_model, sr_create_model, create_classifier):
-        # adm_fast's additions (null_class, ...) have no guided-diffusion default
-        for name, p in inspect.signature(fn).parameters.items():
-            if name not in d and p.default is not inspect.Parameter.empty:
-                d[name] = p.default
-    return d
-
-
-DEFAULTS = _gd_defaults()
 
 
 def _file_kind(path: str) -> str:

@@ -6,14 +6,20 @@ guided-diffusion's flag names. The pieces (data, precision, loop, checkpoints)
 are importable on their own.
 """
 
-from .cli import train, train_classifier
-from .config import TrainError
-from .data import DataError, ImageFolderDataset, load_data, make_image_folder
-from .loop import TrainLoop
-from .precision import PRECISIONS, MixedPrecisionTrainer
-from .state import find_latest
-from .tasks import ClassifierTrainLoop, DiffusionTrainLoop
+import importlib
 
-__all__ = ["TrainError", "train", "train_classifier", "DataError", "ImageFolderDataset",
-           "load_data", "make_image_folder", "TrainLoop", "MixedPrecisionTrainer", "PRECISIONS",
-           "find_latest", "ClassifierTrainLoop", "DiffusionTrainLoop"]
+# name -> submodule; imported on first use, so that `adm-fast train --help`
+# pays no torch import.
+_WHERE = {
+    "train": "cli", "train_classifier": "cli", "TrainError": "config", "DataError": "data",
+    "ImageFolderDataset": "data", "load_data": "data", "make_image_folder": "data",
+    "TrainLoop": "loop", "PRECISIONS": "precision", "MixedPrecisionTrainer": "precision",
+    "find_latest": "state", "ClassifierTrainLoop": "tasks", "DiffusionTrainLoop": "tasks",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,8 +15,8 @@ import os
 import sys
 from typing import Dict, Optional
 
-from ..script_util import (FLAG_HELP, add_dict_to_argparser, classifier_and_diffusion_defaults,
-                           classifier_defaults, diffusion_defaults, model_and_diffusion_defaults)
+from ..defaults import (FLAG_HELP, add_dict_to_argparser, classifier_and_diffusion_defaults,
+                        classifier_defaults, diffusion_defaults, model_and_diffusion_defaults)
 
 DIFFUSION_DEFAULTS = dict(
     data_dir="", schedule_sampler="uniform", lr=1e-4, weight_decay=0.0, lr_anneal_steps=0,
@@ -133,6 +133,14 @@ def parser(kind: str) -> argparse.ArgumentParser:
     for title, table in _tables(kind):
         add_dict_to_argparser(p.add_argument_group(title), table, helps)
     return p
+
+
+def diffusion_parser() -> argparse.ArgumentParser:
+    return parser("diffusion")
+
+
+def classifier_parser() -> argparse.ArgumentParser:
+    return parser("classifier")
 
 
 def parse(kind: str, argv) -> Dict:

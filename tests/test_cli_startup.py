@@ -1,0 +1,30 @@
+"""Every command's --help (and --version) answers at once: no torch import
+(1.7 s alone here), under a second of wall time."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+COMMANDS = [[], ["--version"], ["info", "--help"], ["sample", "--help"], ["train", "--help"],
+            ["train-classifier", "--help"], ["demo", "--help"], ["evaluate", "--help"],
+            ["bench", "--help"], ["bench", "sample", "--help"]]
+# Run the CLI in-process, then report whether torch was ever imported.
+_PROBE = ("import sys\nfrom adm_fast import cli\ncode = cli.main(sys.argv[1:])\n"
+          "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', file=sys.stderr)\n"
+          "sys.exit(code)")
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=lambda a: " ".join(a) or "bare")
+def test_help_imports_no_torch_and_takes_under_a_second(argv):
+    best = float("inf")
+    for _ in range(3):  # the fastest of three: a shared machine's hiccups are not start-up
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True,
+                              text=True, timeout=60)
+        best = min(best, time.perf_counter() - start)
+        assert proc.returncode == (2 if not argv else 0), proc.stderr
+        assert "NO_TORCH" in proc.stderr, f"{argv} imported torch"
+        assert "usage" in (proc.stdout + proc.stderr).lower() or argv == ["--version"]
+    assert best < 1.0, f"adm-fast {' '.join(argv)}: {best:.2f} s"
