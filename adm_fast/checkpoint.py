@@ -190,13 +190,22 @@ def _diffusion_types() -> Dict[str, type]:
     return {k: type(v) for k, v in diffusion_defaults().items()}
 
 
-def _checked_diffusion(flags: Mapping, where: str) -> Dict:
+def _checked_diffusion(flags: Mapping, where: str, complete: bool = False) -> Dict:
+    """The diffusion flags, type-checked: unknown names are an error, and so are
+    absent ones when complete (what adm_fast writes has all of them; a file
+    someone made with a few is read as it is)."""
     types = _diffusion_types()
+    unknown = [k for k in flags if k not in types]
+    if unknown:
+        raise CheckpointError(f"{where}: unknown diffusion flag(s) {', '.join(map(repr, unknown))} "
+                              f"(known: {', '.join(types)})")
     missing = [k for k in types if k not in flags]
-    if missing:
+    if complete and missing:
         raise CheckpointError(f"{where}: diffusion flags lack {', '.join(missing)}")
-    out = {k: flags[k] for k in types}
+    out = {k: flags[k] for k in types if k in flags}
     for k, t in types.items():
+        if k not in out:
+            continue
         v = out[k]
         if isinstance(v, bool) != (t is bool) or not isinstance(v, t) or (t is int and v < 1):
             raise CheckpointError(f"{where}: diffusion flag {k} must be "
@@ -209,7 +218,11 @@ def read_diffusion_flags(path: Union[str, os.PathLike]) -> Optional[Dict]:
     """The diffusion flags (guided-diffusion's names) stored in an adm_fast
     checkpoint as metadata adm_fast.diffusion, or None when it has none."""
     path = os.fspath(path)
-    meta = read_metadata(path)
+    return diffusion_flags_of(read_metadata(path), path)
+
+
+def diffusion_flags_of(meta: Mapping[str, str], path: str) -> Optional[Dict]:
+    """read_diffusion_flags for metadata already read."""
     if META_DIFFUSION not in meta:
         return None
     return _checked_diffusion(_json_meta(meta, META_DIFFUSION, path, dict),
@@ -584,7 +597,8 @@ def _metadata(model: nn.Module, diffusion, classes) -> Dict[str, str]:
         if not isinstance(diffusion, Mapping):
             raise TypeError(f"save_checkpoint: diffusion must be a dict of diffusion flags, "
                             f"got {type(diffusion).__name__}")
-        meta[META_DIFFUSION] = json.dumps(_checked_diffusion(diffusion, "save_checkpoint"))
+        meta[META_DIFFUSION] = json.dumps(_checked_diffusion(diffusion, "save_checkpoint",
+                                                             complete=True))
     if classes is not None:
         names = _checked_classes(classes, "save_checkpoint")
         labels = _num_labels(model)

@@ -197,7 +197,8 @@ CONFIG = json.dumps(_model().config)
     (dict(**{"adm_fast.config": None}), "no adm_fast.config"),
     (dict(**{"adm_fast.flags": "[]"}), "adm_fast.flags must be a JSON object"),
     (dict(**{"adm_fast.flags": "{"}), "adm_fast.flags is not valid JSON"),
-    (dict(**{"adm_fast.diffusion": '{"diffusion_steps": 10}'}), "diffusion flags lack learn_sigma, noise_schedule"),
+    # A subset is read as it is (adm_fast writes all eight); unknown names are refused.
+    (dict(**{"adm_fast.diffusion": '{"diffusion_step": 10}'}), "unknown diffusion flag"),
     (dict(**{"adm_fast.diffusion": "7"}), "adm_fast.diffusion must be a JSON object"),
     (dict(**{"adm_fast.classes": '{"a": 0}'}), "adm_fast.classes must be a JSON list"),
     (dict(**{"adm_fast.classes": '["a", "a"]'}), "distinct strings"),

@@ -8,7 +8,9 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
+from adm_fast import load_checkpoint, save_checkpoint
 from adm_fast import sample as sample_cli
 from adm_fast.sampling import files, shards
 from sample_helpers import CLOSING, make_checkpoints, npz, run
@@ -91,8 +93,11 @@ def test_other_arguments_are_refused(ckpt, tmp_path, capsys, monkeypatch):
         stop_after(m, 1, KeyboardInterrupt())
         assert run(capsys, *flags(ckpt), "--out", tmp_path)[0] == 130
     before = sorted(os.listdir(tmp_path / f"{NAME}.parts"))
-    other_model = tmp_path / "other.safetensors"
-    other_model.write_bytes(open(ckpt[0]["cond"], "rb").read()[:-1] + b" ")
+    other_model = tmp_path / "other.safetensors"  # the same layout, one weight changed
+    model = load_checkpoint(ckpt[0]["cond"])
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0
+    save_checkpoint(model, other_model)
     for argv, diff in ((flags(ckpt, seed=10), "args.seed: 9 there, 10 here"),
                        (flags(ckpt, "--classes", "1,2"), "args.classes: None there, [1, 2] here"),
                        (flags(ckpt, "--eta", "0.5", "--use_ddim", "True"),

@@ -142,7 +142,7 @@ def write_reference(path: str, shape: Tuple[int, ...], fill) -> None:
     arr_0 (adding up to `shape`), streamed into the zip member, and returns the dict
     of arrays to store beside it. Through a temporary file, so that a failure
     leaves no reference behind."""
-    from ..sampling_api import _atomic_write
+    from ..sampling.files import atomic_write
 
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
               "fortran_order": False, "shape": tuple(shape)}
@@ -165,7 +165,7 @@ def write_reference(path: str, shape: Tuple[int, ...], fill) -> None:
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
 
-    _atomic_write(path, write_file)
+    atomic_write(path, write_file)
 
 
 @contextlib.contextmanager

@@ -19,15 +19,13 @@ from typing import Dict, Optional
 import torch
 
 from .. import presets as _presets
-from ..checkpoint import CheckpointError, detect_preset, read_state_dict
-from ..script_util import create_classifier, create_model, diffusion_defaults, sr_create_model
+from ..checkpoint import CheckpointError, detect_preset, diffusion_flags_of, read_state_dict
+from ..script_util import create_classifier, create_model, sr_create_model
 from .flags import DEFAULTS, SCRIPT_DEFAULTS, InputError  # noqa: F401  (this module's vocabulary)
 
 CONSTRUCT = {kind: list(inspect.signature(fn).parameters)
              for kind, fn in (("unet", create_model), ("sr", sr_create_model),
                               ("classifier", create_classifier))}
-DIFFUSION_FLAGS = tuple(diffusion_defaults())
-META_DIFFUSION = "adm_fast.diffusion"
 # Flags of the constructors that leave the state_dict's layout as it is.
 _NOT_LAYOUT = {"use_fp16", "use_checkpoint", "dropout", "small_size", "classifier_use_fp16"}
 _KIND_OF_CLASS = {"UNetModel": "unet", "SuperResModel": "sr", "EncoderUNetModel": "classifier"}
@@ -77,29 +75,12 @@ def inspect_checkpoint(path: str, what: str):
     return meta, sd
 
 
-_DIFFUSION_TYPES = {k: type(v) for k, v in diffusion_defaults().items()}
-
-
 def stored_diffusion(meta: Dict[str, str], path: str) -> Dict:
     """The diffusion flags a checkpoint stores ({} when it stores none)."""
-    if META_DIFFUSION not in meta:
-        return {}
     try:
-        flags = json.loads(meta[META_DIFFUSION])
-    except ValueError as e:
-        raise InputError(f"{path}: metadata {META_DIFFUSION} is not JSON ({e})") from None
-    if not isinstance(flags, dict):
-        raise InputError(f"{path}: metadata {META_DIFFUSION} must be a JSON object, got "
-                         f"{type(flags).__name__}")
-    for k, v in flags.items():
-        want = _DIFFUSION_TYPES.get(k)
-        if want is None:
-            raise InputError(f"{path}: metadata {META_DIFFUSION} has an unknown flag {k!r} "
-                             f"(known: {', '.join(DIFFUSION_FLAGS)})")
-        if type(v) is not want:
-            raise InputError(f"{path}: metadata {META_DIFFUSION}: {k} must be "
-                             f"{want.__name__}, got {v!r}")
-    return flags
+        return diffusion_flags_of(meta, path) or {}
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
 
 
 @dataclasses.dataclass
