@@ -45,19 +45,21 @@ def main(argv=None) -> int:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--quick", action="store_true", help="one size and batch only")
     add_results_flags(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     ctx, rows = context(device), []
+    sizes, batches = ((SIZES[0],), (BATCHES[0],)) if args.quick else (SIZES, BATCHES)
     for kind in ("ddpm", "ddim"):
-        for size in SIZES:
-            for b in BATCHES:
+        for size in sizes:
+            for b in batches:
                 call_args, op, reference, tensors = case(kind, b, size, device)
                 exact = reference(*[a.double() if isinstance(a, torch.Tensor) else a
                                     for a in call_args])[0]
                 impls = {"adm_fast": lambda a=call_args: op(*a),
                          "eager": lambda a=call_args: reference(*a)}
-                if args.compile and b == BATCHES[-1]:
+                if args.compile and b == batches[-1]:
                     compiled = try_compile(reference)
                     if compiled is not None:
                         impls["compile"] = lambda a=call_args, f=compiled: f(*a)
