@@ -27,7 +27,7 @@ from typing import Dict
 import torch
 
 from .diffusion import NonFiniteSampleError
-from .ops import BackendNotSupported, current_backend, use_backend
+from .ops import BackendNotSupported, current_backend, use_backend, use_preferred_layout
 from .sampling.files import OutputError
 from .sampling.job import Job, prepare
 from .sampling.progress import Progress
@@ -134,6 +134,10 @@ def _setup(args, explicit: Dict, world):
     folder. Any problem here is the user's input (exit 2)."""
     job = prepare(args, explicit, world.device, world.world_size)
     backend = args["backend"] or current_backend()
+    if backend != "eager":  # eager stays guided-diffusion's computation, layout included
+        for model in (job.model, job.kwargs.get("classifier")):
+            if model is not None:
+                use_preferred_layout(model, world.device)
     progress = Progress(args["progress"] and world.is_main, total=0, steps=job.steps)
     log = progress.log if world.is_main else (lambda message: None)
     return job, backend, progress, _open_folder(args, job, world, backend, log)

@@ -68,7 +68,8 @@ def _sample(argv: List[str]) -> int:
         warmup=args.warmup if args.warmup is not None else (1 if cuda else 0),
         repeats=args.repeats, seed=args.seed,
         results_dir=Path(args.results) if args.results else None,
-        save=not args.no_save, model_path=args.model_path, classifier_path=args.classifier_path)
+        save=not args.no_save, model_path=args.model_path, classifier_path=args.classifier_path,
+        progress=args.progress)
     run_sample_bench(cfg)
     return 0
 

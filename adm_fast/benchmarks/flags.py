@@ -56,4 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", metavar="DIR", help="where sample_<cpu|gpu>.csv is appended "
                    "to (default: the current folder)")
     p.add_argument("--no_save", action="store_true", help="print only")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a bar over the timed loops on stderr (default on)")
     return p

@@ -1,129 +1,197 @@
-"""Whole-model timing of ADM layouts: forward (no grad) and a training step
-(forward + backward), adm_fast's default backends against the eager reference
-and torch.compile of the eager model, interleaved in rounds in one process
-(medians via torch.utils.benchmark), with the max |Δ| of each output against
-eager.
+"""Whole-model timing of ADM layouts, interleaved in rounds in one process:
+guided-diffusion's eager computation against adm_fast (its default backends
+and the device's preferred layout) and torch.compile of the eager model (its
+best mode, with the compile time), with the max |Δ| of each output against
+eager. Per layout:
 
-    python -m adm_fast.benchmarks.models [--layouts ...] [--rounds 3] [--compile] [--no_save]
+  forward      the UNet, no grad
+  guided_step  one DDPM step with classifier guidance: UNet forward, the noisy
+               classifier's forward and backward to x, the update
+  train_step   forward + backward of the UNet (and the bytes it saves for it)
 
-Rows go to bench/results/models_<device>.csv with device, commit and date.
+    python -m adm_fast.benchmarks.models [--layouts ...] [--rounds 3] [--compile]
+
+Rows go to <--results>/models_<device>.csv with device, commit and date.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
+import time
+from typing import Dict
 
 import torch
-import torch.utils.benchmark as tb
 
 from .. import ops
+from ..diffusion import classifier_cond_fn, create_gaussian_diffusion
 from ..script_util import create_from_flags
 from .common import add_results_flags, append_rows, context, median_ms, print_table, results_file
+from .saved_bytes import SavedBytes
 
-# The numeric reference layouts, and a 64×64 ADM layout with 64 channels.
+_ADM64 = dict(kind="unet", image_size=64, num_channels=64, num_res_blocks=2,
+              attention_resolutions="32,16,8", num_head_channels=32, resblock_updown=True,
+              use_scale_shift_norm=True, class_cond=True, learn_sigma=True)
+_CLS64 = dict(kind="classifier", image_size=64, classifier_width=64, classifier_depth=2,
+              classifier_attention_resolutions="32,16,8", classifier_pool="attention")
+# (UNet flags, classifier flags or None, batch): the 64x64 ADM layout with 64
+# channels, and the numeric reference layouts.
 LAYOUTS = {
+    "adm64_c64": (_ADM64, _CLS64, 4),
     "ref_unet_cond_32": (dict(kind="unet", image_size=32, num_channels=32, num_res_blocks=2,
                               channel_mult="1,2,2", attention_resolutions="16,8",
                               num_head_channels=16, resblock_updown=True,
-                              use_scale_shift_norm=True, class_cond=True, learn_sigma=True), 4),
-    "ref_classifier_64": (dict(kind="classifier", image_size=64, classifier_width=32,
-                               classifier_depth=1, classifier_attention_resolutions="8"), 4),
-    "adm64_c64": (dict(kind="unet", image_size=64, num_channels=64, num_res_blocks=2,
-                       attention_resolutions="32,16,8", num_head_channels=32,
-                       resblock_updown=True, use_scale_shift_norm=True, class_cond=True,
-                       learn_sigma=True), 4),
+                              use_scale_shift_norm=True, class_cond=True, learn_sigma=True),
+                         None, 4),
 }
+TARGETS = {("adm64_c64", "forward"): 1.5, ("adm64_c64", "guided_step"): 1.5,
+           ("adm64_c64", "train_step"): 1.3}
+
+
+def build(flags: Dict, device, seed: int):
+    torch.manual_seed(seed)
+    flags = dict(flags)
+    model = create_from_flags(flags.pop("kind"), flags).to(device)
+    for prm in model.parameters():  # zero-initialised heads would hide differences
+        torch.nn.init.normal_(prm, std=0.02)
+    return model
 
 
 def inputs(flags, batch, device):
     size = flags["image_size"]
-    x = torch.randn(batch, 3, size, size, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device).float()
-    kw = {"y": torch.randint(0, 1000, (batch,), device=device)} if flags.get("class_cond") else {}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    kw = {"y": torch.randint(0, 1000, (batch,), generator=g).to(device)} \
+        if flags.get("class_cond") else {}
     return x, t, kw
 
 
-def _timer(fn, device, min_run_time):
-    if device.type == "cuda":
-        return median_ms(fn, device)
-    # Timer runs on one thread unless told: measure on the threads torch uses.
-    timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+class Impl:
+    """One way of running a layout: its models and backend setting."""
+
+    def __init__(self, label, unet, classifier, setting):
+        self.label, self.unet, self.classifier, self.setting = label, unet, classifier, setting
+
+    def forward(self, x, t, kw):
+        with torch.no_grad(), ops.use_backend(self.setting):
+            return self.unet(x, t, **kw)
+
+    def guided_step(self, diffusion, x, t, kw):
+        cond = classifier_cond_fn(self.classifier, 1.0)
+        with torch.no_grad(), ops.use_backend(self.setting):
+            torch.manual_seed(3)
+            return diffusion.p_sample(self.unet, x, t, cond_fn=cond, model_kwargs=kw)["sample"]
+
+    def train_step(self, x, t, kw):
+        self.unet.zero_grad(set_to_none=True)
+        with ops.use_backend(self.setting):
+            self.unet(x, t, **kw).float().square().mean().backward()
+
+    def saved_bytes(self, x, t, kw) -> int:
+        with ops.use_backend(self.setting), SavedBytes(exclude=list(self.unet.parameters())) as s:
+            out = self.unet(x, t, **kw)
+            n = s.nbytes()
+        del out
+        return n
+
+
+def impls(unet, classifier, device, compile_model: bool, log) -> Dict[str, Impl]:
+    """eager (the models as built), adm_fast (copies in the preferred layout)
+    and, asked for, torch.compile of the eager models in each mode."""
+    out = {"eager": Impl("eager", unet, classifier, "eager")}
+    fast_unet = ops.use_preferred_layout(copy.deepcopy(unet), device)
+    fast_cls = None if classifier is None else ops.use_preferred_layout(
+        copy.deepcopy(classifier), device)
+    out["adm_fast"] = Impl("adm_fast", fast_unet, fast_cls, "auto")
+    if compile_model:
+        for mode in ("default", "max-autotune-no-cudagraphs"):
+            label = f"compile({mode})"
+            out[label] = Impl(label, torch.compile(unet, mode=mode, dynamic=False),
+                              None if classifier is None else
+                              torch.compile(classifier, mode=mode, dynamic=False), "eager")
+    return out
+
+
+def bench_layout(name: str, args, device, ctx, log):
+    uflags, cflags, batch = LAYOUTS[name]
+    unet = build(uflags, device, 0)
+    classifier = build(cflags, device, 1) if cflags else None
+    x, t, kw = inputs(uflags, batch, device)
+    diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True, timestep_respacing="250")
+    ti = torch.full((batch,), diffusion.num_timesteps // 2, device=device)
+    runs = impls(unet, classifier, device, args.compile, log)
+    whats = {"forward": lambda r: r.forward(x, t, kw)}
+    if classifier is not None:
+        whats["guided_step"] = lambda r: r.guided_step(diffusion, x, ti, kw)
+    whats["train_step"] = lambda r: r.train_step(x, t, kw)
+    ref = {w: f(runs["eager"]) for w, f in whats.items() if w != "train_step"}
+    errors, compile_s = {}, {}
+    for label, run in list(runs.items()):
+        start = time.perf_counter()
+        try:
+            for w in ref:
+                errors[(label, w)] = (whats[w](run).float() - ref[w].float()).abs().max().item()
+        except Exception as e:  # a compile that fails: say so, go on without it
+            log(f"  {name}: {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            del runs[label]
+            continue
+        compile_s[label] = time.perf_counter() - start
+    times = {(label, w): [] for label in runs for w in whats}
+    for _ in range(args.rounds):  # interleaved: each round times every impl
+        for label, run in runs.items():
+            for w, f in whats.items():
+                if w == "train_step" and label.startswith("compile"):
+                    continue  # building the training graph takes many minutes on a CPU
+                times[(label, w)].append(median_ms(lambda: f(run), device, args.min_run_time))
+    saved = {label: runs[label].saved_bytes(x, t, kw) for label in ("eager", "adm_fast")}
+    return rows_of(name, batch, runs, whats, times, errors, compile_s, saved, ctx)
+
+
+def rows_of(name, batch, runs, whats, times, errors, compile_s, saved, ctx):
+    rows = []
+    for w in whats:
+        eager_ms = statistics.median(times[("eager", w)])
+        best_compile = min([statistics.median(times[(lb, w)]) for lb in runs
+                            if lb.startswith("compile") and times[(lb, w)]], default=None)
+        for label in runs:
+            if not times[(label, w)]:
+                continue
+            ms = statistics.median(times[(label, w)])
+            row = {**ctx, "layout": name, "batch": batch, "impl": label, "what": w,
+                   "median_ms": f"{ms:.1f}", "img_per_s": f"{batch * 1e3 / ms:.2f}",
+                   "x_vs_eager": f"{eager_ms / ms:.2f}",
+                   "x_vs_compile": f"{best_compile / ms:.2f}" if best_compile else "",
+                   "target": TARGETS.get((name, w), "") if label == "adm_fast" else "",
+                   "max_abs_diff": f"{errors.get((label, w), 0.0):.2e}",
+                   "compile_s": f"{compile_s[label]:.0f}" if label.startswith("compile") else ""}
+            if w == "train_step" and label in saved:
+                row["saved_MiB"] = f"{saved[label] / 2**20:.1f}"
+                row["saved_vs_eager"] = f"{saved[label] / saved['eager']:.3f}"
+            rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="adm-fast bench models", allow_abbrev=False,
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    p.add_argument("--layouts", nargs="+", default=["adm64_c64"], choices=list(LAYOUTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min_run_time", type=float, default=1.0)
     p.add_argument("--compile", action="store_true",
-                   help="also torch.compile of the eager model (forward only: building the "
-                        "training graph too takes many minutes on a small CPU)")
+                   help="also torch.compile of the eager models (default and max-autotune "
+                        "modes; forward and guided step: minutes to build on a CPU)")
     add_results_flags(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     ctx, rows = context(device), []
     for name in args.layouts:
-        flags, batch = LAYOUTS[name]
-        flags = dict(flags)
-        kind = flags.pop("kind")
-        model = create_from_flags(kind, flags).to(device)
-        for prm in model.parameters():  # zero-initialised heads would hide differences
-            torch.nn.init.normal_(prm, std=0.02)
-        x, t, kw = inputs(LAYOUTS[name][0], batch, device)
-
-        def forward(m, setting):
-            def run():
-                with torch.no_grad(), ops.use_backend(setting):
-                    return m(x, t, **kw)
-            return run
-
-        def step(m, setting):
-            def run():
-                m.zero_grad(set_to_none=True)
-                with ops.use_backend(setting):
-                    m(x, t, **kw).float().square().mean().backward()
-            return run
-
-        impls = {"eager": (model, "eager"), "adm_fast": (model, "auto")}
-        with torch.no_grad(), ops.use_backend("eager"):
-            ref = model(x, t, **kw)
-        errors = {}
-        if args.compile:
-            compiled = torch.compile(model, dynamic=False)
-            try:
-                with torch.no_grad(), ops.use_backend("eager"):
-                    errors["compile(eager)"] = (compiled(x, t, **kw) - ref).abs().max().item()
-                impls["compile(eager)"] = (compiled, "eager")
-            except Exception as e:  # say so and go on without it
-                print(f"  {name}: torch.compile failed: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200]}")
-        times = {(i, w): [] for i in impls for w in ("forward", "train_step")}
-        for _ in range(args.rounds):  # interleaved: each round times every impl
-            for impl, (m, setting) in impls.items():
-                with torch.no_grad(), ops.use_backend(setting):
-                    errors[impl] = (m(x, t, **kw).float() - ref.float()).abs().max().item()
-                times[(impl, "forward")].append(_timer(forward(m, setting), device,
-                                                       args.min_run_time))
-                if not impl.startswith("compile"):
-                    times[(impl, "train_step")].append(_timer(step(m, setting), device,
-                                                              args.min_run_time))
-        for what in ("forward", "train_step"):
-            eager_ms = statistics.median(times[("eager", what)])
-            for impl in impls:
-                if not times[(impl, what)]:
-                    continue
-                ms = statistics.median(times[(impl, what)])
-                rows.append({**ctx, "layout": name, "batch": batch, "impl": impl, "what": what,
-                             "median_ms": f"{ms:.2f}", "img_per_s": f"{batch * 1e3 / ms:.2f}",
-                             "x_vs_eager": f"{eager_ms / ms:.2f}",
-                             "max_abs_diff": f"{errors[impl]:.2e}"})
+        rows += bench_layout(name, args, device, ctx, lambda m: print(m, flush=True))
     print_table(rows, ["layout", "batch", "impl", "what", "median_ms", "img_per_s", "x_vs_eager",
-                       "max_abs_diff"])
+                       "x_vs_compile", "target", "compile_s", "saved_vs_eager", "max_abs_diff"])
     if not args.no_save:
         print("appended to", append_rows(results_file(args, f"models_{device.type}"), rows))
     return 0

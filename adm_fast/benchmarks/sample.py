@@ -12,14 +12,17 @@ and the final samples of a whole loop.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from ..diffusion import classifier_cond_fn
-from ..ops import BackendNotSupported, use_backend
+from ..ops import BackendNotSupported, use_backend, use_preferred_layout
 from . import common
 from .common import PEAK_TFLOPS_BF16
 from .flops import step_flops
@@ -30,7 +33,7 @@ __all__ = ["SampleBenchConfig", "run_sample_bench", "TINY", "TABLE_KEYS"]
 
 TABLE_KEYS = ["preset", "batch", "steps", "sampler", "dtype", "impl", "ms_per_step",
               "img_per_s", "x_vs_eager", "TFLOP/s", "MFU%", "step_max_abs_diff",
-              "loop_max_abs_diff"]
+              "loop_max_abs_diff", "compile_s"]
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -52,6 +55,7 @@ class SampleBenchConfig:
     save: bool = True
     model_path: Optional[str] = None
     classifier_path: Optional[str] = None
+    progress: bool = True
 
 
 @dataclasses.dataclass
@@ -94,85 +98,148 @@ def _plan(lay: Layout, cfg: SampleBenchConfig):
             backend_settings(cfg.backends, cfg.device, cfg.dtype or torch.float32))
 
 
-def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: Dict, log) -> List[Dict]:
-    device, dtype = cfg.device, cfg.dtype or torch.float32
+@dataclasses.dataclass
+class _Run:
+    """One layout's fixed inputs and loops."""
+    lay: Layout
+    cfg: SampleBenchConfig
+    scale: float
+    diffusion: object
+    shape: tuple
+    kwargs: Dict
+    x_t: torch.Tensor
+    x_T: torch.Tensor
+    t_mid: torch.Tensor
+
+    def loop(self, impl: _Impl, noise=None):
+        fn = (self.diffusion.ddim_sample_loop if self.cfg.sampler == "ddim"
+              else self.diffusion.p_sample_loop)
+        with use_backend(impl.setting):
+            return fn(impl.model, self.shape, noise=noise, cond_fn=self._cond(impl),
+                      model_kwargs=self.kwargs, device=self.cfg.device, progress=False)
+
+    def one_step(self, impl: _Impl):
+        fn = (self.diffusion.ddim_sample if self.cfg.sampler == "ddim"
+              else self.diffusion.p_sample)
+        with use_backend(impl.setting), torch.no_grad():  # as inside the loops
+            torch.manual_seed(self.cfg.seed)
+            return fn(impl.model, self.x_t, self.t_mid, cond_fn=self._cond(impl),
+                      model_kwargs=self.kwargs)["sample"]
+
+    def _cond(self, impl: _Impl):
+        return None if impl.classifier is None else classifier_cond_fn(impl.classifier,
+                                                                      self.scale)
+
+
+def _setup(lay: Layout, cfg: SampleBenchConfig):
+    """(the run's inputs, its implementations). adm_fast rows run copies of the
+    models in the device's preferred layout; eager and compile the models as
+    built (guided-diffusion's computation)."""
+    device = cfg.device
     scale, diffusion, settings = _plan(lay, cfg)
     unet = build(lay, "unet", device, cfg.dtype, cfg.model_path)
     classifier = (build(lay, "classifier", device, cfg.dtype, cfg.classifier_path)
                   if scale > 0 else None)
-
     b, size = cfg.batch_size, lay.image_size
-    shape = (b, 3, size, size)
     g = torch.Generator().manual_seed(cfg.seed)
     y = torch.randint(0, 1000, (b,), generator=g).to(device)
-    x_t = torch.randn(shape, generator=g).to(device)
-    x_T = torch.randn(shape, generator=g).to(device)
+    x_t = torch.randn((b, 3, size, size), generator=g).to(device)
+    x_T = torch.randn((b, 3, size, size), generator=g).to(device)
     kwargs = {"y": y} if (lay.class_cond or classifier is not None) else {}
-    i_mid = diffusion.num_timesteps // 2
-    t_mid = torch.full((b,), i_mid, device=device, dtype=torch.long)
-    loop_fn = diffusion.ddim_sample_loop if cfg.sampler == "ddim" else diffusion.p_sample_loop
-    step_fn = diffusion.ddim_sample if cfg.sampler == "ddim" else diffusion.p_sample
-
+    t_mid = torch.full((b,), diffusion.num_timesteps // 2, device=device, dtype=torch.long)
+    run = _Run(lay, cfg, scale, diffusion, (b, 3, size, size), kwargs, x_t, x_T, t_mid)
+    fast_unet = use_preferred_layout(copy.deepcopy(unet), device)
+    fast_cls = None if classifier is None else use_preferred_layout(copy.deepcopy(classifier),
+                                                                    device)
     impls = [_Impl("eager", "eager", _model_fn(unet, lay.class_cond), classifier)]
-    impls += [_Impl(label, s, impls[0].model, classifier) for label, s in settings]
+    impls += [_Impl(label, s, _model_fn(fast_unet, lay.class_cond), fast_cls)
+              for label, s in settings]
     if cfg.compile:
         impls.append(_Impl("compile(eager)", "eager",
                            _model_fn(torch.compile(unet, dynamic=False), lay.class_cond),
                            None if classifier is None else torch.compile(classifier,
                                                                          dynamic=False)))
+    return run, impls, (unet, classifier, y)
 
-    def run_loop(impl: _Impl, noise=None):
-        cond_fn = None if impl.classifier is None else classifier_cond_fn(impl.classifier, scale)
-        with use_backend(impl.setting):
-            return loop_fn(impl.model, shape, noise=noise, cond_fn=cond_fn, model_kwargs=kwargs,
-                           device=device, progress=False)
 
-    # Validation (the first, untimed, runs; compilation happens here).
+def _validate(run: _Run, impls: List[_Impl], log) -> Dict[str, float]:
+    """The first, untimed, runs (compilation happens here): each impl's one step
+    and whole loop against eager's; returns each impl's seconds for this."""
     outs: Dict[str, tuple] = {}
+    took: Dict[str, float] = {}
+    name = run.lay.name
     for impl in list(impls):
-        cond_fn = None if impl.classifier is None else classifier_cond_fn(impl.classifier, scale)
+        start = time.perf_counter()
         try:
-            with use_backend(impl.setting), torch.no_grad():  # as inside the loops
-                torch.manual_seed(cfg.seed)
-                one = step_fn(impl.model, x_t, t_mid, cond_fn=cond_fn,
-                              model_kwargs=kwargs)["sample"]
-            torch.manual_seed(cfg.seed + 1)
-            outs[impl.label] = (one, run_loop(impl))
+            one = run.one_step(impl)
+            torch.manual_seed(run.cfg.seed + 1)
+            outs[impl.label] = (one, run.loop(impl))
         except BackendNotSupported as e:
             if impl.label == "eager":
                 raise
-            log(f"  {lay.name}: {impl.label} skipped: {str(e).splitlines()[-1].strip()}")
+            log(f"  {name}: {impl.label} skipped: {str(e).splitlines()[-1].strip()}")
             impls.remove(impl)
+            continue
         except Exception as e:
             if not impl.label.startswith("compile"):
                 raise
-            log(f"  {lay.name}: torch.compile failed, row skipped: {type(e).__name__}: "
+            log(f"  {name}: torch.compile failed, row skipped: {type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200] if str(e) else ''}")
             impls.remove(impl)
+            continue
+        took[impl.label] = time.perf_counter() - start
     ref_one, ref_loop = outs["eager"]
     for impl in impls[1:]:
         one, final = outs[impl.label]
-        d1 = (one.float() - ref_one.float()).abs().max().item()
-        dl = (final.float() - ref_loop.float()).abs().max().item()
-        impl.diffs = (d1, dl)
-        log(f"validation  {lay.name}  {impl.label} vs eager (same seed, "
-            f"{DTYPE_NAMES[dtype]}): one step max|Δ| {d1:.2e}, {cfg.steps}-step loop "
-            f"max|Δ| {dl:.2e}")
+        impl.diffs = ((one.float() - ref_one.float()).abs().max().item(),
+                      (final.float() - ref_loop.float()).abs().max().item())
+        log(f"validation  {name}  {impl.label} vs eager (same seed, "
+            f"{DTYPE_NAMES[run.cfg.dtype or torch.float32]}): one step max|Δ| "
+            f"{impl.diffs[0]:.2e}, {run.cfg.steps}-step loop max|Δ| {impl.diffs[1]:.2e}"
+            + (f"  (compile and first loop: {took[impl.label]:.0f} s)"
+               if impl.label.startswith("compile") else ""))
+    return took
 
-    for _ in range(cfg.warmup):
-        for impl in impls:
-            run_loop(impl, x_T)
+
+def _time(run: _Run, impls: List[_Impl]) -> Dict[str, List[float]]:
+    """Interleaved rounds of whole loops (a bar on stderr: loops take seconds)."""
+    from tqdm import tqdm
+
+    cfg = run.cfg
     times: Dict[str, List[float]] = {impl.label: [] for impl in impls}
-    for _ in range(cfg.repeats):  # interleaved rounds
-        for impl in impls:
-            times[impl.label].append(common.time_once_ms(lambda: run_loop(impl, x_T), device))
+    with tqdm(total=(cfg.warmup + cfg.repeats) * len(impls), desc=f"{run.lay.name} loops",
+              unit="loop", leave=False, file=sys.stderr, disable=not cfg.progress) as bar:
+        for r in range(cfg.warmup + cfg.repeats):
+            for impl in impls:
+                if r < cfg.warmup:
+                    run.loop(impl, run.x_T)
+                else:
+                    times[impl.label].append(
+                        common.time_once_ms(lambda: run.loop(impl, run.x_T), cfg.device))
+                bar.update()
+    return times
 
-    t_model = torch.full((b,), diffusion.timestep_map[i_mid], device=device)
-    flops = step_flops(_model_fn(unet, lay.class_cond), x_t, t_model, kwargs, classifier, y)
-    peak = PEAK_TFLOPS_BF16.get(device.type)
+
+def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: Dict, log) -> List[Dict]:
+    run, impls, (unet, classifier, y) = _setup(lay, cfg)
+    took = _validate(run, impls, log)
+    times = _time(run, impls)
+    b, device = cfg.batch_size, cfg.device
+    t_model = torch.full((b,), run.diffusion.timestep_map[run.t_mid[0].item()], device=device)
+    flops = step_flops(_model_fn(unet, lay.class_cond), run.x_t, t_model, run.kwargs,
+                       classifier, y)
     log(f"{lay.name}: {flops['total'] / b / 1e9:.2f} GFLOP per image per step (UNet forward "
         f"{flops['unet'] / b / 1e9:.2f}, classifier forward+backward "
-        f"{flops['classifier'] / b / 1e9:.2f}), guidance scale {scale:g}")
+        f"{flops['classifier'] / b / 1e9:.2f}), guidance scale {run.scale:g}")
+    rows = _rows(run, impls, times, took, flops, ctx)
+    if cfg.compile:  # the next layout's models must not count against recompile limits
+        torch.compiler.reset()
+    return rows
+
+
+def _rows(run: _Run, impls, times, took, flops, ctx) -> List[Dict]:
+    cfg, lay, b = run.cfg, run.lay, run.cfg.batch_size
+    peak = PEAK_TFLOPS_BF16.get(cfg.device.type)
     eager_ms = common.median(times["eager"])
     rows = []
     for impl in impls:
@@ -182,8 +249,9 @@ def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: Dict, log) -> List[D
         d1, dl = impl.diffs
         rows.append({
             **ctx, "preset": lay.name, "image_size": lay.image_size, "batch": b,
-            "steps": cfg.steps, "sampler": cfg.sampler, "guidance": f"{scale:g}",
-            "dtype": DTYPE_NAMES[dtype], "impl": impl.label, "backend": _setting_str(impl.setting),
+            "steps": cfg.steps, "sampler": cfg.sampler, "guidance": f"{run.scale:g}",
+            "dtype": DTYPE_NAMES[cfg.dtype or torch.float32], "impl": impl.label,
+            "backend": _setting_str(impl.setting),
             "compile": impl.label.startswith("compile"), "repeats": cfg.repeats,
             "ms_per_step": f"{step_ms:.2f}", "img_per_s": f"{b * 1e3 / loop_ms:.3f}",
             "x_vs_eager": f"{eager_ms / loop_ms:.2f}",
@@ -191,9 +259,8 @@ def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: Dict, log) -> List[D
             "TFLOP/s": _fmt(tflops, ".3f"),
             "MFU%": _fmt(100 * tflops / peak if peak else float("nan"), ".1f"),
             "step_max_abs_diff": f"{d1:.2e}", "loop_max_abs_diff": f"{dl:.2e}",
+            "compile_s": f"{took[impl.label]:.0f}" if impl.label.startswith("compile") else "",
         })
-    if cfg.compile:  # the next layout's models must not count against recompile limits
-        torch.compiler.reset()
     return rows
 
 

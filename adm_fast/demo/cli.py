@@ -76,28 +76,29 @@ def _where(device: torch.device) -> str:
 def run(args) -> int:
     device = _device(args.device)
     weights = _weights_dir(args)
-    models = experiment.load_models(weights, device)
+    eager = experiment.load_models(weights, device)
+    fast = experiment.engine_models(eager, device)
     diffusion = experiment.make_diffusion(args.steps)
     os.makedirs(args.out, exist_ok=True)
     batch = min(args.batch_size, args.num_samples)
     start = time.perf_counter()
-    experiment.warm_up(models, diffusion, batch)
+    experiment.warm_up([(fast, "auto"), (eager, "eager")], diffusion, batch)
     shipped = os.path.realpath(weights) == os.path.realpath(experiment.WEIGHTS_DIR)
     print(f"{PROG}: {args.num_samples} samples per scale (the digits 0-9 in turn), "
           f"{args.steps} DDPM steps, batch {batch}, seed {args.seed}, backend "
           f"{current_backend()}, on {_where(device)}; weights: "
           f"{'shipped' if shipped else weights}", flush=True)
-    rows, grids = [], []
+    rows, grids, rates = [], [], {}
     for scale in args.scales:
-        row, images = experiment.run_scale(models, diffusion, scale, args.num_samples, batch,
-                                           args.seed, args.eager_steps)
+        row, images = experiment.run_scale(fast, eager, diffusion, scale, args.num_samples,
+                                           batch, args.seed, args.eager_steps, rates)
         path = os.path.join(args.out, experiment.scale_name(scale))
         experiment.save_grid(images, experiment.demo_labels(args.num_samples).numpy(), path)
         rows.append(row)
         grids.append(path)
         print(f"{PROG}: scale {scale:g}: {args.num_samples} samples in {row.seconds:.1f} s -> "
               f"{path}", file=sys.stderr, flush=True)
-    ref_fid, ref_div = experiment.heldout_reference(models["clean"])
+    ref_fid, ref_div = experiment.heldout_reference(fast["clean"])
     total = time.perf_counter() - start
     print()
     print(format_table(rows))
@@ -108,8 +109,12 @@ def run(args) -> int:
     print("diversity: mean distance between the clean classifier's normalised features of "
           "samples asked for the same digit")
     if args.eager_steps:
-        print(f"images/s eager: the first {min(args.eager_steps, args.steps)} steps of one "
-              f"batch of {batch} on use_backend('eager'), scaled to {args.steps} steps")
+        print(f"images/s: both columns measured alike, {min(args.eager_steps, args.steps)} "
+              f"steps of one batch of {batch} after a warm-up, 2 interleaved rounds, scaled "
+              f"to {args.steps} steps; adm_fast: its default backend and the device's "
+              f"layout, eager: guided-diffusion's computation (use_backend('eager'), NCHW); "
+              f"once unguided and once guided (the work per step is the same at every "
+              f"nonzero scale)")
     print(f"grids (row = digit asked for): {', '.join(grids)}")
     print(f"total {total:.0f} s")
     results = dict(num_samples=args.num_samples, steps=args.steps, batch_size=batch,

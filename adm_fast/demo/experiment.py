@@ -7,6 +7,7 @@ same per-step noise at every scale: the grids differ only by the guidance.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import time
@@ -183,33 +184,54 @@ def heldout_reference(clean: EncoderUNetModel) -> Tuple[float, float]:
     return fidelity(preds, labels), diversity(feats, labels)
 
 
-def warm_up(models, diffusion, batch_size: int) -> None:
-    """One guided step per backend before timing: the first call pays for
-    loading extensions and picking kernels, which is no sampler's speed."""
+def engine_models(models, device) -> Dict[str, torch.nn.Module]:
+    """adm_fast's copies of the models, in the device's preferred layout (the
+    originals stay as loaded: guided-diffusion's computation, for the eager column)."""
+    return {k: ops.use_preferred_layout(copy.deepcopy(m), device) for k, m in models.items()}
+
+
+def warm_up(runs, diffusion, batch_size: int) -> None:
+    """One guided step per (models, backend) before timing: the first call pays
+    for loading extensions and picking kernels, which is no sampler's speed."""
     y = demo_labels(min(2, batch_size))
-    for backend in ("auto", "eager"):
+    for models, backend in runs:
         with ops.use_backend(backend):
             sample(models, diffusion, 1.0, y, len(y), seed=0, max_steps=1)
 
 
-def run_scale(models, diffusion, scale: float, num_samples: int, batch_size: int, seed: int,
-              eager_steps: int) -> Tuple[Row, np.ndarray]:
-    """Sample one scale on the default backend, judge it, and time the eager
-    reference on the first `eager_steps` steps of one batch (per step the work
-    is the same at every timestep, so it scales to the full run)."""
+def step_rates(runs, diffusion, scale: float, labels: torch.Tensor, batch_size: int,
+               seed: int, steps: int, rounds: int = 2) -> List[float]:
+    """images/s of each (models, backend) in runs, all measured alike: `steps`
+    steps of the same batch, after a warm-up, in interleaved rounds (a noisy
+    machine slows them all alike), the median per step scaled to the full loop."""
+    probe = labels[:batch_size]
+    per_step: List[List[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for i, (models, backend) in enumerate(runs):
+            with ops.use_backend(backend):
+                secs, run = sample(models, diffusion, scale, probe, batch_size, seed,
+                                   max_steps=steps)[1:]
+            per_step[i].append(secs / run)
+    return [len(probe) / (float(np.median(t)) * diffusion.num_timesteps) for t in per_step]
+
+
+def run_scale(fast, eager, diffusion, scale: float, num_samples: int, batch_size: int,
+              seed: int, probe_steps: int, rates: Dict) -> Tuple[Row, np.ndarray]:
+    """Sample one scale with adm_fast (its default backend and layout) and judge
+    it. The speed columns come from step_rates, once per kind of step (guided or
+    not: the work per step is the same at every nonzero scale), kept in rates."""
     labels = demo_labels(num_samples)
-    images, seconds, _ = sample(models, diffusion, scale, labels, batch_size, seed)
-    preds, feats = judge(models["clean"], images)
+    images, seconds, _ = sample(fast, diffusion, scale, labels, batch_size, seed)
+    preds, feats = judge(fast["clean"], images)
     y = labels.numpy()
-    eager = None
-    if eager_steps:
-        probe = labels[:batch_size]
-        with ops.use_backend("eager"):
-            secs, run = sample(models, diffusion, scale, probe, batch_size, seed,
-                               max_steps=eager_steps)[1:]
-        eager = len(probe) / (secs / run * diffusion.num_timesteps)
-    row = Row(scale, fidelity(preds, y), diversity(feats, y), num_samples / seconds, eager,
-              seconds)
+    fast_rate, eager_rate = num_samples / seconds, None
+    if probe_steps:
+        key = scale != 0
+        if key not in rates:
+            rates[key] = step_rates([(fast, "auto"), (eager, "eager")], diffusion, scale,
+                                    labels, batch_size, seed, probe_steps)
+        fast_rate, eager_rate = rates[key]
+    row = Row(scale, fidelity(preds, y), diversity(feats, y), fast_rate, eager_rate, seconds)
     return row, images
 
 

@@ -13,6 +13,7 @@ from .ddim_step import DDIM_STEP, ddim_step
 from .ddpm_step import DDPM_STEP, ddpm_step
 from .group_norm_act import GROUP_NORM_ACT, group_norm_act
 from .impl import Call, Impl
+from .layout import preferred_memory_format, use_preferred_layout
 from .norm_act_conv import norm_act_conv, set_norm_act_recompute
 from .op import Op, explain, ops, ops_of_backend
 from .qkv_attention import QKV_ATTENTION, qkv_attention
@@ -23,5 +24,6 @@ __all__ = [
     "Backend", "BackendNotSupported", "Call", "Impl", "Op", "backends", "current_backend",
     "explain", "ops", "ops_of_backend", "register_backend", "set_backend", "use_backend", "group_norm_act",
     "qkv_attention", "ddpm_step", "ddim_step", "norm_act_conv", "set_norm_act_recompute",
-    "GROUP_NORM_ACT", "QKV_ATTENTION", "DDPM_STEP", "DDIM_STEP",
+    "GROUP_NORM_ACT", "QKV_ATTENTION", "DDPM_STEP", "DDIM_STEP", "preferred_memory_format",
+    "use_preferred_layout",
 ]

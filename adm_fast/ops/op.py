@@ -35,6 +35,7 @@ from .impl import Call, Impl
 _TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "int": int, "float": float,
           "bool": bool, "str": str}
 _OPS: Dict[str, "Op"] = {}
+_MAX_DECISIONS = 4096  # calls of distinct shapes remembered per op before starting over
 
 
 def parse_signature(signature: str) -> List[Tuple[str, str]]:
@@ -116,6 +117,7 @@ class Op:
         self.args = parse_signature(self.signature)
         self.tensor_pos = [i for i, (t, _) in enumerate(self.args) if t.startswith("Tensor")]
         self.impls: Dict[str, Impl] = {}
+        self._decisions: Dict[tuple, tuple] = {}
         self._define_custom_op()
         self.torch_op = getattr(torch.ops.adm_fast, self.name).default
         _OPS[self.name] = self
@@ -136,11 +138,47 @@ class Op:
         return Call(tensors, self.features(*args), grad)
 
     def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self._decide_and_run(args)
+        key = self._key(args)
+        decision = self._decisions.get(key)
+        if decision is None:
+            self.check(*args)
+            decision = self._decide(args)
+            if len(self._decisions) >= _MAX_DECISIONS:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        impl, grad = decision
+        return self.reference(*args) if impl is None else self.run(impl, args, grad)
+
+    def _decide_and_run(self, args):
         self.check(*args)
+        impl, grad = self._decide(args)
+        return self.reference(*args) if impl is None else self.run(impl, args, grad)
+
+    def _decide(self, args):
+        """(implementation, autograd wants the backward); None: the reference."""
         if any(args[i] is not None and args[i].numel() == 0 for i in self.tensor_pos):
-            return self.reference(*args)  # nothing to compute: shapes and dtypes as eager
+            return None, False  # nothing to compute: shapes and dtypes as eager
         call = self.describe(args)
-        return self.run(dispatch.select(self, call), args, call.grad)
+        return dispatch.select(self, call), call.grad
+
+    def _key(self, args):
+        """Everything a decision (and the argument check) depends on: the
+        setting, the registrations, grad mode and each argument's type, shape,
+        strides, device and requires_grad. Calls with the same key skip straight
+        to the implementation chosen for the first: the per-call cost of
+        checking and choosing is ~30 us, a small op's whole time on a CPU."""
+        parts = [_backend.current_backend(self.name), _backend.version(),
+                 torch.is_grad_enabled()]
+        for a in args:
+            if isinstance(a, Tensor):
+                parts.append((a.dtype, a.device, a.shape, a.stride(), a.requires_grad))
+            elif isinstance(a, (int, float, bool, str)) or a is None:
+                parts.append((type(a), a))
+            else:
+                parts.append((type(a), id(a)))  # an object check() will refuse
+        return tuple(parts)
 
     def run(self, impl: Impl, args, grad: Optional[bool] = None):
         """This call on one implementation, whatever the backend setting (a value
