@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 import torch  # noqa: E402  (imports no Triton)
 
-# Tests pick backends explicitly; a user's setting must not leak in.
+# Tests pick backends explicitly; a user's setting must not leak in. Choices
+# timed at run time would differ between runs: the tests take the static order
+# (test_autotune.py tests the timing itself).
 os.environ.pop("ADM_FAST_BACKEND", None)
+os.environ["ADM_FAST_AUTOTUNE"] = "0"
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; it
 # must be on before the kernels are defined (before adm_fast is imported).
 if not torch.cuda.is_available():

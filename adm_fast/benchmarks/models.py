@@ -70,10 +70,12 @@ def inputs(flags, batch, device):
 
 
 class Impl:
-    """One way of running a layout: its models and backend setting."""
+    """One way of running a layout: its models and backend setting (and the
+    UNet it trains, which may be in another layout)."""
 
-    def __init__(self, label, unet, classifier, setting):
+    def __init__(self, label, unet, classifier, setting, train_unet=None):
         self.label, self.unet, self.classifier, self.setting = label, unet, classifier, setting
+        self.train_unet = unet if train_unet is None else train_unet
 
     def forward(self, x, t, kw):
         with torch.no_grad(), ops.use_backend(self.setting):
@@ -86,26 +88,29 @@ class Impl:
             return diffusion.p_sample(self.unet, x, t, cond_fn=cond, model_kwargs=kw)["sample"]
 
     def train_step(self, x, t, kw):
-        self.unet.zero_grad(set_to_none=True)
+        self.train_unet.zero_grad(set_to_none=True)
         with ops.use_backend(self.setting):
-            self.unet(x, t, **kw).float().square().mean().backward()
+            self.train_unet(x, t, **kw).float().square().mean().backward()
 
     def saved_bytes(self, x, t, kw) -> int:
-        with ops.use_backend(self.setting), SavedBytes(exclude=list(self.unet.parameters())) as s:
-            out = self.unet(x, t, **kw)
+        params = list(self.train_unet.parameters())
+        with ops.use_backend(self.setting), SavedBytes(exclude=params) as s:
+            out = self.train_unet(x, t, **kw)
             n = s.nbytes()
         del out
         return n
 
 
 def impls(unet, classifier, device, compile_model: bool, log) -> Dict[str, Impl]:
-    """eager (the models as built), adm_fast (copies in the preferred layout)
-    and, asked for, torch.compile of the eager models in each mode."""
+    """eager (the models as built), adm_fast (copies in the preferred layouts
+    for sampling and for training) and, asked for, torch.compile of the eager
+    models in each mode."""
     out = {"eager": Impl("eager", unet, classifier, "eager")}
     fast_unet = ops.use_preferred_layout(copy.deepcopy(unet), device)
     fast_cls = None if classifier is None else ops.use_preferred_layout(
         copy.deepcopy(classifier), device)
-    out["adm_fast"] = Impl("adm_fast", fast_unet, fast_cls, "auto")
+    train_unet = ops.use_preferred_layout(copy.deepcopy(unet), device, training=True)
+    out["adm_fast"] = Impl("adm_fast", fast_unet, fast_cls, "auto", train_unet)
     if compile_model:
         for mode in ("default", "max-autotune-no-cudagraphs"):
             label = f"compile({mode})"

@@ -185,8 +185,9 @@ def heldout_reference(clean: EncoderUNetModel) -> Tuple[float, float]:
 
 
 def engine_models(models, device) -> Dict[str, torch.nn.Module]:
-    """adm_fast's copies of the models, in the device's preferred layout (the
-    originals stay as loaded: guided-diffusion's computation, for the eager column)."""
+    """adm_fast's copies of the models, in the device's preferred layout for
+    sampling; the originals stay as loaded: guided-diffusion's computation, for
+    the eager column."""
     return {k: ops.use_preferred_layout(copy.deepcopy(m), device) for k, m in models.items()}
 
 

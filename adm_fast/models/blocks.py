@@ -204,8 +204,9 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape
         x = x.reshape(b, c, math.prod(spatial))  # not -1: an empty batch has no inferable size
-        h = self.proj_out(self.attention(norm_act_conv(
-            self.norm, x, self.qkv, act=False, recompute=not self.use_checkpoint)))
+        qkv = norm_act_conv(self.norm, x, lambda h: ops.conv1x1(self.qkv, h), act=False,
+                            recompute=not self.use_checkpoint)
+        h = ops.conv1x1(self.proj_out, self.attention(qkv))
         return (x + h).reshape(b, c, *spatial)
 
 
@@ -237,5 +238,5 @@ class AttentionPool2d(nn.Module):
         x = x.reshape(b, c, math.prod(spatial))
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
         x = x + self.positional_embedding[None].to(x.dtype)
-        x = self.c_proj(self.attention(self.qkv_proj(x)))
+        x = ops.conv1x1(self.c_proj, self.attention(ops.conv1x1(self.qkv_proj, x)))
         return x[:, :, 0]

@@ -77,6 +77,9 @@ class GroupNormAct(Op):
         # batch 4 up (the backward kernel's fixed costs), 1.0–1.4× from 16×16.
         {"device": "cpu", "grad": True, "max": {"hw": 64}, "order": ["eager"]},
     ]
+    # ... and on an AVX2 EPYC (2026-12-01) the two tie at 8×8 with autograd: auto
+    # times them per call signature (ops/autotune.py).
+    tune = {"cpu": ("cpu", "eager")}
 
     def check(self, x, num_groups, weight, bias, scale, shift, eps, act) -> None:
         op = self.name

@@ -17,7 +17,6 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import dispatch
 from .group_norm_act import GROUP_NORM_ACT
 
 # Whether convs fed by a fused norm keep a recipe instead of their input. On by
@@ -63,8 +62,7 @@ def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor 
             and not torch.compiler.is_compiling() \
             and any(t is not None and t.requires_grad for t in args[:6] if isinstance(t, Tensor)):
         GROUP_NORM_ACT.check(*args)
-        if x.numel():
-            impl = dispatch.select(GROUP_NORM_ACT, GROUP_NORM_ACT.describe(args))
+        impl = GROUP_NORM_ACT.decide(args)[0]  # None for an empty x: the reference
     if impl is None or impl.kind == "composite":
         h = GROUP_NORM_ACT(*args)
         return conv(h if between is None else between(h))

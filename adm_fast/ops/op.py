@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
-from . import dispatch
+from . import autotune, dispatch
 from .impl import Call, Impl
 
 _TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "int": int, "float": float,
@@ -91,6 +91,9 @@ class Op:
     kept_outputs: Tuple[int, ...] = ()  # indices of forward's returns saved for backward
     has_kernel_backward: bool = False  # else gradients through the reference
     preferences: Sequence[Dict] = ()  # measured rules for auto (see dispatch.matches)
+    # device type -> backends auto times against each other per call signature
+    # (ops/autotune.py), where machines disagree on which is faster
+    tune: Dict[str, Tuple[str, ...]] = {}
 
     # --- the spec -------------------------------------------------------------
     def check(self, *args) -> None:
@@ -144,7 +147,7 @@ class Op:
         decision = self._decisions.get(key)
         if decision is None:
             self.check(*args)
-            decision = self._decide(args)
+            decision = self.decide(args)
             if len(self._decisions) >= _MAX_DECISIONS:
                 self._decisions.clear()
             self._decisions[key] = decision
@@ -153,15 +156,22 @@ class Op:
 
     def _decide_and_run(self, args):
         self.check(*args)
-        impl, grad = self._decide(args)
+        impl, grad = self.decide(args)
         return self.reference(*args) if impl is None else self.run(impl, args, grad)
 
-    def _decide(self, args):
+    def decide(self, args):
         """(implementation, autograd wants the backward); None: the reference."""
         if any(args[i] is not None and args[i].numel() == 0 for i in self.tensor_pos):
             return None, False  # nothing to compute: shapes and dtypes as eager
         call = self.describe(args)
-        return dispatch.select(self, call), call.grad
+        impl = dispatch.select(self, call)
+        names = self.tune.get(call.device_type, ())
+        if impl.backend in names and _backend.current_backend(self.name) == _backend.AUTO:
+            candidates = [self.impls[n] for n in names if n in self.impls
+                          and not self.impls[n].not_supported_reasons(call)
+                          and not self.impls[n].auto_reasons(call)]
+            impl = autotune.pick(self, call, args, candidates) or impl
+        return impl, call.grad
 
     def _key(self, args):
         """Everything a decision (and the argument check) depends on: the

@@ -56,10 +56,19 @@ def reference(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
 
 
 def sdpa(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
-    """Attention through torch's scaled_dot_product_attention: q, k, v copied to
-    [N, H, T, C] (the layout its fast kernels need), the output copied back."""
+    """Attention through torch's scaled_dot_product_attention, which wants q, k,
+    v as [N, H, T, C] with C contiguous. qkv with contiguous channels (the
+    [N, C, T] view of a channels_last map) gives them as views, and the output
+    comes back in that layout; NCHW qkv is copied to it and back."""
     n, width, t = qkv.shape
     c = width // (3 * num_heads)
+    if qkv.stride(1) == 1 and t > 1:  # [N, T, 3HC] in memory
+        rows = qkv.transpose(1, 2)
+        parts = (rows.unflatten(-1, (num_heads, 3, c)).unbind(-2) if legacy
+                 else rows.unflatten(-1, (3, num_heads, c)).unbind(-3))
+        q, k, v = (p.transpose(1, 2) for p in parts)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(n, t, num_heads * c).transpose(1, 2)
     q, k, v = (p.reshape(n, num_heads, c, t).transpose(-1, -2).contiguous()
                for p in split_heads(qkv, num_heads, legacy))
     out = F.scaled_dot_product_attention(q, k, v)
@@ -75,10 +84,13 @@ class QkvAttention(Op):
     preferences = [
         # CPU (2 threads, fp32; bench/bench_qkv_attention.py, 2026-11-29): SDPA's
         # flash kernel wins from 1024 tokens (1.4–2.9× eager at N=4), while below
-        # 1024 its layout copies cost more than it saves (0.6–0.98×).
+        # 1024 its layout copies cost more than it saves (0.6–0.98×). Another CPU
+        # (AVX2 EPYC, 2026-12-01) has SDPA ahead from 256 tokens, so auto times
+        # the two per call signature (tune); these rules order them when it does not.
         {"device": "cpu", "min": {"tokens": 768}, "order": ["sdpa"]},
         {"device": "cpu", "order": ["eager", "sdpa"]},
     ]
+    tune = {"cpu": ("eager", "sdpa")}
 
     def check(self, qkv, num_heads, legacy) -> None:
         op = self.name

@@ -1,0 +1,120 @@
+"""Preferences measured at run time, where a table measured once is wrong.
+
+CPUs differ: on one x86-64 machine SDPA's CPU flash kernel lost to the eager
+attention below 1024 tokens, on another (AVX2 EPYC) it won from 256. So, for
+the ops that declare candidates (`Op.tune`), auto times each candidate that
+supports the call on the call's own inputs, once per call signature, and keeps
+the fastest. Decisions are stored per machine (CPU model, threads, torch
+version) in $ADM_FAST_CACHE/autotune.json (default ~/.cache/adm_fast), so a
+later run on the same machine makes the same choices: a resumed sampling run
+gives the same bytes. ADM_FAST_AUTOTUNE=0 turns it off (the static order then
+applies, as under torch.compile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from .impl import Call, Impl, dtype_name, layout_of
+
+_STATE: Dict[str, object] = {"table": None, "path": None}
+
+
+def enabled() -> bool:
+    return os.environ.get("ADM_FAST_AUTOTUNE", "1") != "0" and not torch.compiler.is_compiling()
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def _path() -> str:
+    root = os.environ.get("ADM_FAST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "adm_fast")
+    return os.path.join(root, "autotune.json")
+
+
+def _table() -> Dict[str, str]:
+    path = _path()
+    if _STATE["path"] != path:  # the cache folder may change (tests do)
+        try:
+            with open(path, encoding="utf-8") as f:
+                table = json.load(f)
+            table = table if isinstance(table, dict) else {}
+        except (OSError, ValueError):
+            table = {}  # absent or damaged: measure again
+        _STATE.update(table=table, path=path)
+    return _STATE["table"]
+
+
+def _save(table: Dict[str, str]) -> None:
+    path = _path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(table, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the choices hold for this process only
+
+
+def key(op, call: Call) -> str:
+    tensors = ",".join(f"{n}:{dtype_name(t.dtype)}:{list(t.shape)}:{layout_of(t)}"
+                       for n, t in call.tensors.items())
+    feats = ",".join(f"{k}={v}" for k, v in sorted(call.features.items()))
+    return f"{_machine()}|{op.name}|{tensors}|{feats}|grad={call.grad}"
+
+
+def _time_ms(op, impl: Impl, args, grad: bool, repeats: int = 3) -> float:
+    """Median ms of the call on impl (forward and backward when autograd will
+    want it), on detached copies of the inputs, after one warm-up."""
+    def once():
+        leaves = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                  else a for a in args]
+        with torch.enable_grad() if grad else torch.no_grad():
+            out = op.run(impl, leaves, grad)
+            if grad:
+                outs = out if isinstance(out, tuple) else (out,)
+                wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+                torch.autograd.grad([o.float().sum() for o in outs], wanted, allow_unused=True)
+    once()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def pick(op, call: Call, args, candidates: List[Impl]) -> Optional[Impl]:
+    """The fastest of candidates for this call (all of which support it), from
+    the machine's stored decision or measured now; None when not tuning."""
+    if len(candidates) < 2 or not enabled() or call.device_type != "cpu":
+        return None
+    table = _table()
+    k = key(op, call)
+    by_name = {impl.backend: impl for impl in candidates}
+    if table.get(k) in by_name:
+        return by_name[table[k]]
+    times = {impl.backend: _time_ms(op, impl, args, call.grad) for impl in candidates}
+    best = min(times, key=times.get)
+    table[k] = best
+    _save(table)
+    return by_name[best]

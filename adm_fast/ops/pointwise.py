@@ -1,0 +1,23 @@
+"""conv1x1: a kernel-1 Conv1d (attention's qkv and output projections) in
+whichever form suits its input's layout.
+
+For NCHW-contiguous input it is the module itself (guided-diffusion's
+computation). For the [N, C, T] view of a channels_last map (channels
+contiguous), a matmul over the channels of the [N, T, C] view, whose output
+keeps that layout: Conv1d would copy the input to NCHW first and take 6 ms
+where the matmul takes 1.5 (64 -> 192 channels, 1024 tokens, batch 4, 2 threads).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .impl import layout_of
+
+
+def conv1x1(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    if (layout_of(x) == "channels_last_1d" and conv.kernel_size == (1,) and conv.groups == 1
+            and conv.stride == (1,) and conv.padding == (0,) and conv.dilation == (1,)):
+        return F.linear(x.transpose(1, 2), conv.weight.squeeze(-1), conv.bias).transpose(1, 2)
+    return conv(x)

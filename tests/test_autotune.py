@@ -1,0 +1,58 @@
+"""Choices timed at run time (ops/autotune.py): made once per call signature,
+stored per machine so a later run makes the same one, off on request."""
+
+import json
+
+import pytest
+import torch
+
+from adm_fast import ops
+from adm_fast.ops import autotune
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADM_FAST_AUTOTUNE", "1")
+    monkeypatch.setenv("ADM_FAST_CACHE", str(tmp_path))
+    ops.QKV_ATTENTION._decisions.clear()
+    yield tmp_path
+    ops.QKV_ATTENTION._decisions.clear()
+
+
+def test_attention_on_cpu_is_timed_once_and_stored(tuning, monkeypatch):
+    calls = []
+    monkeypatch.setattr(autotune, "_time_ms",
+                        lambda op, impl, args, grad: calls.append(impl.backend) or
+                        {"eager": 5.0, "sdpa": 1.0}[impl.backend])
+    qkv = torch.randn(2, 3 * 64, 65)
+    out = ops.qkv_attention(qkv, 2)
+    assert sorted(calls) == ["eager", "sdpa"]
+    torch.testing.assert_close(out, ops.QKV_ATTENTION.reference(qkv, 2, True))
+    ops.qkv_attention(qkv, 2)  # the same signature: decided already
+    assert len(calls) == 2
+    table = json.loads((tuning / "autotune.json").read_text())
+    assert list(table.values()) == ["sdpa"]
+    # A new process (the decisions forgotten) reads the machine's choice back.
+    ops.QKV_ATTENTION._decisions.clear()
+    autotune._STATE.update(table=None, path=None)
+    ops.qkv_attention(qkv, 2)
+    assert len(calls) == 2
+
+
+def test_the_timing_runs_the_candidates_for_real(tuning):
+    qkv = torch.randn(1, 3 * 32, 17, requires_grad=True)
+    call = ops.QKV_ATTENTION.describe((qkv, 1, True))
+    impls = [ops.QKV_ATTENTION.impls["eager"], ops.QKV_ATTENTION.impls["sdpa"]]
+    chosen = autotune.pick(ops.QKV_ATTENTION, call, (qkv, 1, True), impls)
+    assert chosen in impls and qkv.grad is None  # timed on copies
+
+
+def test_off_and_damaged_caches_fall_back(tuning, monkeypatch):
+    (tuning / "autotune.json").write_text("{not json")
+    autotune._STATE.update(table=None, path=None)
+    qkv = torch.randn(1, 3 * 32, 9)
+    torch.testing.assert_close(ops.qkv_attention(qkv, 1), ops.QKV_ATTENTION.reference(qkv, 1, True))
+    monkeypatch.setenv("ADM_FAST_AUTOTUNE", "0")
+    ops.QKV_ATTENTION._decisions.clear()
+    assert not autotune.enabled()
+    assert "eager: chosen" in ops.explain("qkv_attention", qkv, 1, True)
