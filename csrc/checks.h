@@ -1,12 +1,14 @@
-// Argument checks shared by the CPU and CUDA bindings (both register kernels
-// for the adm_fast_native ops, whose schemas adm_fast/ops/native.py defines).
-// Anything under torch.ops is public: every shape, dtype, device and code is
-// checked here, with a message, before a kernel reads a pointer.
+// What the CPU and CUDA bindings share (both register kernels for the
+// adm_fast_native ops, whose schemas adm_fast/ops/native.py defines): the
+// argument checks — anything under torch.ops is public, so every shape, dtype,
+// device and code is checked here, with a message, before a kernel reads a
+// pointer — and the assembly of the backward's outputs.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <tuple>
 
 #include "step_codes.h"
 
@@ -104,6 +106,21 @@ inline void check_step(const char* op, const Tensor& x, const Tensor& model_out,
 
 inline void check_eps(const char* op, double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+}
+
+// group_norm_act_bwd's five outputs from the kernels' dx and fp32 [N, C]
+// partials: dweight = Σ_n t2, dbias = Σ_n t1 (when need_wb), dscale, dshift;
+// each in its input's dtype, and an empty tensor where there is no input or
+// the gradient was not asked for.
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_grads(
+    const Tensor& x, const Tensor& dx, const Tensor& t1, const Tensor& t2, const Tensor& ds,
+    const Tensor& dsh, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& scale, const optional<Tensor>& shift, bool need_wb) {
+  auto none = [&] { return x.new_empty({0}); };
+  return {dx, need_wb && weight.has_value() ? t2.sum(0).to(weight->scalar_type()) : none(),
+          need_wb && bias.has_value() ? t1.sum(0).to(bias->scalar_type()) : none(),
+          ds.defined() ? ds.to(scale->scalar_type()) : none(),
+          dsh.defined() ? dsh.to(shift->scalar_type()) : none()};
 }
 
 }  // namespace adm_fast

@@ -96,12 +96,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_bwd_op(
         dsh.defined() ? dsh.data_ptr<float>() : nullptr, need_wb ? t1.data_ptr<float>() : nullptr,
         need_wb ? t2.data_ptr<float>() : nullptr, n, c, hw, groups, act);
   });
-  // Absent (or not asked for) gradients are empty tensors.
-  auto none = [&] { return x.new_empty({0}); };
-  return {dx, need_wb && weight.has_value() ? t2.sum(0).to(weight->scalar_type()) : none(),
-          need_wb && bias.has_value() ? t1.sum(0).to(bias->scalar_type()) : none(),
-          ds.defined() ? ds.to(scale->scalar_type()) : none(),
-          dsh.defined() ? dsh.to(shift->scalar_type()) : none()};
+  return adm_fast::group_norm_grads(x, dx, t1, t2, ds, dsh, weight, bias, scale, shift,
+                                   need_wb);
 }
 
 struct StepArgs {

@@ -23,32 +23,38 @@ namespace {
 // Rows per task: about 16K values, and at most 512 rows summed in fp32.
 int64_t chunk_rows(int64_t C) { return std::max<int64_t>(1, std::min<int64_t>(512, 16384 / C)); }
 
+// Each helper takes a block of `rows` rows of C values: one call per block,
+// not per row (a row of 64 channels is a few vectors, less than a call costs).
 template <typename T>
-ADM_CLONES void add_row(const T* x, float* acc, int64_t C) {
+ADM_CLONES void add_rows(const T* x, float* acc, int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r, x += C) {
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) acc[c] += to_f(x[c]);
-}
-
-template <typename T>
-ADM_CLONES void add_sq_row(const T* x, const float* mu, float* acc, int64_t C) {
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const float d = to_f(x[c]) - mu[c];
-    acc[c] += d * d;
+    for (int64_t c = 0; c < C; ++c) acc[c] += to_f(x[c]);
   }
 }
 
-// Per-channel sums of f(row) over each chunk of rows, into part[task][C], in
-// parallel over (sample, chunk) tasks; then per (n, c) in double.
+template <typename T>
+ADM_CLONES void add_sq_rows(const T* x, const float* mu, float* acc, int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r, x += C) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = to_f(x[c]) - mu[c];
+      acc[c] += d * d;
+    }
+  }
+}
+
+// Per-channel sums of f(block) over each chunk of rows, into part[task][C],
+// in parallel over (sample, chunk) tasks; then per (n, c) in double.
+// block_fn(n, first row, rows, acc).
 template <typename F>
-std::vector<double> channel_sums(int64_t N, int64_t HW, int64_t C, int width, F&& row_fn) {
+std::vector<double> channel_sums(int64_t N, int64_t HW, int64_t C, int width, F&& block_fn) {
   const int64_t rows = chunk_rows(C), chunks = (HW + rows - 1) / rows;
   std::vector<float> part(static_cast<size_t>(N * chunks * width * C), 0.0f);
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, r0 = (task % chunks) * rows;
-      float* acc = part.data() + task * width * C;
-      for (int64_t r = r0; r < std::min(HW, r0 + rows); ++r) row_fn(n, r, acc);
+      block_fn(n, r0, std::min(HW, r0 + rows) - r0, part.data() + task * width * C);
     }
   });
   std::vector<double> total(static_cast<size_t>(N * width * C), 0.0);
@@ -87,67 +93,75 @@ Affine affine(const float* weight, const float* bias, const float* scale, const 
   return p;
 }
 
-template <typename T>
-ADM_CLONES void apply_row(const T* x, T* y, const float* mu, const float* a, const float* d,
-                          int64_t C, bool act) {
-  if (act) {
+template <typename T, bool ACT>
+ADM_CLONES void apply_rows(const T* x, T* y, const float* mu, const float* a, const float* d,
+                           int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r, x += C, y += C) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const float h = (to_f(x[c]) - mu[c]) * a[c] + d[c];
-      y[c] = from_f<T>(h / (1.0f + vexp(-h)));
+      if constexpr (ACT) {
+        y[c] = from_f<T>(h / (1.0f + vexp(-h)));
+      } else {
+        y[c] = from_f<T>(h);
+      }
     }
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) y[c] = from_f<T>((to_f(x[c]) - mu[c]) * a[c] + d[c]);
   }
 }
 
-// g = dy·SiLU'(h2) (or dy), and x̂, for one row.
+// g = dy·SiLU'(h2) (or dy), and x̂, for one row. ACT is a template
+// parameter: a branch in the loop would keep it scalar.
 struct GradRow {
   const float *mu, *rstd, *w, *b, *one_s, *sh;
-  bool act;
 };
 
-template <typename T>
-ADM_CLONES void grad_sums_row(const T* x, const T* dy, const GradRow& p, float* s1, float* s2,
-                              int64_t C) {
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const float xhat = (to_f(x[c]) - p.mu[c]) * p.rstd[c];
-    float g = to_f(dy[c]);
-    if (p.act) {
-      const float h = (xhat * p.w[c] + p.b[c]) * p.one_s[c] + p.sh[c];
-      const float sig = 1.0f / (1.0f + vexp(-h));
-      g = g * sig * (1.0f + h * (1.0f - sig));
-    }
-    s1[c] += g;
-    s2[c] += g * xhat;
+// ∂L/∂h2 from dy: through SiLU when ACT (h2 recomputed from x̂), else dy.
+template <bool ACT>
+static inline float grad_h2(float dy, float xhat, const GradRow& p, int64_t c) {
+  if constexpr (ACT) {
+    const float h = (xhat * p.w[c] + p.b[c]) * p.one_s[c] + p.sh[c];
+    const float sig = 1.0f / (1.0f + vexp(-h));
+    return dy * sig * (1.0f + h * (1.0f - sig));
+  } else {
+    return dy;
   }
 }
 
-template <typename T>
-ADM_CLONES void dx_row(const T* x, const T* dy, T* dx, const GradRow& p, const float* k,
-                       const float* c1, const float* c2, int64_t C) {
+template <typename T, bool ACT>
+ADM_CLONES void grad_sums_rows(const T* x, const T* dy, const GradRow& p, float* s1, float* s2,
+                               int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r, x += C, dy += C) {
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const float xhat = (to_f(x[c]) - p.mu[c]) * p.rstd[c];
-    float g = to_f(dy[c]);
-    if (p.act) {
-      const float h = (xhat * p.w[c] + p.b[c]) * p.one_s[c] + p.sh[c];
-      const float sig = 1.0f / (1.0f + vexp(-h));
-      g = g * sig * (1.0f + h * (1.0f - sig));
+    for (int64_t c = 0; c < C; ++c) {
+      const float xhat = (to_f(x[c]) - p.mu[c]) * p.rstd[c];
+      const float g = grad_h2<ACT>(to_f(dy[c]), xhat, p, c);
+      s1[c] += g;
+      s2[c] += g * xhat;
     }
-    dx[c] = from_f<T>(p.rstd[c] * (g * k[c] - c1[c] - xhat * c2[c]));
   }
 }
 
+template <typename T, bool ACT>
+ADM_CLONES void dx_rows(const T* x, const T* dy, T* dx, const GradRow& p, const float* k,
+                        const float* c1, const float* c2, int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r, x += C, dy += C, dx += C) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float xhat = (to_f(x[c]) - p.mu[c]) * p.rstd[c];
+      const float g = grad_h2<ACT>(to_f(dy[c]), xhat, p, c);
+      dx[c] = from_f<T>(p.rstd[c] * (g * k[c] - c1[c] - xhat * c2[c]));
+    }
+  }
+}
+
+// fn(n, first row, rows) over the chunks of rows, in parallel.
 template <typename F>
 void over_rows(int64_t N, int64_t HW, int64_t C, F&& fn) {
   const int64_t rows = chunk_rows(C), chunks = (HW + rows - 1) / rows;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, r0 = (task % chunks) * rows;
-      for (int64_t r = r0; r < std::min(HW, r0 + rows); ++r) fn(n, r);
+      fn(n, r0, std::min(HW, r0 + rows) - r0);
     }
   });
 }
@@ -160,8 +174,8 @@ void group_norm_act_fwd_nhwc(const T* x, T* y, float* mean, float* rstd, const f
                              int64_t N, int64_t C, int64_t HW, int64_t G, double eps, bool act) {
   const int64_t cg = C / G;
   const double m = static_cast<double>(cg * HW);
-  auto sums = channel_sums(N, HW, C, 1, [&](int64_t n, int64_t r, float* acc) {
-    add_row(x + (n * HW + r) * C, acc, C);
+  auto sums = channel_sums(N, HW, C, 1, [&](int64_t n, int64_t r, int64_t rows, float* acc) {
+    add_rows(x + (n * HW + r) * C, acc, rows, C);
   });
   for (int64_t ng = 0; ng < N * G; ++ng) {
     double s = 0.0;
@@ -169,8 +183,8 @@ void group_norm_act_fwd_nhwc(const T* x, T* y, float* mean, float* rstd, const f
     mean[ng] = static_cast<float>(s / m);
   }
   const std::vector<float> mu = per_channel(mean, N, C, G);
-  auto sq = channel_sums(N, HW, C, 1, [&](int64_t n, int64_t r, float* acc) {
-    add_sq_row(x + (n * HW + r) * C, mu.data() + n * C, acc, C);
+  auto sq = channel_sums(N, HW, C, 1, [&](int64_t n, int64_t r, int64_t rows, float* acc) {
+    add_sq_rows(x + (n * HW + r) * C, mu.data() + n * C, acc, rows, C);
   });
   for (int64_t ng = 0; ng < N * G; ++ng) {
     double s = 0.0;
@@ -185,9 +199,10 @@ void group_norm_act_fwd_nhwc(const T* x, T* y, float* mean, float* rstd, const f
     a[i] = r[i] * p.w[i] * p.one_s[i];
     d[i] = p.b[i] * p.one_s[i] + p.sh[i];
   }
-  over_rows(N, HW, C, [&](int64_t n, int64_t row) {
+  const auto apply_fn = act ? apply_rows<T, true> : apply_rows<T, false>;
+  over_rows(N, HW, C, [&](int64_t n, int64_t row, int64_t rows) {
     const int64_t o = (n * HW + row) * C;
-    apply_row(x + o, y + o, mu.data() + n * C, a.data() + n * C, d.data() + n * C, C, act);
+    apply_fn(x + o, y + o, mu.data() + n * C, a.data() + n * C, d.data() + n * C, rows, C);
   });
 }
 
@@ -203,11 +218,13 @@ void group_norm_act_bwd_nhwc(const T* dy, const T* x, const float* mean, const f
   auto rows_of = [&](int64_t n) {
     const int64_t o = n * C;
     return GradRow{mu.data() + o, r.data() + o, p.w.data() + o, p.b.data() + o,
-                   p.one_s.data() + o, p.sh.data() + o, act};
+                   p.one_s.data() + o, p.sh.data() + o};
   };
-  auto sums = channel_sums(N, HW, C, 2, [&](int64_t n, int64_t row, float* acc) {
+  const auto sums_fn = act ? grad_sums_rows<T, true> : grad_sums_rows<T, false>;
+  const auto dx_fn = act ? dx_rows<T, true> : dx_rows<T, false>;
+  auto sums = channel_sums(N, HW, C, 2, [&](int64_t n, int64_t row, int64_t rows, float* acc) {
     const int64_t o = (n * HW + row) * C;
-    grad_sums_row(x + o, dy + o, rows_of(n), acc, acc + C, C);
+    sums_fn(x + o, dy + o, rows_of(n), acc, acc + C, rows, C);
   });
   std::vector<float> k(N * C), c1(N * C), c2(N * C);
   for (int64_t n = 0; n < N; ++n) {
@@ -231,10 +248,10 @@ void group_norm_act_bwd_nhwc(const T* dy, const T* x, const float* mean, const f
       }
     }
   }
-  over_rows(N, HW, C, [&](int64_t n, int64_t row) {
+  over_rows(N, HW, C, [&](int64_t n, int64_t row, int64_t rows) {
     const int64_t o = (n * HW + row) * C;
-    dx_row(x + o, dy + o, dx + o, rows_of(n), k.data() + n * C, c1.data() + n * C,
-           c2.data() + n * C, C);
+    dx_fn(x + o, dy + o, dx + o, rows_of(n), k.data() + n * C, c1.data() + n * C,
+          c2.data() + n * C, rows, C);
   });
 }
 

@@ -137,12 +137,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_bwd_op(
   check_launch(group_norm_act_backward(a, ws.data_ptr<float>(),
                                        c10::cuda::getCurrentCUDAStream().stream()),
                "group_norm_act backward");
-  // Absent (or not asked for) gradients are empty tensors.
-  auto none = [&] { return x.new_empty({0}); };
-  return {dx, need_wb && weight.has_value() ? t2.sum(0).to(weight->scalar_type()) : none(),
-          need_wb && bias.has_value() ? t1.sum(0).to(bias->scalar_type()) : none(),
-          ds.defined() ? ds.to(scale->scalar_type()) : none(),
-          dsh.defined() ? dsh.to(shift->scalar_type()) : none()};
+  return adm_fast::group_norm_grads(x, dx, t1, t2, ds, dsh, weight, bias, scale, shift,
+                                   need_wb);
 }
 
 StepArgs step_args(const Tensor& x, const Tensor& model_out, const Tensor& noise,
