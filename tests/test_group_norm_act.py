@@ -127,11 +127,6 @@ def use_triton_path(kind, monkeypatch):
     return kind
 
 
-@pytest.fixture(params=["fused", "split"])
-def path(request, monkeypatch):
-    return use_triton_path(request.param, monkeypatch)
-
-
 TRITON_CASES = [
     ((2, 128, 8, 8), "adagn", False),
     ((1, 96, 7, 7), "adagn", False),
@@ -143,8 +138,16 @@ TRITON_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape, mode, channels_last", TRITON_CASES)
-def test_triton_fp32(shape, mode, channels_last, path):
+# Both paths on every case; the split path's tiny tiles take 10-20 s a case in
+# the interpreter, so past the first three cases it is a slow test.
+TRITON_FP32 = [pytest.param(kind, *case, id=f"{kind}-{i}",
+                            marks=pytest.mark.slow if kind == "split" and i >= 3 else ())
+               for kind in ("fused", "split") for i, case in enumerate(TRITON_CASES)]
+
+
+@pytest.mark.parametrize("kind, shape, mode, channels_last", TRITON_FP32)
+def test_triton_fp32(kind, shape, mode, channels_last, monkeypatch):
+    use_triton_path(kind, monkeypatch)
     inp = make_inputs(shape, mode, torch.float32, channels_last)
     dy = torch.randn(shape, device=DEVICE)
     with poisoned():

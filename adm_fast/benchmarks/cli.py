@@ -53,7 +53,7 @@ def _sample(argv: List[str]) -> int:
             raise BenchInputError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
-    backends = None
+    backends = None if cuda else ["auto"]  # on a CPU, each setting costs a minute or more
     if args.backends:
         backends = [b for item in args.backends for b in item.split(",") if b]
     cfg = SampleBenchConfig(

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "recipe in bf16/fp16 (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backends", nargs="+", metavar="NAME", help="adm_fast settings to time: "
                    "auto and/or backends (an explicit backend takes the ops it implements, auto "
-                   "the rest; default: auto and every backend auto could pick here)")
+                   "the rest; default: auto on a CPU, auto and every backend auto could pick here on "
+                   "CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also torch.compile of the eager models (default on for CUDA, off on "
                         "CPU, where compiling takes minutes)")

@@ -131,7 +131,7 @@ def sections(dry: bool, results: Path) -> List[Section]:
                              "--repeats", "1", "--distance_device", "cpu", "--distance_n",
                              "64"] + res]
     else:
-        tests = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+        tests = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                  *GPU_TESTS]
         ops = [BENCH + ["ops", "group_norm_act", "--dtypes", "bfloat16", "--compile"] + res,
                BENCH + ["ops", "qkv_attention", "--batch", "8"] + res,

@@ -86,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same seed at every scale: same x_T and noise (default 0)")
     p.add_argument("--batch_size", type=_int_at_least(1), default=100,
                    help="samples per sampling batch (default 100)")
-    p.add_argument("--eager_steps", type=_int_at_least(0), default=3,
+    p.add_argument("--eager_steps", type=_int_at_least(0), default=2,
                    help="steps of one batch timed per backend for the speed columns, "
                         "adm_fast and eager alike (0: no eager column, adm_fast's from the "
-                        "whole run; default 3)")
+                        "whole run; default 2)")
     p.add_argument("--device", default="",
                    help="where to sample: cpu, cuda, cuda:1 ... (default: cuda when there is "
                         "one, else cpu)")

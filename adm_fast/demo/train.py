@@ -35,8 +35,12 @@ from . import digits
 # Schedule flags shared by the diffusion model and the noisy classifier:
 # guidance is only correct when both see the same q(x_t | x_0).
 SCHEDULE = ["--learn_sigma", "True", "--noise_schedule", "cosine", "--diffusion_steps", "1000"]
+# --num_classes 1000: the shipped classifiers have guided-diffusion's 1000-way
+# head (train-classifier now infers 10 from the folder); the judge reads the 10
+# digit logits only.
 COMMON = ["--image_size", str(digits.IMAGE_SIZE), "--random_flip", "False", "--num_workers", "0",
           "--progress", "False", "--save_interval", "1000"]
+CLASSES = ["--num_classes", "1000"]
 
 COMMANDS: Dict[str, List[str]] = {
     "diffusion": ["train", "--data_dir", "{train}", "--log_dir", "{log}", *COMMON, *SCHEDULE,
@@ -46,7 +50,7 @@ COMMANDS: Dict[str, List[str]] = {
                   "--lr", "3e-4", "--batch_size", "64", "--ema_rate", "0.995",
                   "--max_steps", "3000", "--log_interval", "200", "--seed", "0"],
     "classifier": ["train-classifier", "--data_dir", "{train}", "--val_data_dir", "{heldout}",
-                   "--log_dir", "{log}", *COMMON, *SCHEDULE,
+                   "--log_dir", "{log}", *COMMON, *CLASSES, *SCHEDULE,
                    "--classifier_width", "32", "--classifier_depth", "1",
                    "--classifier_channel_mult", "1,2,2",
                    "--classifier_attention_resolutions", "4", "--classifier_pool", "attention",
@@ -56,7 +60,7 @@ COMMANDS: Dict[str, List[str]] = {
                    "--batch_size", "64", "--max_steps", "1500", "--log_interval", "200",
                    "--eval_interval", "50", "--seed", "1"],
     "clean": ["train-classifier", "--data_dir", "{train}", "--val_data_dir", "{heldout}",
-              "--log_dir", "{log}", *COMMON, "--noised", "False",
+              "--log_dir", "{log}", *COMMON, *CLASSES, "--noised", "False",
               "--classifier_width", "64", "--classifier_depth", "1",
               "--classifier_channel_mult", "1,2,2", "--classifier_attention_resolutions", "",
               "--classifier_pool", "attention", "--classifier_use_scale_shift_norm", "False",
