@@ -83,8 +83,9 @@ class QkvAttention(Op):
     has_kernel_backward = True
     preferences = [
         # CPU (2 threads, fp32; bench/bench_qkv_attention.py, 2026-11-29): SDPA's
-        # flash kernel wins from 1024 tokens (1.4–2.9× eager at N=4), while below
-        # 1024 its layout copies cost more than it saves (0.6–0.98×). Another CPU
+        # flash kernel wins at 1024 tokens (1.4–2.9× eager at N=4), while at 256
+        # and below its layout copies cost more than it saves (0.6–0.98×); the
+        # rule switches at 768, between the two sizes measured. Another CPU
         # (AVX2 EPYC, 2026-12-01) has SDPA ahead from 256 tokens, so auto times
         # the two per call signature (tune); these rules order them when it does not.
         {"device": "cpu", "min": {"tokens": 768}, "order": ["sdpa"]},
