@@ -262,3 +262,46 @@ def test_triton_rejects_strided_x_clearly():
         ops.group_norm_act(x, 32, torch.ones(64, device=DEVICE), torch.zeros(64, device=DEVICE))
     out = ops.group_norm_act(x, 32, torch.ones(64, device=DEVICE), torch.zeros(64, device=DEVICE))
     assert torch.isfinite(out).all()  # auto falls back to eager
+
+
+# Pre-activations across and beyond fp32 exp's range: SiLU's tails (e^-h under-
+# and overflowing), the kernels' clamp at -87, ±inf (SiLU(-inf) is NaN in torch).
+EXTREME_SHIFTS = [-float("inf"), -1e30, -200.0, -104.0, -88.0, -87.5, -87.0, -86.5, -30.0,
+                  -5.0, -1e-3, 0.0, 1e-3, 5.0, 30.0, 87.0, 88.0, 100.0, 1e30, float("inf")]
+
+
+# Triton's CPU interpreter runs on numpy, which warns where exp overflows.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["eager", "triton"] + (["cpu"] if CPU_EXT else []))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_silu_tails_and_infinities(backend, channels_last):
+    c = 32 * 2  # one shift per channel, two channels per group
+    shifts = torch.tensor(EXTREME_SHIFTS * 4)[:c].reshape(1, c)
+    x = torch.randn(1, c, 4, 4) * 0.1 + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(DEVICE).requires_grad_(True)
+    shift, scale = shifts.to(DEVICE), torch.zeros(1, c, device=DEVICE)
+    w, b = torch.ones(c, device=DEVICE), torch.zeros(c, device=DEVICE)
+    with use_backend({"group_norm_act": backend}):
+        out = ops.group_norm_act(x, 32, w, b, scale, shift, act=True)
+    finite = torch.isfinite(shift).reshape(1, c, 1, 1).expand_as(out)
+    dx, = torch.autograd.grad(out, x, torch.where(finite, 1.0, 0.0))
+    x64 = x.detach().double().requires_grad_(True)
+    ref = gn_act_fp64(x64, 32, w, b, scale, shift, 1e-5, True)
+    dx_ref, = torch.autograd.grad(ref, x64, torch.where(finite, 1.0, 0.0).double())
+    # Near h = 0 the normalisation's own fp32 error (~1e-7 of x̂) dominates; in
+    # the tails (|h| >= 30) the error is relative, except that the true value
+    # below fp32's smallest normal (h·e^h < 2e-36 for h < -87) may read as 0.
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+    tails = (shift.abs() >= 30).reshape(1, c, 1, 1).expand_as(out)
+    torch.testing.assert_close(out.double()[tails], ref[tails], rtol=1e-5, atol=2e-36,
+                               equal_nan=True)
+    assert torch.equal(out.isnan(), ref.isnan())
+    # dx: the groups without an infinite shift (0·SiLU'(±inf) is NaN, and the
+    # normalisation's backward spreads it over the group).
+    ok = torch.isfinite(shift).reshape(1, 32, 2).all(-1, keepdim=True).expand(1, 32, 2)
+    ok = ok.reshape(1, c, 1, 1).expand_as(dx)
+    torch.testing.assert_close(dx.double()[ok], dx_ref[ok], rtol=1e-4,
+                               atol=1e-5 * dx_ref[ok].abs().max().item())

@@ -51,7 +51,7 @@ ADM_CLONES void row_apply(const float* x, float* y, int64_t n, float mean, float
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const float h = (x[j] - mean) * a + d;
-      y[j] = h / (1.0f + vexp(-h));
+      y[j] = vsilu(h);
     }
   } else {
 #pragma omp simd
@@ -75,7 +75,7 @@ ADM_CLONES void row_grad_sums(const float* x, const float* dy, int64_t n, float 
       for (int64_t j = 0; j < m; ++j) {
         const float xhat = (x[i + j] - mean) * rstd;
         const float h = (xhat * p.w + p.b) * p.one_s + p.sh;
-        const float sig = 1.0f / (1.0f + vexp(-h));
+        const float sig = vsigmoid(h);
         const float g = dy[i + j] * sig * (1.0f + h * (1.0f - sig));
         s1 += g;
         s2 += g * xhat;
@@ -103,7 +103,7 @@ ADM_CLONES void row_dx(const float* x, const float* dy, float* dx, int64_t n, fl
     for (int64_t j = 0; j < n; ++j) {
       const float xhat = (x[j] - mean) * rstd;
       const float h = (xhat * p.w + p.b) * p.one_s + p.sh;
-      const float sig = 1.0f / (1.0f + vexp(-h));
+      const float sig = vsigmoid(h);
       const float g = dy[j] * sig * (1.0f + h * (1.0f - sig));
       dx[j] = rstd * (g * k - c1 - xhat * c2);
     }

@@ -101,7 +101,7 @@ ADM_CLONES void apply_rows(const T* x, T* y, const float* mu, const float* a, co
     for (int64_t c = 0; c < C; ++c) {
       const float h = (to_f(x[c]) - mu[c]) * a[c] + d[c];
       if constexpr (ACT) {
-        y[c] = from_f<T>(h / (1.0f + vexp(-h)));
+        y[c] = from_f<T>(vsilu(h));
       } else {
         y[c] = from_f<T>(h);
       }
@@ -120,7 +120,7 @@ template <bool ACT>
 static inline float grad_h2(float dy, float xhat, const GradRow& p, int64_t c) {
   if constexpr (ACT) {
     const float h = (xhat * p.w[c] + p.b[c]) * p.one_s[c] + p.sh[c];
-    const float sig = 1.0f / (1.0f + vexp(-h));
+    const float sig = vsigmoid(h);
     return dy * sig * (1.0f + h * (1.0f - sig));
   } else {
     return dy;

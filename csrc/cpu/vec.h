@@ -19,15 +19,8 @@
 
 namespace adm_fast_cpu {
 
-// exp(x) for x in fp32 range: 2^n·2^f with f in [-1/2, 1/2] and a degree-7
-// polynomial for 2^f (relative error < 1e-8, below fp32 rounding). Written so
-// the compiler vectorises it: selects instead of fmin/fmax, rounding by the
-// 1.5·2^23 trick instead of nearbyint (which may touch the FP environment).
-static inline float vexp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;
-  const float f = (t - n) * 0.69314718055994531f;
+// e^f for |f| <= ln2/2: degree-7 Taylor polynomial (error below fp32 rounding).
+static inline float exp_reduced(float f) {
   float p = 1.0f / 5040.0f;
   p = p * f + 1.0f / 720.0f;
   p = p * f + 1.0f / 120.0f;
@@ -35,14 +28,51 @@ static inline float vexp(float x) {
   p = p * f + 1.0f / 6.0f;
   p = p * f + 0.5f;
   p = p * f + 1.0f;
-  p = p * f + 1.0f;
+  return p * f + 1.0f;
+}
+
+// e^x = 2^n·e^f for x in [-87, 88] (normal results only): n = round(x/ln2) by
+// the 1.5·2^23 trick (nearbyint may touch the FP environment), f = x - n·ln2 in
+// two parts (Cody–Waite) so the reduction adds no error of its own: one
+// product x·log2(e) would be off by |n|·2^-24 and cost 4e-6 relative at -87.
+static inline float exp_in_range(float x) {
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float f = (x - n * 0.693145751953125f) - n * 1.428606820309417e-6f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return exp_reduced(f) * scale;
 }
 
-static inline float vsigmoid(float h) { return 1.0f / (1.0f + vexp(-h)); }
+// exp(x), x clamped to [-87, 88]. Selects, not fmin/fmax (library calls), so
+// loops over it vectorise.
+static inline float vexp(float x) {
+  return exp_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
+}
+
+// 1/(1 + e^-h), from e = e^-|h| (never overflows): r = 1/(1 + e) for h >= 0,
+// e·r below. No select feeds the division: GCC would if-convert a clamped
+// argument by also dividing by the clamp's constant, e^88, in every lane, and
+// those quotients are subnormal (microcode assists: SiLU loops ran 3x slower
+// on an AVX2 EPYC). The clamp of -|h| at -87 is an integer min on its bits
+// (for non-positive floats, a larger signed pattern is a more negative value);
+// below -87, e^-|h| is taken as 0 (true value < 1.7e-38), so SiLU(-inf) is
+// NaN as in torch.
+static inline float vsigmoid(float h) {
+  int32_t hb;
+  std::memcpy(&hb, &h, sizeof(hb));
+  int32_t ab = hb | static_cast<int32_t>(0x80000000u);  // -|h|
+  const int32_t lim = static_cast<int32_t>(0xC2AE0000u);  // -87.0f
+  const bool under = ab > lim;                             // -|h| < -87 (or NaN)
+  ab = under ? lim : ab;
+  float a;
+  std::memcpy(&a, &ab, sizeof(a));
+  const float e = under ? 0.0f : exp_in_range(a);
+  const float r = 1.0f / (1.0f + e);
+  return hb >= 0 ? r : e * r;
+}
+
+static inline float vsilu(float h) { return h * vsigmoid(h); }
 
 template <typename T>
 static inline float to_f(T v) {
