@@ -238,5 +238,4 @@ class AttentionPool2d(nn.Module):
         x = x.reshape(b, c, math.prod(spatial))
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
         x = x + self.positional_embedding[None].to(x.dtype)
-        x = ops.conv1x1(self.c_proj, self.attention(ops.conv1x1(self.qkv_proj, x)))
-        return x[:, :, 0]
+        return ops.conv1x1_token(self.c_proj, self.attention(ops.conv1x1(self.qkv_proj, x)), 0)

@@ -5,7 +5,8 @@ attention below 1024 tokens, on another (AVX2 EPYC) it won from 256. So, for
 the ops that declare candidates (`Op.tune`), auto times each candidate that
 supports the call on the call's own inputs, once per call signature, and keeps
 the fastest. Decisions are stored per machine (CPU model, threads, torch
-version) in $ADM_FAST_CACHE/autotune.json (default ~/.cache/adm_fast), so a
+version, and the compiled kernels' build: a rebuilt extension is timed anew)
+in $ADM_FAST_CACHE/autotune.json (default ~/.cache/adm_fast), so a
 later run on the same machine makes the same choices: a resumed sampling run
 gives the same bytes. ADM_FAST_AUTOTUNE=0 turns it off (the static order then
 applies, as under torch.compile).
@@ -13,6 +14,7 @@ applies, as under torch.compile).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -41,7 +43,21 @@ def _machine() -> str:
                     break
     except OSError:
         pass
-    return f"{model}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return (f"{model}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+            f"|kernels={_kernels_build()}")
+
+
+def _kernels_build() -> str:
+    """Size and mtime of the CPU extension's file: decisions measured against
+    older kernels must not outlive them."""
+    if "build" not in _STATE:
+        try:
+            spec = importlib.util.find_spec("adm_fast._C_cpu")
+            st = os.stat(spec.origin) if spec is not None and spec.origin else None
+            _STATE["build"] = f"{st.st_size}:{int(st.st_mtime)}" if st else "none"
+        except (ImportError, OSError, ValueError):
+            _STATE["build"] = "none"
+    return _STATE["build"]
 
 
 def _path() -> str:

@@ -1,5 +1,6 @@
 """conv1x1: a kernel-1 Conv1d (attention's qkv and output projections) in
-whichever form suits its input's layout.
+whichever form suits its input's layout; conv1x1_token: its output at one
+token.
 
 For NCHW-contiguous input it is the module itself (guided-diffusion's
 computation). For the [N, C, T] view of a channels_last map (channels
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backend import current_backend
 from .impl import layout_of
 
 
@@ -21,3 +23,14 @@ def conv1x1(conv: nn.Conv1d, x: Tensor) -> Tensor:
             and conv.stride == (1,) and conv.padding == (0,) and conv.dilation == (1,)):
         return F.linear(x.transpose(1, 2), conv.weight.squeeze(-1), conv.bias).transpose(1, 2)
     return conv(x)
+
+
+def conv1x1_token(conv: nn.Conv1d, x: Tensor, index: int = 0) -> Tensor:
+    """conv1x1(conv, x)[:, :, index]. guided-diffusion projects every token and
+    keeps one (the attention pool: a 1000-way head over HW + 1 tokens, 16 of 17
+    discarded at 4x4); the eager backend does the same, the others project only
+    the token kept. A 1x1 projection treats tokens independently, so the kept
+    values are the same computation either way."""
+    if current_backend("conv1x1_token") == "eager":
+        return conv1x1(conv, x)[:, :, index]
+    return conv1x1(conv, x[:, :, index:index + 1])[:, :, 0]

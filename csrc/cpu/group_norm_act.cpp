@@ -18,7 +18,7 @@ namespace {
 
 constexpr int64_t kChunk = 512;  // fp32 partial sums this long, then doubles
 
-ADM_CLONES double row_sum(const float* x, int64_t n) {
+ADM_FMA_CLONES double row_sum(const float* x, int64_t n) {
   double total = 0.0;
   for (int64_t i = 0; i < n; i += kChunk) {
     const int64_t m = std::min(kChunk, n - i);
@@ -30,7 +30,7 @@ ADM_CLONES double row_sum(const float* x, int64_t n) {
   return total;
 }
 
-ADM_CLONES double row_sq_dev(const float* x, int64_t n, float mean) {
+ADM_FMA_CLONES double row_sq_dev(const float* x, int64_t n, float mean) {
   double total = 0.0;
   for (int64_t i = 0; i < n; i += kChunk) {
     const int64_t m = std::min(kChunk, n - i);
@@ -45,8 +45,8 @@ ADM_CLONES double row_sq_dev(const float* x, int64_t n, float mean) {
   return total;
 }
 
-ADM_CLONES void row_apply(const float* x, float* y, int64_t n, float mean, float a, float d,
-                          bool act) {
+ADM_FMA_CLONES void row_apply(const float* x, float* y, int64_t n, float mean, float a, float d,
+                              bool act) {
   if (act) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
@@ -64,8 +64,8 @@ struct Channel {  // one channel's fp32 parameters
 };
 
 // Σ g and Σ g·x̂ over one row, g = ∂L/∂h2.
-ADM_CLONES void row_grad_sums(const float* x, const float* dy, int64_t n, float mean, float rstd,
-                              Channel p, bool act, double* r1, double* r2) {
+ADM_FMA_CLONES void row_grad_sums(const float* x, const float* dy, int64_t n, float mean,
+                                  float rstd, Channel p, bool act, double* r1, double* r2) {
   double t1 = 0.0, t2 = 0.0;
   for (int64_t i = 0; i < n; i += kChunk) {
     const int64_t m = std::min(kChunk, n - i);
@@ -95,8 +95,8 @@ ADM_CLONES void row_grad_sums(const float* x, const float* dy, int64_t n, float 
   *r2 = t2;
 }
 
-ADM_CLONES void row_dx(const float* x, const float* dy, float* dx, int64_t n, float mean,
-                       float rstd, Channel p, bool act, float c1, float c2) {
+ADM_FMA_CLONES void row_dx(const float* x, const float* dy, float* dx, int64_t n, float mean,
+                           float rstd, Channel p, bool act, float c1, float c2) {
   const float k = p.one_s * p.w;
   if (act) {
 #pragma omp simd

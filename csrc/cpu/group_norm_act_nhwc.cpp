@@ -5,9 +5,9 @@
 // A group's values are strided (cg of every C), so the work goes by rows: each
 // task takes a chunk of one sample's rows and accumulates per-channel partial
 // sums along the contiguous C axis (vectorised), which are then folded into
-// per-group statistics. Statistics are two-pass (mean, then squared deviations
-// from it), fp32 within a chunk and double across chunks, as in the NCHW
-// kernel; the elementwise math is the NCHW kernel's, per channel.
+// per-group statistics. Within a chunk the statistics are two-pass (mean, then
+// squared deviations from it) in fp32; chunks combine in double
+// (group_moments). The elementwise math is the NCHW kernel's, per channel.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -26,7 +26,7 @@ int64_t chunk_rows(int64_t C) { return std::max<int64_t>(1, std::min<int64_t>(51
 // Each helper takes a block of `rows` rows of C values: one call per block,
 // not per row (a row of 64 channels is a few vectors, less than a call costs).
 template <typename T>
-ADM_CLONES void add_rows(const T* x, float* acc, int64_t rows, int64_t C) {
+ADM_FMA_CLONES void add_rows(const T* x, float* acc, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r, x += C) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) acc[c] += to_f(x[c]);
@@ -34,7 +34,7 @@ ADM_CLONES void add_rows(const T* x, float* acc, int64_t rows, int64_t C) {
 }
 
 template <typename T>
-ADM_CLONES void add_sq_rows(const T* x, const float* mu, float* acc, int64_t rows, int64_t C) {
+ADM_FMA_CLONES void add_sq_rows(const T* x, const float* mu, float* acc, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r, x += C) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
@@ -94,8 +94,8 @@ Affine affine(const float* weight, const float* bias, const float* scale, const 
 }
 
 template <typename T, bool ACT>
-ADM_CLONES void apply_rows(const T* x, T* y, const float* mu, const float* a, const float* d,
-                           int64_t rows, int64_t C) {
+ADM_FMA_CLONES void apply_rows(const T* x, T* y, const float* mu, const float* a, const float* d,
+                               int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r, x += C, y += C) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
@@ -128,8 +128,8 @@ static inline float grad_h2(float dy, float xhat, const GradRow& p, int64_t c) {
 }
 
 template <typename T, bool ACT>
-ADM_CLONES void grad_sums_rows(const T* x, const T* dy, const GradRow& p, float* s1, float* s2,
-                               int64_t rows, int64_t C) {
+ADM_FMA_CLONES void grad_sums_rows(const T* x, const T* dy, const GradRow& p, float* s1, float* s2,
+                                   int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r, x += C, dy += C) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
@@ -142,8 +142,8 @@ ADM_CLONES void grad_sums_rows(const T* x, const T* dy, const GradRow& p, float*
 }
 
 template <typename T, bool ACT>
-ADM_CLONES void dx_rows(const T* x, const T* dy, T* dx, const GradRow& p, const float* k,
-                        const float* c1, const float* c2, int64_t rows, int64_t C) {
+ADM_FMA_CLONES void dx_rows(const T* x, const T* dy, T* dx, const GradRow& p, const float* k,
+                            const float* c1, const float* c2, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r, x += C, dy += C, dx += C) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
@@ -151,6 +151,52 @@ ADM_CLONES void dx_rows(const T* x, const T* dy, T* dx, const GradRow& p, const 
       const float g = grad_h2<ACT>(to_f(dy[c]), xhat, p, c);
       dx[c] = from_f<T>(p.rstd[c] * (g * k[c] - c1[c] - xhat * c2[c]));
     }
+  }
+}
+
+// Per-(n, g) mean and (biased) variance with one pass over x from memory:
+// each task finds, for its chunk of rows (small enough to stay in cache
+// between its two sweeps), per-channel sums and squared deviations from the
+// chunk's own per-channel means; the pieces then combine exactly, in double,
+// by the law of total variance: M2 = Σ M2_i + Σ n_i·(mean_i − mean)² (Chan et
+// al.'s parallel variance). A third sweep over a tensor that no longer fits
+// in cache cost as much as the normalisation itself.
+template <typename T>
+void group_moments(const T* x, int64_t N, int64_t HW, int64_t C, int64_t G, float* mean,
+                   float* var) {
+  const int64_t rows = chunk_rows(C), chunks = (HW + rows - 1) / rows;
+  std::vector<float> part(static_cast<size_t>(N * chunks * 2 * C), 0.0f);
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> mu(static_cast<size_t>(C));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, r0 = (task % chunks) * rows;
+      const int64_t nr = std::min(HW, r0 + rows) - r0;
+      const T* xs = x + (n * HW + r0) * C;
+      float* sum = part.data() + task * 2 * C;
+      add_rows(xs, sum, nr, C);
+      for (int64_t c = 0; c < C; ++c) mu[c] = sum[c] / static_cast<float>(nr);
+      add_sq_rows(xs, mu.data(), sum + C, nr, C);
+    }
+  });
+  const int64_t cg = C / G;
+  const double count = static_cast<double>(cg * HW);
+  for (int64_t ng = 0; ng < N * G; ++ng) {
+    const int64_t n = ng / G, c0 = (ng % G) * cg;
+    double total = 0.0;
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t c = c0; c < c0 + cg; ++c) total += part[(n * chunks + k) * 2 * C + c];
+    const double mg = total / count;
+    double m2 = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      const double nr = static_cast<double>(std::min(HW, (k + 1) * rows) - k * rows);
+      const float* piece = part.data() + (n * chunks + k) * 2 * C;
+      for (int64_t c = c0; c < c0 + cg; ++c) {
+        const double d = piece[c] / nr - mg;
+        m2 += piece[C + c] + nr * d * d;
+      }
+    }
+    mean[ng] = static_cast<float>(mg);
+    var[ng] = static_cast<float>(m2 / count);
   }
 }
 
@@ -172,27 +218,10 @@ template <typename T>
 void group_norm_act_fwd_nhwc(const T* x, T* y, float* mean, float* rstd, const float* weight,
                              const float* bias, const float* scale, const float* shift,
                              int64_t N, int64_t C, int64_t HW, int64_t G, double eps, bool act) {
-  const int64_t cg = C / G;
-  const double m = static_cast<double>(cg * HW);
-  auto sums = channel_sums(N, HW, C, 1, [&](int64_t n, int64_t r, int64_t rows, float* acc) {
-    add_rows(x + (n * HW + r) * C, acc, rows, C);
-  });
-  for (int64_t ng = 0; ng < N * G; ++ng) {
-    double s = 0.0;
-    for (int64_t c = 0; c < cg; ++c) s += sums[(ng / G) * C + (ng % G) * cg + c];
-    mean[ng] = static_cast<float>(s / m);
-  }
-  const std::vector<float> mu = per_channel(mean, N, C, G);
-  auto sq = channel_sums(N, HW, C, 1, [&](int64_t n, int64_t r, int64_t rows, float* acc) {
-    add_sq_rows(x + (n * HW + r) * C, mu.data() + n * C, acc, rows, C);
-  });
-  for (int64_t ng = 0; ng < N * G; ++ng) {
-    double s = 0.0;
-    for (int64_t c = 0; c < cg; ++c) s += sq[(ng / G) * C + (ng % G) * cg + c];
-    const float var = static_cast<float>(s / m);
-    rstd[ng] = 1.0f / std::sqrt(var + static_cast<float>(eps));
-  }
-  const std::vector<float> r = per_channel(rstd, N, C, G);
+  group_moments(x, N, HW, C, G, mean, rstd);  // rstd holds the variance here
+  for (int64_t ng = 0; ng < N * G; ++ng)
+    rstd[ng] = 1.0f / std::sqrt(rstd[ng] + static_cast<float>(eps));
+  const std::vector<float> mu = per_channel(mean, N, C, G), r = per_channel(rstd, N, C, G);
   const Affine p = affine(weight, bias, scale, shift, N, C);
   std::vector<float> a(N * C), d(N * C);
   for (int64_t i = 0; i < N * C; ++i) {
