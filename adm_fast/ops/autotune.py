@@ -34,17 +34,23 @@ def enabled() -> bool:
 
 
 def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{model}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return (f"{_cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
             f"|kernels={_kernels_build()}")
+
+
+def _cpu_model() -> str:
+    if "cpu" not in _STATE:
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        _STATE["cpu"] = model
+    return _STATE["cpu"]
 
 
 def _kernels_build() -> str:

@@ -61,8 +61,7 @@ def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor 
     if recompute and _RECOMPUTE["on"] and torch.is_grad_enabled() \
             and not torch.compiler.is_compiling() \
             and any(t is not None and t.requires_grad for t in args[:6] if isinstance(t, Tensor)):
-        GROUP_NORM_ACT.check(*args)
-        impl = GROUP_NORM_ACT.decide(args)[0]  # None for an empty x: the reference
+        impl = GROUP_NORM_ACT.checked_decision(args)[0]  # None for an empty x: the reference
     if impl is None or impl.kind == "composite":
         h = GROUP_NORM_ACT(*args)
         return conv(h if between is None else between(h))
