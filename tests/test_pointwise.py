@@ -1,0 +1,50 @@
+"""conv1x1 and conv1x1_token: the attention projections in the form each
+layout wants, and the attention pool's head evaluated at the one token kept."""
+
+import pytest
+import torch
+from torch import nn
+
+from adm_fast import ops
+from conftest import rel_err
+
+
+def channels_last_1d(x):
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_1d"])
+def test_conv1x1_is_the_module(layout):
+    conv = nn.Conv1d(48, 96, 1)
+    x = torch.randn(3, 48, 17) + 0.5
+    if layout == "channels_last_1d":
+        x = channels_last_1d(x)
+    assert rel_err(ops.conv1x1(conv, x), conv(x.contiguous())) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_1d"])
+@pytest.mark.parametrize("index", [0, 16])
+def test_conv1x1_token_is_one_column_of_the_projection(backend, layout, index):
+    conv = nn.Conv1d(64, 1000, 1)
+    x = torch.randn(5, 64, 17) + 0.5
+    if layout == "channels_last_1d":
+        x = channels_last_1d(x)
+    x.requires_grad_(True)
+    with ops.use_backend(backend):
+        out = ops.conv1x1_token(conv, x, index)
+    ref = conv(x.detach().contiguous())[:, :, index]
+    assert out.shape == (5, 1000) and rel_err(out, ref) <= 1e-6
+    dy = torch.randn(5, 1000)
+    dx, = torch.autograd.grad(out, x, dy)
+    x64 = x.detach().double().requires_grad_(True)
+    w, b = conv.weight.double(), conv.bias.double()
+    dx_ref, = torch.autograd.grad(nn.functional.conv1d(x64, w, b)[:, :, index], x64, dy.double())
+    assert rel_err(dx, dx_ref) <= 1e-6
+    assert dx[:, :, [i for i in range(17) if i != index]].abs().max() == 0
+
+
+def test_conv1x1_token_of_an_empty_batch():
+    conv = nn.Conv1d(8, 10, 1)
+    with ops.use_backend("auto"):
+        assert ops.conv1x1_token(conv, torch.randn(0, 8, 5), 0).shape == (0, 10)
