@@ -257,7 +257,8 @@ def _rows(run: _Run, impls, times, took, flops, ctx) -> List[Dict]:
             "x_vs_eager": f"{eager_ms / loop_ms:.2f}",
             "GFLOP_per_img_step": f"{flops['total'] / b / 1e9:.3f}",
             "TFLOP/s": _fmt(tflops, ".3f"),
-            "MFU%": _fmt(100 * tflops / peak if peak else float("nan"), ".1f"),
+            # No bf16 peak is known for a CPU: no MFU rather than a made-up one.
+            "MFU%": _fmt(100 * tflops / peak, ".1f") if peak else "-",
             "step_max_abs_diff": f"{d1:.2e}", "loop_max_abs_diff": f"{dl:.2e}",
             "compile_s": f"{took[impl.label]:.0f}" if impl.label.startswith("compile") else "",
         })
