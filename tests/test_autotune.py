@@ -56,3 +56,25 @@ def test_off_and_damaged_caches_fall_back(tuning, monkeypatch):
     ops.QKV_ATTENTION._decisions.clear()
     assert not autotune.enabled()
     assert "eager: chosen" in ops.explain("qkv_attention", qkv, 1, True)
+
+
+def test_a_choice_stored_first_by_another_process_wins(tuning, monkeypatch):
+    # Two ranks of one job time the same call at once: the first to store
+    # decides for both (and for every later run), whatever the second measured.
+    monkeypatch.setattr(autotune, "_time_ms", lambda op, impl, args, grad:
+                        {"eager": 5.0, "sdpa": 1.0}[impl.backend])
+    qkv = torch.randn(2, 3 * 64, 33)
+    call = ops.QKV_ATTENTION.describe((qkv, 2, True))
+    impls = [ops.QKV_ATTENTION.impls["eager"], ops.QKV_ATTENTION.impls["sdpa"]]
+    autotune._table()  # this process loaded the (empty) table earlier
+    k = autotune.key(ops.QKV_ATTENTION, call)
+    (tuning / "autotune.json").write_text(json.dumps({k: "eager", "other|key": "sdpa"}))
+    assert autotune.pick(ops.QKV_ATTENTION, call, (qkv, 2, True), impls).backend == "eager"
+    stored = json.loads((tuning / "autotune.json").read_text())
+    assert stored == {k: "eager", "other|key": "sdpa"}
+    # Without a rival, the measured choice is stored beside what is there.
+    qkv2 = torch.randn(2, 3 * 64, 34)
+    call2 = ops.QKV_ATTENTION.describe((qkv2, 2, True))
+    assert autotune.pick(ops.QKV_ATTENTION, call2, (qkv2, 2, True), impls).backend == "sdpa"
+    stored = json.loads((tuning / "autotune.json").read_text())
+    assert stored[autotune.key(ops.QKV_ATTENTION, call2)] == "sdpa" and stored[k] == "eager"

@@ -24,6 +24,11 @@ from typing import Dict, List, Optional
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: the read-merge-write below is then unlocked
+    fcntl = None
+
 from .impl import Call, Impl, dtype_name, layout_of
 
 _STATE: Dict[str, object] = {"table": None, "path": None}
@@ -72,29 +77,43 @@ def _path() -> str:
     return os.path.join(root, "autotune.json")
 
 
+def _read(path: str) -> Dict[str, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        return table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        return {}  # absent or damaged: measure again
+
+
 def _table() -> Dict[str, str]:
     path = _path()
     if _STATE["path"] != path:  # the cache folder may change (tests do)
-        try:
-            with open(path, encoding="utf-8") as f:
-                table = json.load(f)
-            table = table if isinstance(table, dict) else {}
-        except (OSError, ValueError):
-            table = {}  # absent or damaged: measure again
-        _STATE.update(table=table, path=path)
+        _STATE.update(table=_read(path), path=path)
     return _STATE["table"]
 
 
-def _save(table: Dict[str, str]) -> None:
-    path = _path()
+def _record(k: str, choice: str) -> str:
+    """Store choice for k, unless a process sharing the cache (another rank of
+    the same torchrun job, timing at the same moment) stored one first: then
+    that one. So every process on the machine, and every later run, makes the
+    same choice, and a resumed run gives the bytes an uninterrupted one would."""
+    table, path = _table(), _path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(table, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
+        with open(f"{path}.lock", "a", encoding="utf-8") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            merged = {**table, **_read(path)}
+            merged.setdefault(k, choice)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(merged, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
+        table.update(merged)
     except OSError:
-        pass  # a read-only home: the choices hold for this process only
+        table.setdefault(k, choice)  # a read-only home: the choice holds for this process
+    return table[k]
 
 
 def key(op, call: Call) -> str:
@@ -137,6 +156,4 @@ def pick(op, call: Call, args, candidates: List[Impl]) -> Optional[Impl]:
         return by_name[table[k]]
     times = {impl.backend: _time_ms(op, impl, args, call.grad) for impl in candidates}
     best = min(times, key=times.get)
-    table[k] = best
-    _save(table)
-    return by_name[best]
+    return by_name.get(_record(k, best), by_name[best])
