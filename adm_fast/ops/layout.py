@@ -8,9 +8,10 @@ attention projections (conv1x1) and SDPA take it without copies; the guiding
 classifier, differentiated for its input at every step, gains too (a guided
 step 1.42x eager, against 1.33x with an NCHW classifier). CPU, training:
 contiguous, which the weights' backward prefers (the 64x64 UNet's training
-step 2854 ms NCHW, 2900 channels_last, on an AVX2 EPYC). CUDA: contiguous until bench/gpu_check measures channels_last
-there. The values are the model's up to the rounding of the convolutions'
-summation order; the eager reference stays NCHW, guided-diffusion's layout.
+step 2854 ms NCHW, 2900 channels_last, on an AVX2 EPYC). CUDA: contiguous
+until bench/gpu_check measures channels_last there. The values are the
+model's up to the rounding of the convolutions' summation order; the eager
+reference stays NCHW, guided-diffusion's layout.
 """
 
 from __future__ import annotations

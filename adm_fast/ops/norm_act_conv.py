@@ -57,13 +57,13 @@ def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor 
     anyway) is the plain composition."""
     args = (x, norm.num_groups, norm.weight, norm.bias, scale, shift, float(norm.eps),
             bool(act))
-    impl = None
-    if recompute and _RECOMPUTE["on"] and torch.is_grad_enabled() \
-            and not torch.compiler.is_compiling() \
-            and any(t is not None and t.requires_grad for t in args[:6] if isinstance(t, Tensor)):
-        impl = GROUP_NORM_ACT.checked_decision(args)[0]  # None for an empty x: the reference
-    if impl is None or impl.kind == "composite":
-        h = GROUP_NORM_ACT(*args)
+    wants_recipe = (recompute and _RECOMPUTE["on"] and torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling()
+                    and any(isinstance(t, Tensor) and t.requires_grad for t in args[:6]))
+    decision = GROUP_NORM_ACT.checked_decision(args)
+    impl = decision[0]  # None for an empty x: the reference
+    if not wants_recipe or impl is None or impl.kind == "composite":
+        h = GROUP_NORM_ACT.run_decided(decision, args)
         return conv(h if between is None else between(h))
     h = GROUP_NORM_ACT.run(impl, args, grad=True)
     recipes = [(h, _Recipe(impl, args))]

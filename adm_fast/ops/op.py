@@ -141,14 +141,21 @@ class Op:
         return Call(tensors, self.features(*args), grad)
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling():
-            return self._decide_and_run(args)
-        impl, grad = self.checked_decision(args)
+        return self.run_decided(self.checked_decision(args), args)
+
+    def run_decided(self, decision, args):
+        """The call on a decision from checked_decision (None: the reference)."""
+        impl, grad = decision
         return self.reference(*args) if impl is None else self.run(impl, args, grad)
 
     def checked_decision(self, args):
         """check(*args), then decide(args), both skipped for a call with the key
-        of one already seen (see _key)."""
+        of one already seen (see _key). Under torch.compile every call is
+        checked and decided: it is traced once, and the key's Python work would
+        be traced with it."""
+        if torch.compiler.is_compiling():
+            self.check(*args)
+            return self.decide(args)
         key = self._key(args)
         decision = self._decisions.get(key)
         if decision is None:
@@ -158,11 +165,6 @@ class Op:
                 self._decisions.clear()
             self._decisions[key] = decision
         return decision
-
-    def _decide_and_run(self, args):
-        self.check(*args)
-        impl, grad = self.decide(args)
-        return self.reference(*args) if impl is None else self.run(impl, args, grad)
 
     def decide(self, args):
         """(implementation, autograd wants the backward); None: the reference."""

@@ -154,6 +154,18 @@ ADM_FMA_CLONES void dx_rows(const T* x, const T* dy, T* dx, const GradRow& p, co
   }
 }
 
+// fn(n, first row, rows) over the chunks of rows, in parallel.
+template <typename F>
+void over_rows(int64_t N, int64_t HW, int64_t C, F&& fn) {
+  const int64_t rows = chunk_rows(C), chunks = (HW + rows - 1) / rows;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, r0 = (task % chunks) * rows;
+      fn(n, r0, std::min(HW, r0 + rows) - r0);
+    }
+  });
+}
+
 // Per-(n, g) mean and (biased) variance with one pass over x from memory:
 // each task finds, for its chunk of rows (small enough to stay in cache
 // between its two sweeps), per-channel sums and squared deviations from the
@@ -166,17 +178,13 @@ void group_moments(const T* x, int64_t N, int64_t HW, int64_t C, int64_t G, floa
                    float* var) {
   const int64_t rows = chunk_rows(C), chunks = (HW + rows - 1) / rows;
   std::vector<float> part(static_cast<size_t>(N * chunks * 2 * C), 0.0f);
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> mu(static_cast<size_t>(C));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks, r0 = (task % chunks) * rows;
-      const int64_t nr = std::min(HW, r0 + rows) - r0;
-      const T* xs = x + (n * HW + r0) * C;
-      float* sum = part.data() + task * 2 * C;
-      add_rows(xs, sum, nr, C);
-      for (int64_t c = 0; c < C; ++c) mu[c] = sum[c] / static_cast<float>(nr);
-      add_sq_rows(xs, mu.data(), sum + C, nr, C);
-    }
+  over_rows(N, HW, C, [&](int64_t n, int64_t r0, int64_t nr) {
+    const T* xs = x + (n * HW + r0) * C;
+    float* sum = part.data() + (n * chunks + r0 / rows) * 2 * C;
+    add_rows(xs, sum, nr, C);
+    std::vector<float> mu(sum, sum + C);
+    for (float& m : mu) m /= static_cast<float>(nr);
+    add_sq_rows(xs, mu.data(), sum + C, nr, C);
   });
   const int64_t cg = C / G;
   const double count = static_cast<double>(cg * HW);
@@ -198,18 +206,6 @@ void group_moments(const T* x, int64_t N, int64_t HW, int64_t C, int64_t G, floa
     mean[ng] = static_cast<float>(mg);
     var[ng] = static_cast<float>(m2 / count);
   }
-}
-
-// fn(n, first row, rows) over the chunks of rows, in parallel.
-template <typename F>
-void over_rows(int64_t N, int64_t HW, int64_t C, F&& fn) {
-  const int64_t rows = chunk_rows(C), chunks = (HW + rows - 1) / rows;
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks, r0 = (task % chunks) * rows;
-      fn(n, r0, std::min(HW, r0 + rows) - r0);
-    }
-  });
 }
 
 }  // namespace
