@@ -7,6 +7,7 @@ ddim_step.py): its check, reference, fake, autograd and implementations.
 """
 
 from . import backends as _backends
+from .conv3x3 import CONV3X3, conv3x3
 from .backend import (Backend, BackendNotSupported, backends, current_backend,
                       register_backend, set_backend, use_backend)
 from .ddim_step import DDIM_STEP, ddim_step
@@ -26,5 +27,5 @@ __all__ = [
     "explain", "ops", "ops_of_backend", "register_backend", "set_backend", "use_backend", "group_norm_act",
     "qkv_attention", "ddpm_step", "ddim_step", "norm_act_conv", "set_norm_act_recompute",
     "GROUP_NORM_ACT", "QKV_ATTENTION", "DDPM_STEP", "DDIM_STEP", "preferred_memory_format",
-    "use_preferred_layout", "conv1x1", "conv1x1_token",
+    "use_preferred_layout", "conv1x1", "conv1x1_token", "conv3x3", "CONV3X3",
 ]

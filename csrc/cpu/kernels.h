@@ -47,4 +47,11 @@ void ddim_step(const float* x, const float* model_out, const float* noise, const
                const float* coefs, float* sample, float* x0_out, int64_t B, int64_t CHW,
                int64_t out_stride, int mean_type, bool clip, float eta);
 
+// Winograd F(2x2, 3x3) transforms for channels-last fp32 maps x [N, H, W, C]:
+// V [16, T, C] with T = N·⌈H/2⌉·⌈W/2⌉ tiles; y [N, H, W, O] from M [16, T, O]
+// (bias: [O] or nullptr). csrc/cpu/winograd.cpp.
+void winograd_f23_input(const float* x, float* V, int64_t N, int64_t H, int64_t W, int64_t C);
+void winograd_f23_output(const float* M, const float* bias, float* y, int64_t N, int64_t H,
+                         int64_t W, int64_t O);
+
 }  // namespace adm_fast_cpu
