@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from adm_fast import ops
-from adm_fast.ops.conv3x3 import NATIVE, winograd_weight
+from adm_fast.ops.conv3x3 import NATIVE
 from conftest import rel_err
 
 SHAPES = [  # N, C, H, W, O: ADM res-block convs, then odd sizes and channel counts
@@ -62,6 +62,39 @@ def test_explain_says_why_not_cpu():
     assert "fp64" in ops.explain("conv3x3", x.detach().double(), w.double(), b.double())
 
 
+def test_channels_last_weights():
+    # use_preferred_layout makes a model's 4-D weights channels_last too.
+    x, w, b = inputs(2, 16, 6, 6, 8, seed=19)
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    with ops.use_backend("cpu"):
+        y = ops.conv3x3(x, w.contiguous(memory_format=torch.channels_last), b)
+    assert rel_err(y, ref) <= 4 * max(rel_err(F.conv2d(x, w, b, padding=1), ref), 2 ** -23)
+
+
+def test_model_convs_go_through_the_op_under_auto_only():
+    from adm_fast.ops.conv3x3 import CONV3X3, conv, is_conv3x3
+    from torch import nn
+    c3, strided = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+    assert is_conv3x3(c3) and not is_conv3x3(strided) and not is_conv3x3(nn.Conv2d(8, 8, 1))
+    x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    seen = []
+    decide = CONV3X3.decide
+    CONV3X3.decide = lambda args: seen.append(args) or decide(args)
+    CONV3X3._decisions.clear()
+    try:
+        with torch.no_grad():
+            with ops.use_backend("eager"):
+                assert torch.equal(conv(c3, x), c3(x))
+            assert not seen
+            with ops.use_backend("auto"):
+                assert rel_err(conv(c3, x), c3(x)) <= 1e-6
+                assert torch.equal(conv(strided, x), strided(x))
+            assert len(seen) == 1
+    finally:
+        del CONV3X3.decide
+        CONV3X3._decisions.clear()
+
+
 def test_empty_batch():
     x, w, b = inputs(0, 8, 4, 4, 6, seed=7)
     with ops.use_backend("auto"), torch.no_grad():
@@ -69,18 +102,18 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda x, u, b: (x.contiguous(), u, b), "channels_last"),
-    (lambda x, u, b: (x.double(), u, b), "fp32"),
-    (lambda x, u, b: (x, u[:, :4], b), "transform"),
-    (lambda x, u, b: (x, u.transpose(1, 2), b), "transform"),
-    (lambda x, u, b: (x, u, b[:3]), "bias"),
-    (lambda x, u, b: (x[0], u, b), r"\[N, C, H, W\]"),
+    (lambda x, w, b: (x.contiguous(), w, b), "channels_last"),
+    (lambda x, w, b: (x.double(), w, b), "fp32"),
+    (lambda x, w, b: (x, w[:, :4], b), r"\[O, C=8, 3, 3\]"),
+    (lambda x, w, b: (x, w[..., :2], b), r"\[O, C=8, 3, 3\]"),
+    (lambda x, w, b: (x, w, b[:3]), "bias"),
+    (lambda x, w, b: (x, w, b.double()), "bias"),
+    (lambda x, w, b: (x[0], w, b), r"\[N, C, H, W\]"),
 ])
 def test_the_raw_op_checks_its_arguments(bad, message):
     x, w, b = inputs(2, 8, 5, 5, 8, seed=11)
-    u = winograd_weight(w)
     with pytest.raises(RuntimeError, match=message):
-        NATIVE(*bad(x, u, b))
+        NATIVE(*bad(x, w, b))
 
 
 def test_the_spec_checks_its_arguments():

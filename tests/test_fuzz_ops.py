@@ -235,9 +235,20 @@ def step_args(rows):
     coefs = maybe(t(rows, b), rng.choice([t(rows - 1, b), t(rows, b + 1), t(rows)]))
     grad = maybe(None, rng.choice([t(b, c, 1, 4), t(b + 1, c, 4, 4)]))
     return x, out, noise, coefs, grad
+def conv_args():
+    n, c, o, h = rng.choice([1, 2]), rng.choice([1, 8]), rng.choice([1, 4]), rng.choice([1, 3, 5])
+    cl = torch.channels_last
+    x = maybe(t(n, c, h, h).contiguous(memory_format=cl),
+              rng.choice([t(n, c, h, h), t(n, c, h), t(c), t(n, c + 1, h, h).contiguous(memory_format=cl),
+                          t(n, c, h, h, dtype=torch.float64).contiguous(memory_format=cl),
+                          t(0, c, h, h).contiguous(memory_format=cl)]))
+    w = maybe(t(o, c, 3, 3), rng.choice([t(o, c, 3, 2), t(o, c, 1, 1), t(o, c + 1, 3, 3), t(o, c),
+                                         t(o, c, 3, 3, dtype=torch.int32)]))
+    b = maybe(t(o), rng.choice([None, t(o + 1), t(o, 1), t(o, dtype=torch.float16)]))
+    return x, w, b
 calls = 0
 for i in range(N):
-    kind = i % 6
+    kind = i % 8
     try:
         if kind == 0:
             x, g, w, b, s, sh = gn_args()
@@ -261,11 +272,15 @@ for i in range(N):
             x, g, w, b, s, sh = gn_args()
             torch.ops.adm_fast.group_norm_act(x, g, w, b, s, sh, 1e-5, True,
                                               maybe(rng.choice(["cpu", "triton"]), "nope"))
-        else:
+        elif kind == 5:
             x, out, noise, coefs, grad = step_args(8)
             torch.ops.adm_fast.ddpm_step(x, out, noise, coefs, grad, "eps",
                                          maybe("learned_range", "v"), True,
                                          rng.choice(["cpu", "triton", "eager"]))
+        elif kind == 6:
+            torch.ops.adm_fast_native.conv3x3_winograd(*conv_args())
+        else:
+            torch.ops.adm_fast.conv3x3(*conv_args(), maybe("cpu", rng.choice(["eager", "nope"])))
     except E as e:
         assert str(e).strip(), (i, kind)
     calls += 1

@@ -25,12 +25,13 @@ from typing import List
 from .flags import GPU_PRESETS, BenchInputError, build_parser
 
 PROG = "adm-fast bench"
-OPS = ("group_norm_act", "qkv_attention", "diffusion_step")
+OPS = ("group_norm_act", "qkv_attention", "diffusion_step", "conv3x3")
 USAGE = (f"usage: {PROG} {{sample,ops,models,train,evaluate}} [flags]   ({PROG} NAME --help "
          "for its flags)\n\n"
          "  sample  classifier-guided sampling throughput: adm_fast's backends against the eager\n"
          "          reference and torch.compile, with max |Δ| against eager and MFU\n"
-         "  ops     the per-op benchmarks (group_norm_act, qkv_attention, diffusion_step):\n"
+         "  ops     the per-op benchmarks (group_norm_act, qkv_attention, diffusion_step,\n"
+         "          conv3x3):\n"
          "          leading names pick some, other flags go to each\n"
          "  models  UNet forward and training step, eager vs adm_fast (vs torch.compile)\n"
          "  train   a training step: bytes saved for backward, time, GPU peak, max batch\n"
@@ -87,7 +88,7 @@ def _ops(argv: List[str]) -> int:
         picked.append(argv.pop(0))
     if argv and not argv[0].startswith("-"):
         raise BenchInputError(f"unknown op benchmark {argv[0]!r}; choose from "
-                              f"{', '.join(OPS)} (or none for all three)")
+                              f"{', '.join(OPS)} (or none for all)")
     status = 0
     for name in picked or OPS:
         if len(picked or OPS) > 1:

@@ -1,53 +1,40 @@
-"""conv3x3: a 3×3, stride-1, padding-1 convolution — ADM's res-block, input
-and upsampling convs, most of a UNet's arithmetic.
+"""conv3x3: a 3×3, stride-1, padding-1 convolution — ADM's res-block convs,
+most of a UNet's arithmetic.
 
 The eager reference is guided-diffusion's computation, F.conv2d (oneDNN on a
 CPU, near the FMA peak here). The cpu implementation is Winograd's
 F(2×2, 3×3) (csrc/cpu/winograd.cpp): 16 products per 2×2 output tile and
-channel pair instead of 36, as one batched matrix product between transforms
-that only add. Its rounding differs from a direct convolution's: against an
-fp64 convolution its max error ran from 0.35× to 2.3× oneDNN's, 1–5e-7 of the
+channel pair instead of 36, between transforms that only add, by blocks of
+tiles kept in cache, with its own AVX2+FMA product (csrc/cpu/small_gemm.cpp;
+a CPU without them gets torch's convolution from the same op).
+Its rounding differs from a direct convolution's: against an fp64
+convolution its max error ran from 0.35× to 2× oneDNN's, 1–5e-7 of the
 output's scale (tests/test_conv3x3.py). It runs on fp32 channels_last maps,
-forward only (training keeps oneDNN, whose backward it
-would need anyway); auto times it against oneDNN per call signature, since
-which wins depends on the channel count (its product is short along C: at 32
-channels it loses) and on the CPU.
+forward only: sampling's UNet, not training or the classifier's gradient
+(their backward is oneDNN's either way). The weights' transform is made on
+every call, in C++ (no cache: a weight written through `.data` keeps its
+version, so a cache keyed on it could serve stale weights without a word).
 
-The weights' transform U = G·w·Gᵀ ([16, C, O]) is computed in fp64 and
-rounded once, on every call. It is not cached: a weight changed through
-`.data` keeps its version, so a cache keyed on it could serve stale values
-without a word. Computed in Python it costs more than the Winograd product
-saves at most ADM shapes (auto's timing includes it, and picks oneDNN there):
-the models do not call this op yet. What it needs to pay: the transform in
-C++, and the three stages blocked so V and M stay in cache (unblocked, V and M
-are 4x the map each; at 64 px x 64 channels that traffic loses to oneDNN).
+Auto times it against oneDNN per call signature: on an AVX2 EPYC it ran
+1.2–1.7× oneDNN from 4 to 64 px and 32 to 256 channels, and lost (0.7×) at
+256 channels on an 8×8 map, where the weight transform is most of the work.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from . import backend as _backend
 from . import native
 from .impl import Call, Impl, layout_of
 from .op import Op
 
 SIGNATURE = "Tensor x, Tensor weight, Tensor? bias"
 
-# F(2, 3)'s weight transform; the input and output transforms (0, ±1) are in C++.
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-
-
 def reference(x: Tensor, weight: Tensor, bias=None) -> Tensor:
     return F.conv2d(x, weight, bias, padding=1)
-
-
-def winograd_weight(weight: Tensor) -> Tensor:
-    """[O, C, 3, 3] -> U[(a, b), c, o] = Σ_ij G[a][i]·w[o, c, i, j]·G[b][j], fp32."""
-    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ai,ocij,bj->abco", g, weight.detach().double(), g)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).float().contiguous()
 
 
 class Conv3x3(Op):
@@ -83,9 +70,8 @@ class Conv3x3(Op):
 
 
 CONV3X3 = Conv3x3()
-NATIVE = native.define("conv3x3_winograd", "Tensor x, Tensor u, Tensor? bias", 1,
-                       lambda x, u, bias: CONV3X3.fake(
-                           x, x.new_empty((u.shape[2], u.shape[1], 3, 3)), bias)[0])
+NATIVE = native.define("conv3x3_winograd", SIGNATURE, 1,
+                       lambda x, weight, bias: CONV3X3.fake(x, weight, bias)[0])
 
 
 class Eager(Impl):
@@ -106,12 +92,10 @@ class Cpu(Impl):
         why = []
         if not call.tensors["x"].is_contiguous(memory_format=torch.channels_last):
             why.append(f"x is not channels_last (it is {layout_of(call.tensors['x'])})")
-        if not call.tensors["weight"].is_contiguous():
-            why.append("weight is not contiguous")
         return why
 
     def forward(self, x, weight, bias):
-        return NATIVE(x, winograd_weight(weight), bias)
+        return NATIVE(x, weight, bias)
 
 
 for _impl in (Eager(), Cpu()):
@@ -121,3 +105,21 @@ for _impl in (Eager(), Cpu()):
 def conv3x3(x: Tensor, weight: Tensor, bias=None) -> Tensor:
     """F.conv2d(x, weight, bias, padding=1) for a [O, C, 3, 3] weight."""
     return CONV3X3(x, weight, bias)
+
+
+def is_conv3x3(module) -> bool:
+    """Whether module is an nn.Conv2d this op computes (3×3, stride 1, padding 1)."""
+    return (type(module) is nn.Conv2d and module.kernel_size == (3, 3)
+            and module.stride == (1, 1) and module.padding == (1, 1)
+            and module.dilation == (1, 1) and module.groups == 1
+            and module.padding_mode == "zeros")
+
+
+def conv(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x), through conv3x3 where module is such a convolution and the
+    backend is auto. An explicit backend (a kernel test, a comparison) gets the
+    module itself, which every backend can differentiate; conv3x3 reaches the
+    op's kernels directly."""
+    if is_conv3x3(module) and _backend.current_backend(CONV3X3.name) == _backend.AUTO:
+        return CONV3X3(x, module.weight, module.bias)
+    return module(x)

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .conv3x3 import conv as _conv
 from .group_norm_act import GROUP_NORM_ACT
 
 # Whether convs fed by a fused norm keep a recipe instead of their input. On by
@@ -64,7 +65,7 @@ def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor 
     impl = decision[0]  # None for an empty x: the reference
     if not wants_recipe or impl is None or impl.kind == "composite":
         h = GROUP_NORM_ACT.run_decided(decision, args)
-        return conv(h if between is None else between(h))
+        return _conv(conv, h if between is None else between(h))
     h = GROUP_NORM_ACT.run(impl, args, grad=True)
     recipes = [(h, _Recipe(impl, args))]
 

@@ -148,20 +148,21 @@ std::tuple<Tensor, Tensor> ddim_step_op(const Tensor& x, const Tensor& model_out
   return {sample, x0};
 }
 
-// y = conv2d(x, w, bias, padding=1) for channels-last fp32 x [N, C, H, W], from
-// u = the F(2x2, 3x3) transform of w ([16, C, O], adm_fast/ops/conv3x3.py).
-Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& u, const optional<Tensor>& bias) {
+// y = conv2d(x, weight, bias, padding=1) for channels-last fp32 x [N, C, H, W]
+// and weight [O, C, 3, 3], by Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp).
+Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias) {
   constexpr const char* op = "adm_fast_native::conv3x3_winograd";
-  TORCH_CHECK(x.device().is_cpu() && u.device().is_cpu(), op, ": x and u must be CPU tensors");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op,
+              ": x and weight must be CPU tensors");
   TORCH_CHECK(x.dim() == 4, op, ": x must be [N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, op,
-              ": x and u must be fp32, got ", x.scalar_type(), " and ", u.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, op,
+              ": x and weight must be fp32, got ", x.scalar_type(), " and ", weight.scalar_type());
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
               ": x must be channels_last (its channels contiguous)");
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == x.size(1) && u.is_contiguous(),
-              op, ": u must be a contiguous [16, C=", x.size(1), ", O] transform, got ",
-              u.sizes());
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), o = u.size(2);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 3 &&
+                  weight.size(3) == 3,
+              op, ": weight must be [O, C=", x.size(1), ", 3, 3], got ", weight.sizes());
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), o = weight.size(0);
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat &&
                     bias->sizes() == at::IntArrayRef{o},
@@ -169,17 +170,20 @@ Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& u, const optional<Tens
                 bias->sizes());
   }
   Tensor y = at::empty({n, o, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const int64_t tiles = n * ((h + 1) / 2) * ((w + 1) / 2);
   if (y.numel() == 0) return y;
   if (c == 0) {  // no inputs: the bias alone
     return bias.has_value() ? y.copy_(bias->view({1, o, 1, 1}).expand_as(y)) : y.zero_();
   }
-  Tensor v = at::empty({16, tiles, c}, x.options());
-  winograd_f23_input(x.data_ptr<float>(), v.data_ptr<float>(), n, h, w, c);
-  Tensor m = at::bmm(v, u);
+  if (!has_avx2_fma()) {  // the products need AVX2+FMA: elsewhere, torch's convolution
+    return at::conv2d(x, weight, bias, 1, 1).contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  Tensor wc = weight.contiguous();
+  Tensor u = at::empty({16, c, o}, x.options());
+  winograd_f23_weight(wc.data_ptr<float>(), u.data_ptr<float>(), o, c);
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
-  winograd_f23_output(m.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
-                      y.data_ptr<float>(), n, h, w, o);
+  winograd_f23_conv(x.data_ptr<float>(), u.data_ptr<float>(),
+                    b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), n, h, w, c,
+                    o);
   return y;
 }
 

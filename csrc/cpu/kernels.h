@@ -47,11 +47,17 @@ void ddim_step(const float* x, const float* model_out, const float* noise, const
                const float* coefs, float* sample, float* x0_out, int64_t B, int64_t CHW,
                int64_t out_stride, int mean_type, bool clip, float eta);
 
-// Winograd F(2x2, 3x3) transforms for channels-last fp32 maps x [N, H, W, C]:
-// V [16, T, C] with T = N·⌈H/2⌉·⌈W/2⌉ tiles; y [N, H, W, O] from M [16, T, O]
-// (bias: [O] or nullptr). csrc/cpu/winograd.cpp.
-void winograd_f23_input(const float* x, float* V, int64_t N, int64_t H, int64_t W, int64_t C);
-void winograd_f23_output(const float* M, const float* bias, float* y, int64_t N, int64_t H,
-                         int64_t W, int64_t O);
+// y = conv2d(x, w, bias, padding=1) by Winograd F(2x2, 3x3) for channels-last
+// fp32 x [N, H, W, C] -> y [N, H, W, O], from U [16, C, O] = G·w·Gᵀ
+// (winograd_f23_weight); bias [O] or nullptr. csrc/cpu/winograd.cpp. Needs
+// has_avx2_fma().
+void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C);
+void winograd_f23_conv(const float* x, const float* U, const float* bias, float* y, int64_t N,
+                       int64_t H, int64_t W, int64_t C, int64_t O);
+
+// c = a·b, row-major fp32 [M, K]·[K, N] -> [M, N], one thread, AVX2+FMA
+// (csrc/cpu/small_gemm.cpp); has_avx2_fma(): whether this CPU runs it.
+bool has_avx2_fma();
+void small_gemm(const float* a, const float* b, float* c, int64_t M, int64_t K, int64_t N);
 
 }  // namespace adm_fast_cpu

@@ -1,14 +1,18 @@
 // 3x3, stride-1, pad-1 convolution by Winograd's F(2x2, 3x3) on channels-last
 // fp32 maps: each 2x2 output tile comes from a 4x4 input tile through 16
-// products per (input, output) channel pair instead of 36. The transforms are
-// additions only (B and A hold 0 and ±1), so they add little rounding; the 16
-// products are one batched matrix product (the caller's at::bmm) of
-// V[16][tiles][C] by the transformed weights U[16][C][O].
+// products per (input, output) channel pair instead of 36. The input and
+// output transforms are additions only (B and A hold 0 and ±1), so they add
+// little rounding; the 16 products per tile are 16 matrix products
+// V[ξ][tiles][C]·U[ξ][C][O] (small_gemm).
 //
-// Both transforms run along the contiguous channel axis, in parallel over
-// tiles. Tile (n, i, j) reads input rows 2i-1..2i+2 and columns 2j-1..2j+2
-// (zero outside: the padding) and writes output rows 2i, 2i+1 and columns 2j,
-// 2j+1 that exist (odd sizes drop the last row or column).
+// The work goes by blocks of tiles, one block per task: transform the block's
+// input tiles into V, multiply, transform back into y, while V and M (each 16
+// rows per tile) are still in cache. Done as three whole-map passes instead,
+// V and M are 4x the map each and the traffic lost to oneDNN at 64 px.
+//
+// Tile (n, i, j) reads input rows 2i-1..2i+2 and columns 2j-1..2j+2 (zero
+// outside: the padding) and writes output rows 2i, 2i+1 and columns 2j, 2j+1
+// that exist (odd sizes drop the last row or column).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -47,62 +51,99 @@ ADM_CLONES void add_bias(float* y, const float* bias, int64_t C) {
   for (int64_t c = 0; c < C; ++c) y[c] += bias[c];
 }
 
+struct Map {
+  int64_t N, H, W, th, tw;  // th x tw tiles per sample
+};
+
+// Tile t's 16 transformed rows into V[ξ·stride + ...] (C values each).
+void input_tile(const float* x, const Map& g, int64_t C, int64_t t, float* V, int64_t stride,
+                const float* zero, float* r) {
+  const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
+  const float* d[4][4];
+  for (int a = 0; a < 4; ++a) {
+    const int64_t h = 2 * i - 1 + a;
+    for (int b = 0; b < 4; ++b) {
+      const int64_t w = 2 * j - 1 + b;
+      d[a][b] = (h >= 0 && h < g.H && w >= 0 && w < g.W) ? x + ((n * g.H + h) * g.W + w) * C
+                                                          : zero;
+    }
+  }
+  // Rows: r[a][b] = Σ_k Bᵀ[a][k] d[k][b]; then columns into V[(a, b)].
+  for (int b = 0; b < 4; ++b)
+    input_rows(d[0][b], d[1][b], d[2][b], d[3][b], r + (0 * 4 + b) * C, r + (1 * 4 + b) * C,
+               r + (2 * 4 + b) * C, r + (3 * 4 + b) * C, C);
+  for (int a = 0; a < 4; ++a)
+    input_rows(r + (a * 4 + 0) * C, r + (a * 4 + 1) * C, r + (a * 4 + 2) * C,
+               r + (a * 4 + 3) * C, V + (a * 4 + 0) * stride, V + (a * 4 + 1) * stride,
+               V + (a * 4 + 2) * stride, V + (a * 4 + 3) * stride, C);
+}
+
+// Tile t's 2x2 outputs from its 16 product rows M[ξ·stride + ...] (O values each).
+void output_tile(const float* M, int64_t stride, const float* bias, const Map& g, int64_t O,
+                 int64_t t, float* y, float* s, float* out) {
+  const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
+  for (int b = 0; b < 4; ++b)
+    output_rows(M + (0 * 4 + b) * stride, M + (1 * 4 + b) * stride, M + (2 * 4 + b) * stride,
+                M + (3 * 4 + b) * stride, s + (0 * 4 + b) * O, s + (1 * 4 + b) * O, O);
+  for (int p = 0; p < 2; ++p)
+    output_rows(s + (p * 4 + 0) * O, s + (p * 4 + 1) * O, s + (p * 4 + 2) * O,
+                s + (p * 4 + 3) * O, out + (p * 2 + 0) * O, out + (p * 2 + 1) * O, O);
+  for (int p = 0; p < 2; ++p) {
+    const int64_t h = 2 * i + p;
+    if (h >= g.H) continue;
+    for (int q = 0; q < 2; ++q) {
+      const int64_t w = 2 * j + q;
+      if (w >= g.W) continue;
+      float* dst = y + ((n * g.H + h) * g.W + w) * O;
+      std::copy(out + (p * 2 + q) * O, out + (p * 2 + q + 1) * O, dst);
+      if (bias) add_bias(dst, bias, O);
+    }
+  }
+}
+
 }  // namespace
 
-void winograd_f23_input(const float* x, float* V, int64_t N, int64_t H, int64_t W, int64_t C) {
-  const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = N * th * tw;
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    // d: the 4x4 tile (zeros where it hangs over the edge); r: Bᵀd by rows.
-    std::vector<float> zero(C, 0.0f), r(16 * C);
-    const float* d[4][4];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (th * tw), i = (t / tw) % th, j = t % tw;
-      for (int a = 0; a < 4; ++a) {
-        const int64_t h = 2 * i - 1 + a;
-        for (int b = 0; b < 4; ++b) {
-          const int64_t w = 2 * j - 1 + b;
-          d[a][b] = (h >= 0 && h < H && w >= 0 && w < W) ? x + ((n * H + h) * W + w) * C
-                                                          : zero.data();
-        }
-      }
-      // Rows: r[a][b] = Σ_k Bᵀ[a][k] d[k][b]; then columns into V[(a, b)].
-      for (int b = 0; b < 4; ++b)
-        input_rows(d[0][b], d[1][b], d[2][b], d[3][b], &r[(0 * 4 + b) * C], &r[(1 * 4 + b) * C],
-                   &r[(2 * 4 + b) * C], &r[(3 * 4 + b) * C], C);
-      for (int a = 0; a < 4; ++a)
-        input_rows(&r[(a * 4 + 0) * C], &r[(a * 4 + 1) * C], &r[(a * 4 + 2) * C],
-                   &r[(a * 4 + 3) * C], V + ((a * 4 + 0) * T + t) * C,
-                   V + ((a * 4 + 1) * T + t) * C, V + ((a * 4 + 2) * T + t) * C,
-                   V + ((a * 4 + 3) * T + t) * C, C);
+void winograd_f23_conv(const float* x, const float* U, const float* bias, float* y, int64_t N,
+                       int64_t H, int64_t W, int64_t C, int64_t O) {
+  const Map g{N, H, W, (H + 1) / 2, (W + 1) / 2};
+  const int64_t T = N * g.th * g.tw;
+  // 48 tiles a block (a multiple of the product's 6-row tile): V and M then
+  // take 16·48·(C + O) floats, 384 KB at 64 + 64 channels; fewer when the map
+  // has too few tiles to give each thread two blocks.
+  const int64_t per_thread = (T + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t tb = std::max<int64_t>(6, std::min<int64_t>(48, (per_thread + 5) / 6 * 6));
+  const int64_t blocks = (T + tb - 1) / tb;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> V(16 * tb * C), M(16 * tb * O), zero(C, 0.0f), r(16 * C), s(8 * O),
+        out(4 * O);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * tb, nt = std::min(tb, T - t0);
+      for (int64_t k = 0; k < nt; ++k)
+        input_tile(x, g, C, t0 + k, V.data() + k * C, tb * C, zero.data(), r.data());
+      for (int xi = 0; xi < 16; ++xi)
+        small_gemm(V.data() + xi * tb * C, U + xi * C * O, M.data() + xi * tb * O, nt, C, O);
+      for (int64_t k = 0; k < nt; ++k)
+        output_tile(M.data() + k * O, tb * O, bias, g, O, t0 + k, y, s.data(), out.data());
     }
   });
 }
 
-void winograd_f23_output(const float* M, const float* bias, float* y, int64_t N, int64_t H,
-                         int64_t W, int64_t O) {
-  const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = N * th * tw;
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(8 * O), out(4 * O);  // s: Aᵀm by rows (2 x 4); out: the 2x2 tile
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (th * tw), i = (t / tw) % th, j = t % tw;
-      auto m = [&](int a, int b) { return M + ((a * 4 + b) * T + t) * O; };
-      for (int b = 0; b < 4; ++b)
-        output_rows(m(0, b), m(1, b), m(2, b), m(3, b), &s[(0 * 4 + b) * O], &s[(1 * 4 + b) * O],
-                    O);
-      for (int p = 0; p < 2; ++p)
-        output_rows(&s[(p * 4 + 0) * O], &s[(p * 4 + 1) * O], &s[(p * 4 + 2) * O],
-                    &s[(p * 4 + 3) * O], &out[(p * 2 + 0) * O], &out[(p * 2 + 1) * O], O);
-      for (int p = 0; p < 2; ++p) {
-        const int64_t h = 2 * i + p;
-        if (h >= H) continue;
-        for (int q = 0; q < 2; ++q) {
-          const int64_t w = 2 * j + q;
-          if (w >= W) continue;
-          float* dst = y + ((n * H + h) * W + w) * O;
-          std::copy(&out[(p * 2 + q) * O], &out[(p * 2 + q) * O] + O, dst);
-          if (bias) add_bias(dst, bias, O);
-        }
-      }
+void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C) {
+  // G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]: U = G·g·Gᵀ per 3x3 g,
+  // in double and rounded once.
+  static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  at::parallel_for(0, O * C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t oc = begin; oc < end; ++oc) {
+      const int64_t o = oc / C, c = oc % C;
+      const float* k = w + oc * 9;  // w[o][c] (oc = o·C + c)
+      double t[4][3];               // G·k
+      for (int a = 0; a < 4; ++a)
+        for (int j = 0; j < 3; ++j)
+          t[a][j] = G[a][0] * k[j] + G[a][1] * k[3 + j] + G[a][2] * k[6 + j];
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b)
+          U[((a * 4 + b) * C + c) * O + o] =
+              static_cast<float>(t[a][0] * G[b][0] + t[a][1] * G[b][1] + t[a][2] * G[b][2]);
     }
   });
 }

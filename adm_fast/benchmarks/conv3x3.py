@@ -1,0 +1,93 @@
+"""conv3x3 benchmark: ADM's 3×3 res-block convolutions on the CPU, oneDNN
+(F.conv2d, the eager reference) against the Winograd kernel and what auto
+picks, with the direct convolution's GFLOP/s (2·N·H·W·C·O·9, the work either
+does in effect), the ratio to oneDNN, and each one's error against fp64, in
+one run.
+
+    python -m adm_fast.benchmarks.conv3x3 [--quick] [--no_save]
+
+The op has CPU kernels only; on another device this prints so and times nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .common import add_results_flags, append_rows, context, median_ms, print_table, results_file
+
+# (label, N, C, H, O): the 64×64 layout (64 channels, mult 1,2,3,4) at batch 4,
+# a decoder conv after its skip concat, and the demo's 16×16 model at batch 100.
+SHAPES = [
+    ("adm64 @64", 4, 64, 64, 64), ("adm64 @32", 4, 128, 32, 128),
+    ("adm64 @16", 4, 192, 16, 192), ("adm64 @8", 4, 256, 8, 256),
+    ("adm64 dec @32", 4, 256, 32, 128), ("adm64 dec @64", 4, 128, 64, 64),
+    ("demo @16", 100, 32, 16, 32), ("demo @8", 100, 64, 8, 64), ("demo @4", 100, 64, 4, 64),
+    ("demo dec @16", 100, 96, 16, 32),
+]
+
+
+def inputs(n, c, h, o):
+    g = torch.Generator().manual_seed(n * 7919 + c * 31 + h * 7 + o)
+    x = (torch.randn(n, c, h, h, generator=g) + 0.3).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(o, c, 3, 3, generator=g) / (9 * c) ** 0.5
+    return x, w, torch.randn(o, generator=g)
+
+
+def run(backend, x, w, b):
+    with ops.use_backend({"conv3x3": backend}), torch.no_grad():
+        return ops.conv3x3(x, w, b)
+
+
+def bench_case(label, n, c, h, o):
+    x, w, b = inputs(n, c, h, o)
+    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    scale = exact.abs().max().item()
+    flops = 2 * n * h * h * c * o * 9
+    times, rows = {}, []
+    for name in ("eager", "cpu", "auto"):
+        try:
+            err = (run(name, x, w, b).double() - exact).abs().max().item() / scale
+            times[name] = median_ms(lambda: run(name, x, w, b), torch.device("cpu"))
+        except Exception as e:  # report and keep going
+            print(f"  {label} {name}: {type(e).__name__}: {e}")
+            continue
+        rows.append({"shape": label, "N": n, "C": c, "HW": f"{h}x{h}", "O": o,
+                     "impl": {"eager": "onednn", "cpu": "winograd", "auto": "adm_fast"}[name],
+                     "ms": f"{times[name]:.3f}", "GFLOP/s": f"{flops / times[name] / 1e6:.0f}",
+                     "rel_err": f"{err:.1e}"})
+    for row in rows:
+        impl = {"onednn": "eager", "winograd": "cpu", "adm_fast": "auto"}[row["impl"]]
+        row["x_vs_onednn"] = (f"{times['eager'] / times[impl]:.2f}" if "eager" in times
+                              else "")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="adm-fast bench ops conv3x3", allow_abbrev=False,
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="three shapes only")
+    add_results_flags(p)
+    args = p.parse_args(argv)
+    if torch.device(args.device).type != "cpu":
+        print(f"conv3x3: no {args.device} kernels (the Winograd kernel is the CPU's); "
+              "nothing to time")
+        return 0
+    shapes = [SHAPES[0], SHAPES[6], SHAPES[8]] if args.quick else SHAPES
+    rows = [r for shape in shapes for r in bench_case(*shape)]
+    print_table(rows, ["shape", "N", "C", "HW", "O", "impl", "ms", "GFLOP/s", "rel_err",
+                       "x_vs_onednn"])
+    if not args.no_save:
+        ctx = context(torch.device("cpu"))
+        print("appended to", append_rows(results_file(args, "conv3x3"),
+                                         [{**ctx, **r} for r in rows]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
