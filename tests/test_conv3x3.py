@@ -12,9 +12,12 @@ from adm_fast import ops
 from adm_fast.ops.conv3x3 import NATIVE
 from conftest import rel_err
 
-SHAPES = [  # N, C, H, W, O: ADM res-block convs, then odd sizes and channel counts
+SHAPES = [  # N, C, H, W, O: ADM res-block convs, then odd sizes and channel counts;
+    # the kernel takes maps whose V and M exceed 4 MiB by blocks of tiles (the
+    # last two), smaller ones in three whole-map passes (the rest)
     (2, 64, 16, 16, 64), (1, 128, 8, 8, 64), (3, 32, 16, 16, 32), (2, 96, 7, 7, 32),
-    (1, 5, 9, 6, 3), (2, 3, 1, 2, 4), (1, 16, 1, 1, 8), (2, 24, 5, 11, 40)]
+    (1, 5, 9, 6, 3), (2, 3, 1, 2, 4), (1, 16, 1, 1, 8), (2, 24, 5, 11, 40),
+    (4, 32, 64, 64, 32), (3, 16, 65, 63, 24)]
 
 
 def inputs(n, c, h, w, o, seed, bias=True):

@@ -8,7 +8,8 @@
 // The work goes by blocks of tiles, one block per task: transform the block's
 // input tiles into V, multiply, transform back into y, while V and M (each 16
 // rows per tile) are still in cache. Done as three whole-map passes instead,
-// V and M are 4x the map each and the traffic lost to oneDNN at 64 px.
+// V and M are 4x the map each and the traffic lost to oneDNN at 64 px; only
+// small maps, where V and M fit in cache whole, take the three passes.
 //
 // Tile (n, i, j) reads input rows 2i-1..2i+2 and columns 2j-1..2j+2 (zero
 // outside: the padding) and writes output rows 2i, 2i+1 and columns 2j, 2j+1
@@ -107,6 +108,27 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
                        int64_t H, int64_t W, int64_t C, int64_t O) {
   const Map g{N, H, W, (H + 1) / 2, (W + 1) / 2};
   const int64_t T = N * g.th * g.tw;
+  if (16 * T * (C + O) * static_cast<int64_t>(sizeof(float)) <= (4 << 20)) {
+    // A small map with many channels (256 on 8x8): V and M fit in cache whole,
+    // and U (up to 4 MB) is the big operand, so each product reads its U[ξ]
+    // once, in passes over all tiles, instead of once per block.
+    std::vector<float> V(16 * T * C), M(16 * T * O);
+    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+      std::vector<float> zero(C, 0.0f), r(16 * C);
+      for (int64_t t = begin; t < end; ++t)
+        input_tile(x, g, C, t, V.data() + t * C, T * C, zero.data(), r.data());
+    });
+    at::parallel_for(0, 16, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t xi = begin; xi < end; ++xi)
+        small_gemm(V.data() + xi * T * C, U + xi * C * O, M.data() + xi * T * O, T, C, O);
+    });
+    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+      std::vector<float> s(8 * O), out(4 * O);
+      for (int64_t t = begin; t < end; ++t)
+        output_tile(M.data() + t * O, T * O, bias, g, O, t, y, s.data(), out.data());
+    });
+    return;
+  }
   // 48 tiles a block (a multiple of the product's 6-row tile): V and M then
   // take 16·48·(C + O) floats, 384 KB at 64 + 64 channels; fewer when the map
   // has too few tiles to give each thread two blocks.
@@ -130,20 +152,24 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
 
 void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C) {
   // G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]: U = G·g·Gᵀ per 3x3 g,
-  // in double and rounded once.
+  // in double and rounded once. One input channel per task, output channels
+  // innermost: U's 16 rows for c are then written along o, contiguously (the
+  // other order scattered 16 writes per pair and cost more than the products
+  // at 256 channels on an 8x8 map).
   static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
-  at::parallel_for(0, O * C, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t oc = begin; oc < end; ++oc) {
-      const int64_t o = oc / C, c = oc % C;
-      const float* k = w + oc * 9;  // w[o][c] (oc = o·C + c)
-      double t[4][3];               // G·k
-      for (int a = 0; a < 4; ++a)
-        for (int j = 0; j < 3; ++j)
-          t[a][j] = G[a][0] * k[j] + G[a][1] * k[3 + j] + G[a][2] * k[6 + j];
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b)
-          U[((a * 4 + b) * C + c) * O + o] =
-              static_cast<float>(t[a][0] * G[b][0] + t[a][1] * G[b][1] + t[a][2] * G[b][2]);
+  at::parallel_for(0, C, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t o = 0; o < O; ++o) {
+        const float* k = w + (o * C + c) * 9;
+        double t[4][3];  // G·k
+        for (int a = 0; a < 4; ++a)
+          for (int j = 0; j < 3; ++j)
+            t[a][j] = G[a][0] * k[j] + G[a][1] * k[3 + j] + G[a][2] * k[6 + j];
+        for (int a = 0; a < 4; ++a)
+          for (int b = 0; b < 4; ++b)
+            U[((a * 4 + b) * C + c) * O + o] =
+                static_cast<float>(t[a][0] * G[b][0] + t[a][1] * G[b][1] + t[a][2] * G[b][2]);
+      }
     }
   });
 }
