@@ -110,7 +110,8 @@ def run(args) -> int:
           "samples asked for the same digit")
     if args.eager_steps:
         print(f"images/s: both columns measured alike, {min(args.eager_steps, args.steps)} "
-              f"steps of one batch of {batch} after a warm-up, 2 interleaved rounds, scaled "
+              f"steps of one batch of {batch} after a warm-up, {experiment.ROUNDS} interleaved rounds "
+              f"(medians), scaled "
               f"to {args.steps} steps; adm_fast: its default backend and the device's "
               f"layout, eager: guided-diffusion's computation (use_backend('eager'), NCHW); "
               f"once unguided and once guided (the work per step is the same at every "

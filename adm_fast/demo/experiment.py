@@ -200,8 +200,14 @@ def warm_up(runs, diffusion, batch_size: int) -> None:
             sample(models, diffusion, 1.0, y, len(y), seed=0, max_steps=1)
 
 
+# Interleaved timing rounds per speed column: two let one slow moment of this
+# shared machine move the printed speed-up by 0.2 (1.18-1.39x in four runs of
+# the same commit); the median of four moves less, for ~3 s more.
+ROUNDS = 4
+
+
 def step_rates(runs, diffusion, scale: float, labels: torch.Tensor, batch_size: int,
-               seed: int, steps: int, rounds: int = 2) -> List[float]:
+               seed: int, steps: int, rounds: int = ROUNDS) -> List[float]:
     """images/s of each (models, backend) in runs, all measured alike: `steps`
     steps of the same batch, after a warm-up, in interleaved rounds (a noisy
     machine slows them all alike), the median per step scaled to the full loop."""
