@@ -117,6 +117,12 @@ def current_backend(op: Optional[str] = None) -> str:
     return _check_name(setting)
 
 
+def named_for(op: str) -> bool:
+    """Whether the setting in force is a per-op mapping that names op."""
+    setting = _STATE["setting"]
+    return isinstance(setting, dict) and op in setting
+
+
 @contextlib.contextmanager
 def use_backend(setting: Setting):
     """Run the ops in this block on one backend ("auto", "eager", "triton", ...),

@@ -8,16 +8,18 @@ channel pair instead of 36, between transforms that only add, by blocks of
 tiles kept in cache, with its own AVX2+FMA product (csrc/cpu/small_gemm.cpp;
 a CPU without them gets torch's convolution from the same op).
 Its rounding differs from a direct convolution's: against an fp64
-convolution its max error ran from 0.35× to 2× oneDNN's, 1–5e-7 of the
-output's scale (tests/test_conv3x3.py). It runs on fp32 channels_last maps,
+convolution its max error ran from 0.35× to 2× oneDNN's, 1–6e-7 of the
+output's scale (tests/test_conv3x3.py; lower than oneDNN's at every shape of
+`adm-fast bench ops conv3x3`). It runs on fp32 channels_last maps,
 forward only: sampling's UNet, not training or the classifier's gradient
 (their backward is oneDNN's either way). The weights' transform is made on
 every call, in C++ (no cache: a weight written through `.data` keeps its
 version, so a cache keyed on it could serve stale weights without a word).
 
-Auto times it against oneDNN per call signature: on an AVX2 EPYC it ran
-1.2–1.7× oneDNN from 4 to 64 px and 32 to 256 channels, and lost (0.7×) at
-256 channels on an 8×8 map, where the weight transform is most of the work.
+Auto times it against oneDNN per call signature, since which is faster depends
+on the shape and the CPU: on an AVX2 EPYC it ran 1.1–2.0× oneDNN over ADM's
+shapes from 4 to 64 px and 32 to 256 channels, least on small maps with many
+channels (256 on 8×8), where the weights' transform is a large part of the work.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .impl import Call, Impl, layout_of
 from .op import Op
 
 SIGNATURE = "Tensor x, Tensor weight, Tensor? bias"
+
 
 def reference(x: Tensor, weight: Tensor, bias=None) -> Tensor:
     return F.conv2d(x, weight, bias, padding=1)
@@ -117,9 +120,10 @@ def is_conv3x3(module) -> bool:
 
 def conv(module: nn.Module, x: Tensor) -> Tensor:
     """module(x), through conv3x3 where module is such a convolution and the
-    backend is auto. An explicit backend (a kernel test, a comparison) gets the
-    module itself, which every backend can differentiate; conv3x3 reaches the
-    op's kernels directly."""
-    if is_conv3x3(module) and _backend.current_backend(CONV3X3.name) == _backend.AUTO:
+    backend is auto or chosen for conv3x3 by name (use_backend({"conv3x3":
+    "cpu"})). A backend chosen for every op (use_backend("cpu"), a training
+    test) gets the module itself, which every backend can differentiate."""
+    if is_conv3x3(module) and (_backend.current_backend(CONV3X3.name) == _backend.AUTO
+                               or _backend.named_for(CONV3X3.name)):
         return CONV3X3(x, module.weight, module.bias)
     return module(x)

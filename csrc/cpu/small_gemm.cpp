@@ -5,7 +5,7 @@
 //
 // An AVX2+FMA register tile of 6 rows x 16 columns (12 accumulators) walks K
 // with one broadcast of A and two loads of B per 12 FMAs; the rows of A stay
-// in L1 for the N/16 column strips, B (K x N, at most 256 KB) in L2. Callers
+// in L1 for the N/16 column strips, B (K x N: 256 KB at 256 x 256) in L2. Callers
 // check has_avx2_fma() first: elsewhere small_gemm does nothing.
 #include <algorithm>
 #include <cstdint>
