@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from adm_fast import ops
-from adm_fast.ops.conv3x3 import NATIVE
+from adm_fast.ops.conv3x3 import NATIVE, NATIVE_WEIGHT_GRAD
 from conftest import rel_err
 
 SHAPES = [  # N, C, H, W, O: ADM res-block convs, then odd sizes and channel counts;
@@ -58,9 +58,61 @@ def test_auto_gives_the_convolution_with_and_without_grad():
     assert rel_err(dx, dx_ref) <= 1e-6
 
 
+GRAD_SHAPES = [  # ∇x: Winograd's from 16x16 on; ∇w by chunks of tiles, several in
+    # the last two (one partial)
+    (2, 64, 16, 16, 64), (2, 96, 7, 7, 32), (1, 5, 9, 6, 3), (2, 3, 1, 2, 4),
+    (3, 16, 65, 63, 24), (4, 32, 64, 64, 32), (2, 64, 50, 49, 64)]
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES)
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+def test_gradients_within_4x_onednn_error(shape, weight_layout):
+    x, w, b = inputs(*shape, seed=sum(shape) + 1)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape[0], shape[4], *shape[2:4],
+                     generator=torch.Generator().manual_seed(len(shape))) - 0.2
+    leaves64 = [t.double().requires_grad_(True) for t in (x, w, b)]
+    ref = torch.autograd.grad(F.conv2d(*leaves64, padding=1), leaves64, dy.double())
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    torch_grads = torch.autograd.grad(F.conv2d(*leaves, padding=1), leaves, dy)
+    with ops.use_backend("cpu"):
+        got = torch.autograd.grad(ops.conv3x3(*leaves), leaves, dy)
+    for name, g, t, r in zip("xwb", got, torch_grads, ref):
+        assert g.shape == r.shape and g.stride() == t.stride(), name
+        assert rel_err(g, r) <= 4 * max(rel_err(t, r), 2 ** -23), (name, rel_err(g, r),
+                                                                      rel_err(t, r))
+
+
+def test_guidance_does_not_compute_the_weights_gradient(monkeypatch):
+    # autograd.grad(y, x) with weights that require grad (a guiding classifier's):
+    # the backward is asked for ∇x alone, as torch's own convolution would be.
+    from adm_fast.ops.conv3x3 import CONV3X3
+    asked = []
+    real = CONV3X3.kernel_backward
+    monkeypatch.setattr(CONV3X3, "kernel_backward",
+                        lambda impl, args, kept, grads, needs: asked.append(needs)
+                        or real(impl, args, kept, grads, needs))
+    x, w, b = inputs(2, 8, 6, 6, 8, seed=23)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    x0 = x.clone().requires_grad_(True)
+    with ops.use_backend("cpu"):
+        y = ops.conv3x3(x0 * 1.5, w, b)
+        dx, = torch.autograd.grad(y.square().sum(), x0)
+        y = ops.conv3x3(x0 * 1.5, w, b)
+        y.square().sum().backward()
+    assert asked == [(True, False, False), (True, True, True)]
+    assert w.grad is not None and b.grad is not None
+    assert rel_err(dx, x0.grad) == 0
+    with ops.use_backend("cpu"):  # a leaf named in autograd.grad's inputs is wanted
+        torch.autograd.grad(ops.conv3x3(x0, w, b).sum(), [w])
+    assert asked[-1] == (False, True, False)
+
+
 def test_explain_says_why_not_cpu():
     x, w, b = inputs(1, 8, 4, 4, 8, seed=5)
-    assert "has no backward" in ops.explain("conv3x3", x.requires_grad_(True), w, b)
+    assert "cpu: supported" in ops.explain("conv3x3", x.requires_grad_(True), w, b)
     assert "channels_last" in ops.explain("conv3x3", x.detach().contiguous(), w, b)
     assert "fp64" in ops.explain("conv3x3", x.detach().double(), w.double(), b.double())
 
@@ -117,6 +169,22 @@ def test_the_raw_op_checks_its_arguments(bad, message):
     x, w, b = inputs(2, 8, 5, 5, 8, seed=11)
     with pytest.raises(RuntimeError, match=message):
         NATIVE(*bad(x, w, b))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, dy: (x.contiguous(), dy), "channels_last"),
+    (lambda x, dy: (x, dy.contiguous()), "channels_last"),
+    (lambda x, dy: (x.double(), dy), "fp32"),
+    (lambda x, dy: (x, dy[:1]), r"\[N, O, H, W\]"),
+    (lambda x, dy: (x, dy[..., :3]), r"\[N, O, H, W\]"),
+    (lambda x, dy: (x[0], dy), r"\[N, C, H, W\]"),
+])
+def test_the_raw_weight_gradient_checks_its_arguments(bad, message):
+    x, _, _ = inputs(2, 8, 5, 5, 8, seed=17)
+    dy, _, _ = inputs(2, 6, 5, 5, 8, seed=18)
+    with pytest.raises(RuntimeError, match=message):
+        NATIVE_WEIGHT_GRAD(*bad(x, dy))
+    assert NATIVE_WEIGHT_GRAD(x[:0], dy[:0]).abs().sum() == 0  # no tiles: zero
 
 
 def test_the_spec_checks_its_arguments():

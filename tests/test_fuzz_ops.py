@@ -246,9 +246,19 @@ def conv_args():
                                          t(o, c, 3, 3, dtype=torch.int32)]))
     b = maybe(t(o), rng.choice([None, t(o + 1), t(o, 1), t(o, dtype=torch.float16)]))
     return x, w, b
+def weight_grad_args():
+    x, w, _ = conv_args()
+    cl = torch.channels_last
+    shape = list(x.shape) if x.dim() == 4 else [1, 2, 3, 3]
+    shape[1] = w.shape[0] if w.dim() else 2
+    dy = maybe(t(*shape).contiguous(memory_format=cl),
+               rng.choice([t(*shape), t(shape[0] + 1, *shape[1:]).contiguous(memory_format=cl),
+                           t(*shape[:3], shape[3] + 1).contiguous(memory_format=cl), t(*shape[:3]),
+                           t(*shape, dtype=torch.float16).contiguous(memory_format=cl)]))
+    return x, dy
 calls = 0
 for i in range(N):
-    kind = i % 8
+    kind = i % 9
     try:
         if kind == 0:
             x, g, w, b, s, sh = gn_args()
@@ -279,7 +289,9 @@ for i in range(N):
                                          rng.choice(["cpu", "triton", "eager"]))
         elif kind == 6:
             torch.ops.adm_fast_native.conv3x3_winograd(*conv_args())
-        else:
+        elif kind == 8:
+            torch.ops.adm_fast_native.conv3x3_winograd_weight_grad(*weight_grad_args())
+        elif kind == 7:
             torch.ops.adm_fast.conv3x3(*conv_args(), maybe("cpu", rng.choice(["eager", "nope"])))
     except E as e:
         assert str(e).strip(), (i, kind)

@@ -10,11 +10,16 @@ a CPU without them gets torch's convolution from the same op).
 Its rounding differs from a direct convolution's: against an fp64
 convolution its max error ran from 0.35× to 2× oneDNN's, 1–6e-7 of the
 output's scale (tests/test_conv3x3.py; lower than oneDNN's at every shape of
-`adm-fast bench ops conv3x3`). It runs on fp32 channels_last maps,
-forward only: sampling's UNet, not training or the classifier's gradient
-(their backward is oneDNN's either way). The weights' transform is made on
+`adm-fast bench ops conv3x3`). It runs on fp32 channels_last maps, forward
+and backward: ∇x is the same convolution of ∇y with the kernel turned by 180°
+(oneDNN's below 16x16, where it is faster), and the weights' gradient is
+Winograd's too — per tile the transposed transforms, then 16 matrix products
+summed over the tiles, by chunks kept in cache: 2.1–2.8x oneDNN's
+channels_last weight gradient at ADM's shapes. The weights' transform is made on
 every call, in C++ (no cache: a weight written through `.data` keeps its
 version, so a cache keyed on it could serve stale weights without a word).
+Guidance asks autograd for ∇x alone: the weights' gradient is then skipped,
+as torch's own convolution skips it (Op: engine_needs).
 
 Auto times it against oneDNN per call signature, since which is faster depends
 on the shape and the CPU: on an AVX2 EPYC it ran 1.1–2.0× oneDNN over ADM's
@@ -43,6 +48,7 @@ def reference(x: Tensor, weight: Tensor, bias=None) -> Tensor:
 class Conv3x3(Op):
     name = "conv3x3"
     signature = SIGNATURE
+    has_kernel_backward = True
     preferences = [{"device": "cpu", "order": ["eager", "cpu"]}]
     tune = {"cpu": ("eager", "cpu")}
 
@@ -67,6 +73,14 @@ class Conv3x3(Op):
     def features(self, x, weight, bias):
         return {"channels": x.shape[1], "out_channels": weight.shape[0]}
 
+    def kernel_backward(self, impl, args, kept, grads, needs):
+        x, weight, bias = args
+        dy = grads[0]
+        dx = impl.backward_input(dy, x, weight) if needs[0] else None
+        dw = impl.backward_weight(x, dy) if needs[1] else None
+        db = dy.sum((0, 2, 3)) if needs[2] and bias is not None else None
+        return dx, dw, db
+
     def fake(self, x, weight, bias):
         n, _, h, w = x.shape
         return (x.new_empty((n, weight.shape[0], h, w)).to(memory_format=torch.channels_last),)
@@ -75,6 +89,10 @@ class Conv3x3(Op):
 CONV3X3 = Conv3x3()
 NATIVE = native.define("conv3x3_winograd", SIGNATURE, 1,
                        lambda x, weight, bias: CONV3X3.fake(x, weight, bias)[0])
+NATIVE_WEIGHT_GRAD = native.define(
+    "conv3x3_winograd_weight_grad", "Tensor x, Tensor dy", 1,
+    lambda x, dy: x.new_empty((dy.shape[1], x.shape[1], 3, 3)).to(
+        memory_format=torch.channels_last))
 
 
 class Eager(Impl):
@@ -88,7 +106,6 @@ class Eager(Impl):
 class Cpu(Impl):
     backend = "cpu"
     dtypes = (torch.float32,)
-    differentiable = False
 
     def extra_reasons(self, call: Call):
         # Not `layouts`: a 1x1 map is both layouts, and layout_of names it contiguous.
@@ -99,6 +116,22 @@ class Cpu(Impl):
 
     def forward(self, x, weight, bias):
         return NATIVE(x, weight, bias)
+
+    def backward_input(self, dy, x, weight):
+        # ∇x of a 3x3, stride-1, pad-1 convolution is the same convolution of
+        # ∇y with the kernel turned by 180° and its in/out channels swapped. Below
+        # 16x16 oneDNN's is faster (0.66x at 256 channels on 8x8, a tie at 16x16;
+        # the weights' transform is much of the work there).
+        if dy.shape[2] * dy.shape[3] < 256:
+            return torch.ops.aten.convolution_backward(
+                dy, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [True, False, False])[0]
+        turned = weight.detach().transpose(0, 1).flip(2, 3).contiguous()
+        return NATIVE(dy.contiguous(memory_format=torch.channels_last), turned, None)
+
+    def backward_weight(self, x, dy):
+        # channels_last, as oneDNN's is for a channels_last x, whatever the weight's
+        return NATIVE_WEIGHT_GRAD(x, dy.contiguous(memory_format=torch.channels_last))
 
 
 for _impl in (Eager(), Cpu()):
@@ -121,8 +154,9 @@ def is_conv3x3(module) -> bool:
 def conv(module: nn.Module, x: Tensor) -> Tensor:
     """module(x), through conv3x3 where module is such a convolution and the
     backend is auto or chosen for conv3x3 by name (use_backend({"conv3x3":
-    "cpu"})). A backend chosen for every op (use_backend("cpu"), a training
-    test) gets the module itself, which every backend can differentiate."""
+    "cpu"})). A backend chosen for every op (use_backend("cpu"), as the fused
+    ops' model tests choose) gets the module itself: such a setting names the
+    fused norm and attention, not a different convolution."""
     if is_conv3x3(module) and (_backend.current_backend(CONV3X3.name) == _backend.AUTO
                                or _backend.named_for(CONV3X3.name)):
         return CONV3X3(x, module.weight, module.bias)

@@ -80,4 +80,4 @@ def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor 
             g = between(h)
             recipes.append((g, _Recipe(impl, args, between)))
             h = g
-        return conv(h)
+        return _conv(conv, h)

@@ -273,9 +273,10 @@ class Op:
         def setup(ctx, inputs, output):
             output = output if isinstance(output, tuple) else (output,)
             self.save(ctx, inputs[:-1], output, inputs[-1])
+            ctx.tensor_inputs = [isinstance(a, Tensor) for a in inputs]
 
         def backward(ctx, *grads):
-            return self.gradients(ctx, grads, ctx.needs_input_grad) + (None,)
+            return self.gradients(ctx, grads, engine_needs(ctx, ctx.needs_input_grad)) + (None,)
 
         op.register_autograd(backward, setup_context=setup)
 
@@ -306,8 +307,29 @@ class _KernelFunction(torch.autograd.Function):
         outs = impl.forward(*args)
         op.save(ctx, args, outs, impl.backend)
         ctx.op = op
+        ctx.tensor_inputs = [False, False] + [isinstance(a, Tensor) for a in args]
         return op._public(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None) + ctx.op.gradients(ctx, grads, ctx.needs_input_grad[2:])
+        return (None, None) + ctx.op.gradients(ctx, grads,
+                                               engine_needs(ctx, ctx.needs_input_grad)[2:])
+
+
+def engine_needs(ctx, needs) -> Tuple[bool, ...]:
+    """needs (ctx.needs_input_grad: which inputs require grad) less the inputs
+    this backward pass will not deliver a gradient to. Guidance asks
+    autograd.grad for ∇x alone while the classifier's weights require grad: a
+    weight's gradient, as costly as the forward, would be computed and dropped
+    (torch's own convolution backward skips it the same way)."""
+    fns = iter(ctx.next_functions)  # one per tensor input, in order
+    out = []
+    for need, is_tensor in zip(needs, ctx.tensor_inputs):
+        fn = next(fns)[0] if is_tensor else None
+        if need and fn is not None:
+            try:
+                need = torch._C._will_engine_execute_node(fn)
+            except RuntimeError:  # a leaf named in autograd.grad's inputs: it is wanted
+                need = True
+        out.append(bool(need))
+    return tuple(out)

@@ -187,6 +187,45 @@ Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& weight, const optional
   return y;
 }
 
+// The weights' gradient of that convolution, [O, C, 3, 3] channels_last, from
+// channels-last fp32 x [N, C, H, W] and dy [N, O, H, W]: Winograd's 16
+// products per tile as 16 matrix products Ŷ[ξ]ᵀ·V[ξ] summed over the tiles
+// (torch's, i.e. MKL's), 2.25x fewer multiplications than the direct reduction.
+Tensor conv3x3_winograd_weight_grad_op(const Tensor& x, const Tensor& dy) {
+  constexpr const char* op = "adm_fast_native::conv3x3_winograd_weight_grad";
+  TORCH_CHECK(x.device().is_cpu() && dy.device().is_cpu(), op,
+              ": x and dy must be CPU tensors");
+  TORCH_CHECK(x.dim() == 4 && dy.dim() == 4 && dy.size(0) == x.size(0) &&
+                  dy.size(2) == x.size(2) && dy.size(3) == x.size(3),
+              op, ": x must be [N, C, H, W] and dy [N, O, H, W], got ", x.sizes(), " and ",
+              dy.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && dy.scalar_type() == at::kFloat, op,
+              ": x and dy must be fp32, got ", x.scalar_type(), " and ", dy.scalar_type());
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  dy.is_contiguous(at::MemoryFormat::ChannelsLast),
+              op, ": x and dy must be channels_last (their channels contiguous)");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), o = dy.size(1);
+  if (n * h * w == 0 || c == 0 || o == 0) return at::zeros({o, c, 3, 3}, x.options());
+  const int64_t t = n * ((h + 1) / 2) * ((w + 1) / 2);
+  // By chunks of tiles whose V and Ŷ take ~2 MB (they stay in cache between the
+  // transforms and the product), at least 64 tiles a chunk (the products' K).
+  const int64_t tb = std::min<int64_t>(
+      t, std::max<int64_t>(64, ((2 << 20) / (16 * (c + o) * 4)) / 8 * 8));
+  Tensor v = at::empty({16, tb, c}, x.options()), yh = at::empty({16, tb, o}, x.options());
+  Tensor dut = at::zeros({16, o, c}, x.options());
+  for (int64_t t0 = 0; t0 < t; t0 += tb) {
+    const int64_t nt = std::min(tb, t - t0);
+    winograd_f23_transform_input(x.data_ptr<float>(), v.data_ptr<float>(), n, h, w, c, t0, nt,
+                                 tb * c);
+    winograd_f23_transform_grad(dy.data_ptr<float>(), yh.data_ptr<float>(), n, h, w, o, t0, nt,
+                                tb * o);
+    dut.baddbmm_(yh.narrow(1, 0, nt).transpose(1, 2), v.narrow(1, 0, nt));
+  }
+  Tensor dw = at::empty({o, c, 3, 3}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  winograd_f23_weight_grad(dut.data_ptr<float>(), dw.data_ptr<float>(), o, c);
+  return dw;
+}
+
 }  // namespace
 }  // namespace adm_fast_cpu
 
@@ -198,6 +237,7 @@ TORCH_LIBRARY_IMPL(adm_fast_native, CPU, m) {
   m.impl("ddpm_step", &adm_fast_cpu::ddpm_step_op);
   m.impl("ddim_step", &adm_fast_cpu::ddim_step_op);
   m.impl("conv3x3_winograd", &adm_fast_cpu::conv3x3_winograd_op);
+  m.impl("conv3x3_winograd_weight_grad", &adm_fast_cpu::conv3x3_winograd_weight_grad_op);
 }
 
 // Importing the module registers the ops above; build_info() says how it was built.

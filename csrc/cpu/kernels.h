@@ -52,6 +52,17 @@ void ddim_step(const float* x, const float* model_out, const float* noise, const
 // (winograd_f23_weight); bias [O] or nullptr. csrc/cpu/winograd.cpp. Needs
 // has_avx2_fma().
 void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C);
+
+// The weights' gradient, in three steps, for tiles t0..t0+nt (T = N·ceil(H/2)·
+// ceil(W/2) in all): their 16 transformed input rows V[ξ·stride + k·C] from
+// channels-last x, their 16 transformed gradient rows Ŷ[ξ·stride + k·O] from
+// channels-last dy; then, from dUt[ξ] = Σ Ŷ[ξ]ᵀ·V[ξ] over all tiles ([16][O][C],
+// the caller's products), dw in channels-last order [O][3][3][C].
+void winograd_f23_transform_input(const float* x, float* V, int64_t N, int64_t H, int64_t W,
+                                  int64_t C, int64_t t0, int64_t nt, int64_t stride);
+void winograd_f23_transform_grad(const float* dy, float* Yh, int64_t N, int64_t H, int64_t W,
+                                 int64_t O, int64_t t0, int64_t nt, int64_t stride);
+void winograd_f23_weight_grad(const float* dUt, float* dw, int64_t O, int64_t C);
 void winograd_f23_conv(const float* x, const float* U, const float* bias, float* y, int64_t N,
                        int64_t H, int64_t W, int64_t C, int64_t O);
 

@@ -52,6 +52,18 @@ ADM_CLONES void add_bias(float* y, const float* bias, int64_t C) {
   for (int64_t c = 0; c < C; ++c) y[c] += bias[c];
 }
 
+// (u, v) -> A(u, v) = (u, u + v, u - v, -v), per channel.
+ADM_CLONES void grad_rows(const float* u, const float* v, float* t0, float* t1, float* t2,
+                          float* t3, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    t0[c] = u[c];
+    t1[c] = u[c] + v[c];
+    t2[c] = u[c] - v[c];
+    t3[c] = -v[c];
+  }
+}
+
 struct Map {
   int64_t N, H, W, th, tw;  // th x tw tiles per sample
 };
@@ -100,6 +112,28 @@ void output_tile(const float* M, int64_t stride, const float* bias, const Map& g
       if (bias) add_bias(dst, bias, O);
     }
   }
+}
+
+// Tile t's 2x2 output gradients (zero where the map has no output) into their
+// 16 transformed rows Ŷ = A·dY·Aᵀ (A = [[1,0],[1,1],[1,-1],[0,-1]]), the
+// transpose of output_tile's transform: Ŷ[ξ·stride + ...] (O values each).
+void grad_tile(const float* dy, const Map& g, int64_t O, int64_t t, float* Yh, int64_t stride,
+               const float* zero, float* r) {
+  const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
+  const float* d[2][2];
+  for (int p = 0; p < 2; ++p)
+    for (int q = 0; q < 2; ++q) {
+      const int64_t h = 2 * i + p, w = 2 * j + q;
+      d[p][q] = (h < g.H && w < g.W) ? dy + ((n * g.H + h) * g.W + w) * O : zero;
+    }
+  // Rows: r[a][q] = Σ_p A[a][p] d[p][q]; then columns into Ŷ[(a, b)].
+  for (int q = 0; q < 2; ++q)
+    grad_rows(d[0][q], d[1][q], r + (0 * 2 + q) * O, r + (1 * 2 + q) * O, r + (2 * 2 + q) * O,
+              r + (3 * 2 + q) * O, O);
+  for (int a = 0; a < 4; ++a)
+    grad_rows(r + (a * 2 + 0) * O, r + (a * 2 + 1) * O, Yh + (a * 4 + 0) * stride,
+              Yh + (a * 4 + 1) * stride, Yh + (a * 4 + 2) * stride, Yh + (a * 4 + 3) * stride,
+              O);
 }
 
 }  // namespace
@@ -170,6 +204,61 @@ void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C) {
             U[((a * 4 + b) * C + c) * O + o] =
                 static_cast<float>(t[a][0] * G[b][0] + t[a][1] * G[b][1] + t[a][2] * G[b][2]);
       }
+    }
+  });
+}
+
+void winograd_f23_transform_input(const float* x, float* V, int64_t N, int64_t H, int64_t W,
+                                  int64_t C, int64_t t0, int64_t nt, int64_t stride) {
+  const Map g{N, H, W, (H + 1) / 2, (W + 1) / 2};
+  at::parallel_for(0, nt, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> zero(C, 0.0f), r(16 * C);
+    for (int64_t k = begin; k < end; ++k)
+      input_tile(x, g, C, t0 + k, V + k * C, stride, zero.data(), r.data());
+  });
+}
+
+void winograd_f23_transform_grad(const float* dy, float* Yh, int64_t N, int64_t H, int64_t W,
+                                 int64_t O, int64_t t0, int64_t nt, int64_t stride) {
+  const Map g{N, H, W, (H + 1) / 2, (W + 1) / 2};
+  at::parallel_for(0, nt, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> zero(O, 0.0f), r(8 * O);
+    for (int64_t k = begin; k < end; ++k)
+      grad_tile(dy, g, O, t0 + k, Yh + k * O, stride, zero.data(), r.data());
+  });
+}
+
+ADM_CLONES void weight_grad_rows(const float* d0, const float* d1, const float* d2,
+                                 const float* d3, float* t0, float* t1, float* t2, int64_t C) {
+  // Gᵀ·(d0..d3) with Gᵀ = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]].
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const float p = 0.5f * (d1[c] + d2[c]), m = 0.5f * (d1[c] - d2[c]);
+    t0[c] = d0[c] + p;
+    t1[c] = m;
+    t2[c] = p + d3[c];
+  }
+}
+
+void winograd_f23_weight_grad(const float* dUt, float* dw, int64_t O, int64_t C) {
+  // dw = Gᵀ·dU·G per (o, c), the transpose of winograd_f23_weight's U = G·g·Gᵀ:
+  // rows then columns, along the contiguous input channels of dUt [16][O][C],
+  // into dw in channels-last order [O][3][3][C]. (A half is exact: each value
+  // rounds twice, a few ulp of the largest term.)
+  at::parallel_for(0, O, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> r(12 * C);  // r[ky][b] = Σ_a Gᵀ[ky][a]·dU[a][b]
+    for (int64_t o = begin; o < end; ++o) {
+      const float* d = dUt + o * C;
+      const int64_t s = O * C;  // from one ξ to the next
+      for (int b = 0; b < 4; ++b)
+        weight_grad_rows(d + (0 * 4 + b) * s, d + (1 * 4 + b) * s, d + (2 * 4 + b) * s,
+                         d + (3 * 4 + b) * s, r.data() + (0 * 4 + b) * C,
+                         r.data() + (1 * 4 + b) * C, r.data() + (2 * 4 + b) * C, C);
+      float* k = dw + o * 9 * C;
+      for (int ky = 0; ky < 3; ++ky)
+        weight_grad_rows(r.data() + (ky * 4 + 0) * C, r.data() + (ky * 4 + 1) * C,
+                         r.data() + (ky * 4 + 2) * C, r.data() + (ky * 4 + 3) * C,
+                         k + (ky * 3 + 0) * C, k + (ky * 3 + 1) * C, k + (ky * 3 + 2) * C, C);
     }
   });
 }
