@@ -7,8 +7,11 @@ UNet forward 1.2x with the eager ops), and the fused CPU GroupNorm, the
 attention projections (conv1x1) and SDPA take it without copies; the guiding
 classifier, differentiated for its input at every step, gains too (a guided
 step 1.42x eager, against 1.33x with an NCHW classifier). CPU, training:
-contiguous, which the weights' backward prefers (the 64x64 UNet's training
-step 2854 ms NCHW, 2900 channels_last, on an AVX2 EPYC). CUDA: contiguous
+channels_last too, where conv3x3's Winograd backward runs (∇x and the
+weights' gradient, csrc/cpu/winograd.cpp): the 64x64 UNet's training step
+2325 ms channels_last, 3147 NCHW, 3386 eager, on an AVX2 EPYC; before that
+backward, oneDNN's NCHW weight gradient had the edge (2854 ms NCHW, 2900
+channels_last). CUDA: contiguous
 until bench/gpu_check measures channels_last there. The values are the
 model's up to the rounding of the convolutions' summation order; the eager
 reference stays NCHW, guided-diffusion's layout.
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 # (device type, training) -> memory format; absent: contiguous
-_PREFERRED = {("cpu", False): torch.channels_last}
+_PREFERRED = {("cpu", False): torch.channels_last, ("cpu", True): torch.channels_last}
 
 
 def preferred_memory_format(device, training: bool = False) -> torch.memory_format:
