@@ -179,6 +179,21 @@ def rows_of(name, batch, runs, whats, times, errors, compile_s, saved, ctx):
     return rows
 
 
+def keep_freed_memory() -> None:
+    """Set glibc's M_MMAP_THRESHOLD to 1 GiB and M_TRIM_THRESHOLD to its
+    largest: freed blocks stay in the heap for the next allocation."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError) as e:
+        raise SystemExit(f"--keep_freed_memory needs glibc's mallopt: {e}") from None
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)):
+        raise SystemExit("--keep_freed_memory: mallopt refused the settings")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="adm-fast bench models", allow_abbrev=False,
                                 description=__doc__.splitlines()[0])
@@ -189,10 +204,19 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also torch.compile of the eager models (default and max-autotune "
                         "modes; forward and guided step: minutes to build on a CPU)")
+    p.add_argument("--keep_freed_memory", action="store_true",
+                   help="glibc keeps freed memory for reuse (mallopt: no mmap below 1 GiB, "
+                        "no trimming), so neither side page-faults on fresh temporaries; "
+                        "eager's larger ones fault in some processes and not in others, "
+                        "which moves its times by up to 45%%. Linux with glibc only")
     add_results_flags(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     ctx, rows = context(device), []
+    ctx["malloc"] = "default"
+    if args.keep_freed_memory:
+        keep_freed_memory()
+        ctx["malloc"] = "keep_freed"
     for name in args.layouts:
         rows += bench_layout(name, args, device, ctx, lambda m: print(m, flush=True))
     print_table(rows, ["layout", "batch", "impl", "what", "median_ms", "img_per_s", "x_vs_eager",
