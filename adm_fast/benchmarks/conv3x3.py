@@ -1,8 +1,9 @@
 """conv3x3 benchmark: ADM's 3×3 res-block convolutions on the CPU, oneDNN
 (F.conv2d, the eager reference) against the Winograd kernel and what auto
-picks, with the direct convolution's GFLOP/s (2·N·H·W·C·O·9, the work either
-does in effect), the ratio to oneDNN, and each one's error against fp64, in
-one run.
+picks, forward alone and forward + backward (∇x, ∇w, ∇b, a training step's
+share), with the direct convolution's GFLOP/s (2·N·H·W·C·O·9 a pass, the work
+either does in effect; three passes with the backward), the ratio to oneDNN,
+and each one's error against fp64 (the largest of its outputs'), in one run.
 
     python -m adm_fast.benchmarks.conv3x3 [--quick] [--no_save]
 
@@ -43,27 +44,52 @@ def run(backend, x, w, b):
         return ops.conv3x3(x, w, b)
 
 
+def run_grad(backend, x, w, b, dy):
+    leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
+    with ops.use_backend({"conv3x3": backend}):
+        return torch.autograd.grad(ops.conv3x3(*leaves), leaves, dy)
+
+
+def exact(x, w, b, dy):
+    leaves = [t.double().requires_grad_(True) for t in (x, w, b)]
+    y = F.conv2d(*leaves, padding=1)
+    return y.detach(), torch.autograd.grad(y, leaves, dy.double())
+
+
+def rel(out, ref) -> float:
+    return (out.double() - ref).abs().max().item() / ref.abs().max().item()
+
+
 def bench_case(label, n, c, h, o):
     x, w, b = inputs(n, c, h, o)
-    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
-    scale = exact.abs().max().item()
-    flops = 2 * n * h * h * c * o * 9
-    times, rows = {}, []
-    for name in ("eager", "cpu", "auto"):
-        try:
-            err = (run(name, x, w, b).double() - exact).abs().max().item() / scale
-            times[name] = median_ms(lambda: run(name, x, w, b), torch.device("cpu"))
-        except Exception as e:  # report and keep going
-            print(f"  {label} {name}: {type(e).__name__}: {e}")
-            continue
-        rows.append({"shape": label, "N": n, "C": c, "HW": f"{h}x{h}", "O": o,
-                     "impl": {"eager": "onednn", "cpu": "winograd", "auto": "adm_fast"}[name],
-                     "ms": f"{times[name]:.3f}", "GFLOP/s": f"{flops / times[name] / 1e6:.0f}",
-                     "rel_err": f"{err:.1e}"})
-    for row in rows:
-        impl = {"onednn": "eager", "winograd": "cpu", "adm_fast": "auto"}[row["impl"]]
-        row["x_vs_onednn"] = (f"{times['eager'] / times[impl]:.2f}" if "eager" in times
-                              else "")
+    dy = torch.randn(n, o, h, h, generator=torch.Generator().manual_seed(h)).contiguous(
+        memory_format=torch.channels_last)
+    y64, grads64 = exact(x, w, b, dy)
+    passes = {
+        "forward": (lambda name: run(name, x, w, b), lambda y: rel(y, y64), 1),
+        "fwd+bwd": (lambda name: run_grad(name, x, w, b, dy),
+                    lambda gs: max(rel(g, r) for g, r in zip(gs, grads64)), 3)}
+    rows = []
+    for what, (call, error, work) in passes.items():
+        flops = work * 2 * n * h * h * c * o * 9
+        times, these = {}, []
+        for name in ("eager", "cpu", "auto"):
+            try:
+                err = error(call(name))
+                times[name] = median_ms(lambda: call(name), torch.device("cpu"))
+            except Exception as e:  # report and keep going
+                print(f"  {label} {what} {name}: {type(e).__name__}: {e}")
+                continue
+            these.append({"shape": label, "N": n, "C": c, "HW": f"{h}x{h}", "O": o,
+                          "what": what,
+                          "impl": {"eager": "onednn", "cpu": "winograd", "auto": "adm_fast"}[name],
+                          "ms": f"{times[name]:.3f}",
+                          "GFLOP/s": f"{flops / times[name] / 1e6:.0f}", "rel_err": f"{err:.1e}"})
+        for row in these:
+            impl = {"onednn": "eager", "winograd": "cpu", "adm_fast": "auto"}[row["impl"]]
+            row["x_vs_onednn"] = (f"{times['eager'] / times[impl]:.2f}" if "eager" in times
+                                  else "")
+        rows += these
     return rows
 
 
@@ -80,8 +106,8 @@ def main(argv=None) -> int:
         return 0
     shapes = [SHAPES[0], SHAPES[6], SHAPES[8]] if args.quick else SHAPES
     rows = [r for shape in shapes for r in bench_case(*shape)]
-    print_table(rows, ["shape", "N", "C", "HW", "O", "impl", "ms", "GFLOP/s", "rel_err",
-                       "x_vs_onednn"])
+    print_table(rows, ["shape", "N", "C", "HW", "O", "what", "impl", "ms", "GFLOP/s",
+                       "rel_err", "x_vs_onednn"])
     if not args.no_save:
         ctx = context(torch.device("cpu"))
         print("appended to", append_rows(results_file(args, "conv3x3"),
