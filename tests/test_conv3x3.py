@@ -195,3 +195,22 @@ def test_the_spec_checks_its_arguments():
         ops.conv3x3(x, w[..., :2], b)
     with pytest.raises(ValueError, match="bias"):
         ops.conv3x3(x, w, b[:2])
+
+
+def test_the_public_torch_op_differentiates_through_the_kernels():
+    # torch.ops.adm_fast.conv3x3 (what torch.compile traces) has the same
+    # backward as the eager call path, and the same skipping of unwanted grads.
+    x, w, b = inputs(2, 16, 20, 18, 8, seed=29)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    dy = torch.randn(2, 8, 20, 18, generator=torch.Generator().manual_seed(30))
+    y = torch.ops.adm_fast.conv3x3(*leaves, "cpu")
+    assert y.shape == (2, 8, 20, 18)  # a one-output kernel's tensor, not its first row
+    assert rel_err(y, F.conv2d(x, w, b, padding=1)) <= 1e-6
+    got = torch.autograd.grad(y, leaves, dy)
+    ref = torch.autograd.grad(F.conv2d(*leaves, padding=1), leaves, dy)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= 1e-5
+    x0 = x.clone().requires_grad_(True)
+    dx, = torch.autograd.grad(torch.ops.adm_fast.conv3x3(x0 * 2, leaves[1], leaves[2], "cpu"),
+                              x0, dy)
+    assert rel_err(dx, 2 * ref[0]) <= 1e-5

@@ -262,7 +262,8 @@ class Op:
 
         def body(*args):
             *args, backend = args
-            outs = tuple(self._checked_impl(args, backend).forward(*args))
+            outs = self._checked_impl(args, backend).forward(*args)
+            outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)  # one: a tensor
             return outs if n > 1 else outs[0]
 
         body.__signature__ = inspect.Signature(params, return_annotation=ret)
