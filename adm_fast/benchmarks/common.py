@@ -37,7 +37,9 @@ def source_root() -> Optional[Path]:
 
 def commit() -> str:
     """$ADM_FAST_COMMIT (set where the tree has no .git, as on a lent GPU),
-    else git's short hash (+"-dirty") in a checkout, else the package version."""
+    else git's short hash (+"-dirty" when tracked files other than the result
+    rows under bench/results differ: appending rows is not a code change) in a
+    checkout, else the package version."""
     if os.environ.get("ADM_FAST_COMMIT"):
         return os.environ["ADM_FAST_COMMIT"]
     root = source_root()
@@ -45,7 +47,8 @@ def commit() -> str:
         try:
             out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True, cwd=root, check=True).stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
+                                    "--", ".", ":(exclude)bench/results"],
                                    capture_output=True, text=True, cwd=root).stdout
             return out + ("-dirty" if dirty.strip() else "")
         except (OSError, subprocess.CalledProcessError):
