@@ -136,6 +136,16 @@ void grad_tile(const float* dy, const Map& g, int64_t O, int64_t t, float* Yh, i
               O);
 }
 
+// fn(k, zero, r) for tiles k = 0..nt-1 in parallel, with a zero row of C values
+// (the padding) and `scratch` floats per thread.
+template <typename Fn>
+void over_tiles(int64_t nt, int64_t C, int64_t scratch, const Fn& fn) {
+  at::parallel_for(0, nt, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> zero(C, 0.0f), r(scratch);
+    for (int64_t k = begin; k < end; ++k) fn(k, zero.data(), r.data());
+  });
+}
+
 }  // namespace
 
 void winograd_f23_conv(const float* x, const float* U, const float* bias, float* y, int64_t N,
@@ -147,11 +157,7 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
     // and U (up to 4 MB) is the big operand, so each product reads its U[ξ]
     // once, in passes over all tiles, instead of once per block.
     std::vector<float> V(16 * T * C), M(16 * T * O);
-    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-      std::vector<float> zero(C, 0.0f), r(16 * C);
-      for (int64_t t = begin; t < end; ++t)
-        input_tile(x, g, C, t, V.data() + t * C, T * C, zero.data(), r.data());
-    });
+    winograd_f23_transform_input(x, V.data(), N, H, W, C, 0, T, T * C);
     at::parallel_for(0, 16, 1, [&](int64_t begin, int64_t end) {
       for (int64_t xi = begin; xi < end; ++xi)
         small_gemm(V.data() + xi * T * C, U + xi * C * O, M.data() + xi * T * O, T, C, O);
@@ -211,20 +217,16 @@ void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C) {
 void winograd_f23_transform_input(const float* x, float* V, int64_t N, int64_t H, int64_t W,
                                   int64_t C, int64_t t0, int64_t nt, int64_t stride) {
   const Map g{N, H, W, (H + 1) / 2, (W + 1) / 2};
-  at::parallel_for(0, nt, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(C, 0.0f), r(16 * C);
-    for (int64_t k = begin; k < end; ++k)
-      input_tile(x, g, C, t0 + k, V + k * C, stride, zero.data(), r.data());
+  over_tiles(nt, C, 16 * C, [&](int64_t k, const float* zero, float* r) {
+    input_tile(x, g, C, t0 + k, V + k * C, stride, zero, r);
   });
 }
 
 void winograd_f23_transform_grad(const float* dy, float* Yh, int64_t N, int64_t H, int64_t W,
                                  int64_t O, int64_t t0, int64_t nt, int64_t stride) {
   const Map g{N, H, W, (H + 1) / 2, (W + 1) / 2};
-  at::parallel_for(0, nt, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(O, 0.0f), r(8 * O);
-    for (int64_t k = begin; k < end; ++k)
-      grad_tile(dy, g, O, t0 + k, Yh + k * O, stride, zero.data(), r.data());
+  over_tiles(nt, O, 8 * O, [&](int64_t k, const float* zero, float* r) {
+    grad_tile(dy, g, O, t0 + k, Yh + k * O, stride, zero, r);
   });
 }
 
