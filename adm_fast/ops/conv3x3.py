@@ -15,7 +15,8 @@ and backward: ∇x is the same convolution of ∇y with the kernel turned by 180
 (oneDNN's below 16x16, where it is faster), and the weights' gradient is
 Winograd's too — per tile the transposed transforms, then 16 matrix products
 summed over the tiles, by chunks kept in cache: 2.1–2.8x oneDNN's
-channels_last weight gradient at ADM's shapes. The weights' transform is made on
+channels_last weight gradient at ADM's shapes (forward and backward together
+1.1–2.3x oneDNN, with a lower error than oneDNN's against fp64). The weights' transform is made on
 every call, in C++ (no cache: a weight written through `.data` keeps its
 version, so a cache keyed on it could serve stale weights without a word).
 Guidance asks autograd for ∇x alone: the weights' gradient is then skipped,
