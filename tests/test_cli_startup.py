@@ -28,3 +28,15 @@ def test_help_imports_no_torch_and_takes_under_a_second(argv):
         assert "NO_TORCH" in proc.stderr, f"{argv} imported torch"
         assert "usage" in (proc.stdout + proc.stderr).lower() or argv == ["--version"]
     assert best < 1.0, f"adm-fast {' '.join(argv)}: {best:.2f} s"
+
+
+def test_the_op_layer_does_not_import_torch_compile_machinery():
+    # torch.library.triton_op parses a custom op's body for Triton kernels and
+    # imports torch._inductor to do it (2.3 s, every command that runs a model);
+    # the op layer hands it a body without source (ops/op.py: _sourceless).
+    probe = ("import sys, adm_fast.ops, adm_fast.models\n"
+             "print(sorted(m for m in ('torch._inductor', 'torch._dynamo') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout

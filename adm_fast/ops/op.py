@@ -260,12 +260,13 @@ class Op:
         n = self.kernel_returns
         ret = Tuple[tuple([Tensor] * n)] if n > 1 else Tensor
 
-        def body(*args):
+        def run(*args):
             *args, backend = args
             outs = self._checked_impl(args, backend).forward(*args)
             outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)  # one: a tensor
             return outs if n > 1 else outs[0]
 
+        body = _sourceless(run, f"<adm_fast::{self.name}>")
         body.__signature__ = inspect.Signature(params, return_annotation=ret)
         op = torch.library.triton_op(f"adm_fast::{self.name}", body, mutates_args=())
         op.register_fake(lambda *args: self.fake(*args[:-1]) if n > 1
@@ -298,6 +299,17 @@ class Op:
             raise dispatch.BackendNotSupported(
                 dispatch.format_reasons(self.name, {backend: why}, chosen=backend))
         return impl
+
+
+def _sourceless(fn, filename: str):
+    """fn behind a one-line function whose source inspect cannot find. Given a
+    function with source, triton_op parses it (and what it calls) for Triton
+    kernels, importing torch._inductor to do it: 2.3 s of every `import
+    adm_fast.ops`, to find none (ours are behind the dispatch, so the list
+    it keeps stays empty either way)."""
+    namespace = {"_fn": fn}
+    exec(compile("def body(*args):\n    return _fn(*args)\n", filename, "exec"), namespace)
+    return namespace["body"]
 
 
 class _KernelFunction(torch.autograd.Function):
