@@ -16,9 +16,10 @@ and backward: ∇x is the same convolution of ∇y with the kernel turned by 180
 Winograd's too — per tile the transposed transforms, then 16 matrix products
 summed over the tiles, by chunks kept in cache: 2.1–2.8x oneDNN's
 channels_last weight gradient at ADM's shapes (forward and backward together
-1.1–2.3x oneDNN, with a lower error than oneDNN's against fp64). The weights' transform is made on
-every call, in C++ (no cache: a weight written through `.data` keeps its
-version, so a cache keyed on it could serve stale weights without a word).
+1.1–2.3x oneDNN, with a lower error than oneDNN's against fp64). The weights'
+transform is made on every call, in C++ (no cache: a weight written through
+`.data` keeps its version, so a cache keyed on it could serve stale weights
+without a word).
 Guidance asks autograd for ∇x alone: the weights' gradient is then skipped,
 as torch's own convolution skips it (Op: engine_needs).
 
@@ -76,7 +77,7 @@ class Conv3x3(Op):
 
     def kernel_backward(self, impl, args, kept, grads, needs):
         x, weight, bias = args
-        dy = grads[0]
+        dy = grads[0].contiguous(memory_format=torch.channels_last)  # once, for both kernels
         dx = impl.backward_input(dy, x, weight) if needs[0] else None
         dw = impl.backward_weight(x, dy) if needs[1] else None
         db = dy.sum((0, 2, 3)) if needs[2] and bias is not None else None
@@ -128,11 +129,11 @@ class Cpu(Impl):
                 dy, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                 [True, False, False])[0]
         turned = weight.detach().transpose(0, 1).flip(2, 3).contiguous()
-        return NATIVE(dy.contiguous(memory_format=torch.channels_last), turned, None)
+        return NATIVE(dy, turned, None)
 
     def backward_weight(self, x, dy):
         # channels_last, as oneDNN's is for a channels_last x, whatever the weight's
-        return NATIVE_WEIGHT_GRAD(x, dy.contiguous(memory_format=torch.channels_last))
+        return NATIVE_WEIGHT_GRAD(x, dy)
 
 
 for _impl in (Eager(), Cpu()):
