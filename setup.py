@@ -78,6 +78,6 @@ setup(
     # "eval": adm-fast evaluate's statistics. Its network, torch-fidelity's
     # InceptionV3, is installed with `pip install --no-deps torch-fidelity==0.4.0`:
     # as a requirement it would pull torchvision, and with it another torch.
-    extras_require={"test": ["pytest>=7"], "eval": ["scipy>=1.9"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3"], "eval": ["scipy>=1.9"]},
     entry_points={"console_scripts": ["adm-fast=adm_fast.cli:main"]},
 )
