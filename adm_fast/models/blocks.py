@@ -221,8 +221,11 @@ class AttentionPool2d(nn.Module):
                  output_dim: Optional[int] = None):
         super().__init__()
         self.spacial_dim = spacial_dim
+        # In place: an out-of-place div on the meta device (checkpoint loading
+        # builds there) goes through torch._refs, whose import pulls in
+        # torch._dynamo, 2.4 s of the demo's start-up. Same values either way.
         self.positional_embedding = nn.Parameter(
-            torch.randn(embed_dim, spacial_dim ** 2 + 1) / embed_dim ** 0.5)
+            torch.randn(embed_dim, spacial_dim ** 2 + 1).div_(embed_dim ** 0.5))
         self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
         self.c_proj = nn.Conv1d(embed_dim, output_dim or embed_dim, 1)
         self.num_heads = heads_for(embed_dim, 1, num_heads_channels)
