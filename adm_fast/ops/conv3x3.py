@@ -128,7 +128,7 @@ class Cpu(Impl):
             return torch.ops.aten.convolution_backward(
                 dy, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                 [True, False, False])[0]
-        turned = weight.detach().transpose(0, 1).flip(2, 3).contiguous()
+        turned = weight.detach().transpose(0, 1).flip(2, 3)  # any layout: the kernel reads strides
         return NATIVE(dy, turned, None)
 
     def backward_weight(self, x, dy):

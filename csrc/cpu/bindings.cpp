@@ -177,9 +177,9 @@ Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& weight, const optional
   if (!has_avx2_fma()) {  // the products need AVX2+FMA: elsewhere, torch's convolution
     return at::conv2d(x, weight, bias, 1, 1).contiguous(at::MemoryFormat::ChannelsLast);
   }
-  Tensor wc = weight.contiguous();
   Tensor u = at::empty({16, c, o}, x.options());
-  winograd_f23_weight(wc.data_ptr<float>(), u.data_ptr<float>(), o, c);
+  winograd_f23_weight(weight.data_ptr<float>(), u.data_ptr<float>(), o, c, weight.stride(0),
+                      weight.stride(1), weight.stride(2), weight.stride(3));
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   winograd_f23_conv(x.data_ptr<float>(), u.data_ptr<float>(),
                     b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), n, h, w, c,

@@ -49,9 +49,11 @@ void ddim_step(const float* x, const float* model_out, const float* noise, const
 
 // y = conv2d(x, w, bias, padding=1) by Winograd F(2x2, 3x3) for channels-last
 // fp32 x [N, H, W, C] -> y [N, H, W, O], from U [16, C, O] = G·w·Gᵀ
-// (winograd_f23_weight); bias [O] or nullptr. csrc/cpu/winograd.cpp. Needs
+// (winograd_f23_weight, from w[o·so + c·sc + ky·sy + kx·sx]: any layout of
+// [O, C, 3, 3]); bias [O] or nullptr. csrc/cpu/winograd.cpp. Needs
 // has_avx2_fma().
-void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C);
+void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C, int64_t so,
+                         int64_t sc, int64_t sy, int64_t sx);
 
 // The weights' gradient, in three steps, for tiles t0..t0+nt (T = N·ceil(H/2)·
 // ceil(W/2) in all): their 16 transformed input rows V[ξ·stride + k·C] from
