@@ -202,8 +202,9 @@ def warm_up(runs, diffusion, batch_size: int) -> None:
 
 # Interleaved timing rounds per speed column: two let one slow moment of this
 # shared machine move the printed speed-up by 0.2 (1.18-1.39x in four runs of
-# the same commit); the median of four moves less, for ~3 s more.
-ROUNDS = 4
+# the same commit); four still gave 1.27-1.46x guided in three runs at 1ebd766;
+# six cost ~3 s of the margin 30 steps left.
+ROUNDS = 6
 
 
 def step_rates(runs, diffusion, scale: float, labels: torch.Tensor, batch_size: int,
