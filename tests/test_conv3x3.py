@@ -117,12 +117,21 @@ def test_explain_says_why_not_cpu():
     assert "fp64" in ops.explain("conv3x3", x.detach().double(), w.double(), b.double())
 
 
-def test_channels_last_weights():
-    # use_preferred_layout makes a model's 4-D weights channels_last too.
+@pytest.mark.parametrize("layout", ["channels_last", "in_out_swapped", "flipped", "sliced"])
+def test_weights_in_any_layout(layout):
+    # use_preferred_layout makes a model's 4-D weights channels_last; ∇x passes
+    # the turned kernel as it comes out of flip(transpose(w)). The kernel reads
+    # the weight's strides: no copy, and no layout may change the result.
     x, w, b = inputs(2, 16, 6, 6, 8, seed=19)
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    view = {"channels_last": lambda: w.contiguous(memory_format=torch.channels_last),
+            "in_out_swapped": lambda: w.transpose(0, 1).contiguous().transpose(0, 1),
+            "flipped": lambda: w.flip(2, 3).transpose(0, 1).contiguous().transpose(0, 1)
+            .flip(2, 3),
+            "sliced": lambda: torch.cat([w, w], 1)[:, 16:]}[layout]()
+    assert torch.equal(view, w)
     with ops.use_backend("cpu"):
-        y = ops.conv3x3(x, w.contiguous(memory_format=torch.channels_last), b)
+        y = ops.conv3x3(x, view, b)
     assert rel_err(y, ref) <= 4 * max(rel_err(F.conv2d(x, w, b, padding=1), ref), 2 ** -23)
 
 

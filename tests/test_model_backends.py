@@ -136,7 +136,7 @@ def _saved_bytes(model, x, t, kw):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x, t, **kw).square().mean()
     # What autograd keeps is packed during the forward: the count is complete here,
-    # and the backward (minutes of interpreted Triton) would add nothing to it.
+    # and the backward (half a minute of interpreted Triton) would add nothing to it.
     return sum(seen.values())
 
 
