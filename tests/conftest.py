@@ -18,8 +18,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Under pytest-xdist the workers share the cores: each takes its share of the
 # threads, so that compute-bound tests do not oversubscribe the machine while
 # the single-threaded ones (Triton's interpreter, nvcc, subprocesses) overlap.
+# The share of torch's own default, not of os.cpu_count(): in a container that
+# counts the host's cores.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, torch.get_num_threads()
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def _cpu_ext() -> bool:
