@@ -256,9 +256,16 @@ def weight_grad_args():
                            t(*shape[:3], shape[3] + 1).contiguous(memory_format=cl), t(*shape[:3]),
                            t(*shape, dtype=torch.float16).contiguous(memory_format=cl)]))
     return x, dy
+def u_args():
+    x, _, b = conv_args()
+    c = x.shape[1] if x.dim() == 4 else 3
+    o = rng.choice([1, 4])
+    u = maybe(t(16, c, o), rng.choice([t(16, c + 1, o), t(15, c, o), t(c, o), t(16, o, c, 1),
+                                       t(16, c, o, dtype=torch.float64), t(16, o, c).transpose(1, 2)]))
+    return x, u, maybe(t(o), rng.choice([None, t(o + 1), t(o, dtype=torch.float16)]))
 calls = 0
 for i in range(N):
-    kind = i % 9
+    kind = i % 11
     try:
         if kind == 0:
             x, g, w, b, s, sh = gn_args()
@@ -293,6 +300,10 @@ for i in range(N):
             torch.ops.adm_fast_native.conv3x3_winograd_weight_grad(*weight_grad_args())
         elif kind == 7:
             torch.ops.adm_fast.conv3x3(*conv_args(), maybe("cpu", rng.choice(["eager", "nope"])))
+        elif kind == 9:
+            torch.ops.adm_fast_native.conv3x3_winograd_weight(conv_args()[1], rng.random() < 0.5)
+        elif kind == 10:
+            torch.ops.adm_fast_native.conv3x3_winograd_u(*u_args())
     except E as e:
         assert str(e).strip(), (i, kind)
     calls += 1

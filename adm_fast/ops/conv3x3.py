@@ -17,9 +17,9 @@ Winograd's too — per tile the transposed transforms, then 16 matrix products
 summed over the tiles, by chunks kept in cache: 2.1–2.8x oneDNN's
 channels_last weight gradient at ADM's shapes (forward and backward together
 1.1–2.3x oneDNN, with a lower error than oneDNN's against fp64). The weights'
-transform is made on every call, in C++ (no cache: a weight written through
-`.data` keeps its version, so a cache keyed on it could serve stale weights
-without a word).
+transform is kept from call to call while the weight holds the same bytes
+(winograd_weights.py: compared bit for bit, not by version, which a write
+through `.data` leaves as it was): a sampling loop makes it once.
 Guidance asks autograd for ∇x alone: the weights' gradient is then skipped,
 as torch's own convolution skips it (Op: engine_needs).
 
@@ -39,6 +39,7 @@ from . import backend as _backend
 from . import native
 from .impl import Call, Impl, layout_of
 from .op import Op
+from .winograd_weights import CACHE as WEIGHTS
 
 SIGNATURE = "Tensor x, Tensor weight, Tensor? bias"
 
@@ -91,10 +92,19 @@ class Conv3x3(Op):
 CONV3X3 = Conv3x3()
 NATIVE = native.define("conv3x3_winograd", SIGNATURE, 1,
                        lambda x, weight, bias: CONV3X3.fake(x, weight, bias)[0])
+FROM_U = native.define(
+    "conv3x3_winograd_u", "Tensor x, Tensor u, Tensor? bias", 1,
+    lambda x, u, bias: x.new_empty((x.shape[0], u.shape[2], x.shape[2], x.shape[3])).to(
+        memory_format=torch.channels_last))
 NATIVE_WEIGHT_GRAD = native.define(
     "conv3x3_winograd_weight_grad", "Tensor x, Tensor dy", 1,
     lambda x, dy: x.new_empty((dy.shape[1], x.shape[1], 3, 3)).to(
         memory_format=torch.channels_last))
+
+
+def _winograd_runs() -> bool:
+    from .backends import CPU
+    return CPU.ext is not None and CPU.ext.has_avx2_fma()
 
 
 class Eager(Impl):
@@ -117,19 +127,23 @@ class Cpu(Impl):
         return why
 
     def forward(self, x, weight, bias):
-        return NATIVE(x, weight, bias)
+        if not _winograd_runs():  # the composite op falls back to torch's convolution
+            return NATIVE(x, weight, bias)
+        return FROM_U(x, WEIGHTS.get(weight), bias)
 
     def backward_input(self, dy, x, weight):
         # ∇x of a 3x3, stride-1, pad-1 convolution is the same convolution of
-        # ∇y with the kernel turned by 180° and its in/out channels swapped. Below
-        # 16x16 oneDNN's is faster (0.66x at 256 channels on 8x8, a tie at 16x16;
-        # the weights' transform is much of the work there).
-        if dy.shape[2] * dy.shape[3] < 256:
+        # ∇y with the kernel turned by 180° and its in/out channels swapped (its
+        # transform reads the weight in place). Below 16x16 oneDNN's is faster
+        # when the turned weights' transform is made for the call (0.66x at 256
+        # channels on 8x8), and kept from call to call (guidance) it would gain
+        # ~7 ms of a 1.4 s step: oneDNN's there, so that ∇x is the same bytes
+        # whether or not the weights' gradient is asked for too.
+        if not _winograd_runs() or dy.shape[2] * dy.shape[3] < 256:
             return torch.ops.aten.convolution_backward(
                 dy, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                 [True, False, False])[0]
-        turned = weight.detach().transpose(0, 1).flip(2, 3)  # any layout: the kernel reads strides
-        return NATIVE(dy, turned, None)
+        return FROM_U(dy, WEIGHTS.get(weight, turned=True), None)
 
     def backward_weight(self, x, dy):
         # channels_last, as oneDNN's is for a channels_last x, whatever the weight's

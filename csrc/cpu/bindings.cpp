@@ -148,21 +148,46 @@ std::tuple<Tensor, Tensor> ddim_step_op(const Tensor& x, const Tensor& model_out
   return {sample, x0};
 }
 
-// y = conv2d(x, weight, bias, padding=1) for channels-last fp32 x [N, C, H, W]
-// and weight [O, C, 3, 3], by Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp).
-Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias) {
-  constexpr const char* op = "adm_fast_native::conv3x3_winograd";
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op,
-              ": x and weight must be CPU tensors");
+constexpr const char* kConvOp = "adm_fast_native::conv3x3_winograd";
+
+void check_conv_x(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor");
   TORCH_CHECK(x.dim() == 4, op, ": x must be [N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, op,
-              ": x and weight must be fp32, got ", x.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be fp32, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
               ": x must be channels_last (its channels contiguous)");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 3 &&
-                  weight.size(3) == 3,
-              op, ": weight must be [O, C=", x.size(1), ", 3, 3], got ", weight.sizes());
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), o = weight.size(0);
+}
+
+void check_conv_weight(const char* op, const Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, op, ": weight must be fp32, got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, op,
+              ": weight must be [O, C, 3, 3], got ", weight.sizes());
+}
+
+// U [16, C', O'] of weight [O, C, 3, 3] in any layout; turned: of the kernel
+// turned by 180° with its in/out channels swapped (C' = O, O' = C), which
+// ∇x's convolution takes, read in place through negated strides.
+Tensor winograd_weight(const Tensor& weight, bool turned) {
+  const int64_t o = weight.size(0), c = weight.size(1);
+  const int64_t so = weight.stride(0), sc = weight.stride(1), sy = weight.stride(2),
+                sx = weight.stride(3);
+  Tensor u = at::empty({16, turned ? o : c, turned ? c : o}, weight.options());
+  if (u.numel() == 0) return u;
+  const float* w = weight.data_ptr<float>();
+  if (turned) {
+    winograd_f23_weight(w + 2 * sy + 2 * sx, u.data_ptr<float>(), c, o, sc, so, -sy, -sx);
+  } else {
+    winograd_f23_weight(w, u.data_ptr<float>(), o, c, so, sc, sy, sx);
+  }
+  return u;
+}
+
+// The convolution from U: what conv3x3_winograd does after the weights' transform.
+Tensor conv_from_u(const char* op, const Tensor& x, const Tensor& u, const Tensor& weight,
+                   const optional<Tensor>& bias, int64_t o) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat &&
                     bias->sizes() == at::IntArrayRef{o},
@@ -175,16 +200,50 @@ Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& weight, const optional
     return bias.has_value() ? y.copy_(bias->view({1, o, 1, 1}).expand_as(y)) : y.zero_();
   }
   if (!has_avx2_fma()) {  // the products need AVX2+FMA: elsewhere, torch's convolution
+    TORCH_CHECK(weight.defined(), op,
+                ": this CPU lacks AVX2+FMA: take conv3x3_winograd (from the weight), not U");
     return at::conv2d(x, weight, bias, 1, 1).contiguous(at::MemoryFormat::ChannelsLast);
   }
-  Tensor u = at::empty({16, c, o}, x.options());
-  winograd_f23_weight(weight.data_ptr<float>(), u.data_ptr<float>(), o, c, weight.stride(0),
-                      weight.stride(1), weight.stride(2), weight.stride(3));
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
-  winograd_f23_conv(x.data_ptr<float>(), u.data_ptr<float>(),
+  Tensor uc = u.defined() ? u : winograd_weight(weight, false);
+  winograd_f23_conv(x.data_ptr<float>(), uc.data_ptr<float>(),
                     b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), n, h, w, c,
                     o);
   return y;
+}
+
+// y = conv2d(x, weight, bias, padding=1) for channels-last fp32 x [N, C, H, W]
+// and weight [O, C, 3, 3], by Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp).
+Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias) {
+  check_conv_x(kConvOp, x);
+  TORCH_CHECK(weight.device().is_cpu(), kConvOp, ": weight must be a CPU tensor");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, kConvOp, ": weight must be fp32, got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 3 &&
+                  weight.size(3) == 3,
+              kConvOp, ": weight must be [O, C=", x.size(1), ", 3, 3], got ", weight.sizes());
+  return conv_from_u(kConvOp, x, Tensor(), weight, bias, weight.size(0));
+}
+
+// The weights' transform alone, U [16, C, O] (turned: [16, O, C], of the kernel
+// that ∇x's convolution takes), for a caller that keeps it across calls.
+Tensor conv3x3_winograd_weight_op(const Tensor& weight, bool turned) {
+  constexpr const char* op = "adm_fast_native::conv3x3_winograd_weight";
+  check_conv_weight(op, weight);
+  TORCH_CHECK(has_avx2_fma(), op, ": the Winograd products need AVX2+FMA, which this CPU lacks");
+  return winograd_weight(weight, turned);
+}
+
+// conv3x3_winograd from its weights' transform U [16, C, O] (conv3x3_winograd_weight).
+Tensor conv3x3_winograd_u_op(const Tensor& x, const Tensor& u, const optional<Tensor>& bias) {
+  constexpr const char* op = "adm_fast_native::conv3x3_winograd_u";
+  check_conv_x(op, x);
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.is_contiguous(), op,
+              ": u must be a contiguous CPU fp32 tensor");
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == x.size(1), op,
+              ": u must be [16, C=", x.size(1), ", O], got ", u.sizes());
+  TORCH_CHECK(has_avx2_fma(), op, ": the Winograd products need AVX2+FMA, which this CPU lacks");
+  return conv_from_u(op, x, u, Tensor(), bias, u.size(2));
 }
 
 // The weights' gradient of that convolution, [O, C, 3, 3] channels_last, from
@@ -237,6 +296,8 @@ TORCH_LIBRARY_IMPL(adm_fast_native, CPU, m) {
   m.impl("ddpm_step", &adm_fast_cpu::ddpm_step_op);
   m.impl("ddim_step", &adm_fast_cpu::ddim_step_op);
   m.impl("conv3x3_winograd", &adm_fast_cpu::conv3x3_winograd_op);
+  m.impl("conv3x3_winograd_weight", &adm_fast_cpu::conv3x3_winograd_weight_op);
+  m.impl("conv3x3_winograd_u", &adm_fast_cpu::conv3x3_winograd_u_op);
   m.impl("conv3x3_winograd_weight_grad", &adm_fast_cpu::conv3x3_winograd_weight_grad_op);
 }
 
@@ -256,4 +317,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
 #endif
     return info;
   });
+  // Whether the Winograd ops run here (their products need AVX2+FMA).
+  mod.def("has_avx2_fma", [] { return adm_fast_cpu::has_avx2_fma(); });
 }

@@ -1,0 +1,152 @@
+"""The Winograd weights kept across calls (adm_fast/ops/winograd_weights.py):
+a kept transform is served only while the weight holds the same bytes,
+whatever wrote to it (in place, through .data, or a new tensor at a freed
+weight's address); the convolution gives the same bytes from a kept transform
+as from a fresh one; entries go with their weights and fit the budget."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adm_fast import ops
+from adm_fast.ops.backends import CPU
+from adm_fast.ops.conv3x3 import FROM_U, NATIVE
+from adm_fast.ops.winograd_weights import TRANSFORM, WinogradWeights
+
+pytestmark = pytest.mark.skipif(CPU.ext is None or not CPU.ext.has_avx2_fma(),
+                                reason="the Winograd ops need the C++ extension on AVX2+FMA")
+
+
+def weight(o=16, c=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(o, c, 3, 3, generator=g) / 9 + 0.02).contiguous(
+        memory_format=torch.channels_last)
+
+
+def fresh(w, turned=False):
+    return TRANSFORM(w.detach().clone(), turned)
+
+
+def test_a_kept_transform_is_the_fresh_one_and_a_hit():
+    cache, w = WinogradWeights(1 << 30), weight()
+    u1 = cache.get(w)
+    u2 = cache.get(w)
+    assert u2 is u1 and cache.hits == 1 and cache.misses == 1
+    assert torch.equal(u1, fresh(w))
+
+
+@pytest.mark.parametrize("write", ["in_place", "through_data", "one_element"])
+def test_a_rewritten_weight_gets_a_new_transform(write):
+    cache, w = WinogradWeights(1 << 30), torch.nn.Parameter(weight())
+    cache.get(w)
+    version = w._version
+    with torch.no_grad():
+        if write == "in_place":
+            w.mul_(1.5)
+        elif write == "through_data":  # leaves the version as it was
+            w.data.copy_(weight(seed=1))
+        else:  # the last word only: the compare must read it all
+            w.data[-1, -1, -1, -1] += 1.0  # last in memory in either layout
+    if write != "in_place":
+        assert w._version == version
+    assert torch.equal(cache.get(w), fresh(w))
+    assert torch.equal(cache.get(w), fresh(w)) and cache.hits == 1
+
+
+def test_turned_is_the_transform_of_the_turned_kernel():
+    w = weight(16, 8)
+    turned = w.transpose(0, 1).flip(2, 3).contiguous()
+    assert torch.equal(TRANSFORM(w, True), TRANSFORM(turned, False))
+    cache = WinogradWeights(1 << 30)
+    assert torch.equal(cache.get(w, turned=True), TRANSFORM(turned, False))
+    assert not torch.equal(cache.get(w, turned=False), cache.get(w, turned=True)[:, :8, :8])
+
+
+def test_a_freed_weight_takes_its_entry_and_its_address_is_not_trusted():
+    cache = WinogradWeights(1 << 30)
+    w = weight()
+    cache.get(w)
+    assert cache.used_bytes() > 0
+    del w
+    gc.collect()
+    assert cache.used_bytes() == 0
+    # Same shape, same strides: whatever lands at a reused address is compared.
+    for seed in range(4):
+        w = weight(seed=seed)
+        assert torch.equal(cache.get(w), fresh(w))
+        del w
+
+
+def test_past_the_budget_weights_are_transformed_each_call():
+    w1, w2 = weight(seed=1), weight(seed=2)
+    size = 4 * (w1.numel() + 16 * 16 * 8)
+    cache = WinogradWeights(size)
+    cache.get(w1)
+    assert torch.equal(cache.get(w2), fresh(w2)) and cache.used_bytes() == size
+    cache.get(w2)
+    assert cache.hits == 0 and cache.get(w1) is cache.get(w1)
+    off = WinogradWeights(0)
+    assert torch.equal(off.get(w1), fresh(w1)) and off.used_bytes() == 0 and off.hits == 0
+
+
+def test_a_weight_that_changes_every_call_stops_being_copied_and_comes_back():
+    cache, w = WinogradWeights(1 << 30), weight()
+    copies = []
+    for step in range(40):  # training: a new weight at every call
+        with torch.no_grad():
+            w.add_(1e-3)
+        entry = next(iter(cache._entries.values()), None)
+        before = None if entry is None else entry.snap.clone()
+        assert torch.equal(cache.get(w), fresh(w)), step
+        entry = next(iter(cache._entries.values()))
+        copies.append(before is not None and not torch.equal(before, entry.snap))
+    assert sum(copies) < 6, copies  # refreshed every 16th change once volatile
+    for _ in range(17):  # holding still: kept again within 16 calls
+        cache.get(w)
+    assert cache.get(w) is cache.get(w)
+
+
+def test_the_convolution_gives_the_same_bytes_kept_or_fresh():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 8, 9, 7, generator=g) + 0.3).contiguous(memory_format=torch.channels_last)
+    w, b = weight(), torch.randn(16, generator=g)
+    direct = NATIVE(x, w, b)
+    with ops.use_backend("cpu"):
+        first = ops.conv3x3(x, w, b)
+        kept = ops.conv3x3(x, w, b)
+    assert torch.equal(direct, first) and torch.equal(first, kept)
+    assert torch.equal(FROM_U(x, fresh(w), b), direct)
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    assert (kept - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_the_budget_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("ADM_FAST_WINOGRAD_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="ADM_FAST_WINOGRAD_CACHE_MB"):
+        WinogradWeights()
+    monkeypatch.setenv("ADM_FAST_WINOGRAD_CACHE_MB", "-1")
+    with pytest.raises(ValueError, match=">= 0"):
+        WinogradWeights()
+    monkeypatch.setenv("ADM_FAST_WINOGRAD_CACHE_MB", "0.5")
+    assert WinogradWeights().budget == 2**19
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, u, b: (x, u[:15], b), r"\[16, C=8, O\]"),
+    (lambda x, u, b: (x, u[:, :4].contiguous(), b), r"\[16, C=8, O\]"),
+    (lambda x, u, b: (x, u.double(), b), "contiguous CPU fp32"),
+    (lambda x, u, b: (x, u.transpose(1, 2), b), "contiguous CPU fp32"),
+    (lambda x, u, b: (x.contiguous(), u, b), "channels_last"),
+    (lambda x, u, b: (x, u, b[:3]), "bias"),
+])
+def test_the_raw_ops_check_their_arguments(bad, message):
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    u, b = TRANSFORM(weight(16, 8), False), torch.randn(16)
+    with pytest.raises(RuntimeError, match=message):
+        FROM_U(*bad(x, u, b))
+    with pytest.raises(RuntimeError, match=r"\[O, C, 3, 3\]"):
+        TRANSFORM(torch.randn(4, 8, 3, 2), False)
+    with pytest.raises(RuntimeError, match="fp32"):
+        TRANSFORM(torch.randn(4, 8, 3, 3).double(), True)
