@@ -58,9 +58,11 @@ def test_auto_gives_the_convolution_with_and_without_grad():
     assert rel_err(dx, dx_ref) <= 1e-6
 
 
-GRAD_SHAPES = [  # ∇x: Winograd's from 16x16 on; ∇w by chunks of tiles, several in
+GRAD_SHAPES = [  # ∇x: Winograd's from 8x8 on (8x9 too), oneDNN's below and on 8x8
+    # past 256x256 channels (the 300 -> 240); ∇w by chunks of tiles, several in
     # the last two (one partial)
     (2, 64, 16, 16, 64), (2, 96, 7, 7, 32), (1, 5, 9, 6, 3), (2, 3, 1, 2, 4),
+    (2, 64, 8, 8, 48), (1, 40, 8, 9, 24), (1, 300, 8, 8, 240),
     (3, 16, 65, 63, 24), (4, 32, 64, 64, 32), (2, 64, 50, 49, 64)]
 
 

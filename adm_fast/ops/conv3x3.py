@@ -12,7 +12,8 @@ convolution its max error ran from 0.35× to 2× oneDNN's, 1–6e-7 of the
 output's scale (tests/test_conv3x3.py; lower than oneDNN's at every shape of
 `adm-fast bench ops conv3x3`). It runs on fp32 channels_last maps, forward
 and backward: ∇x is the same convolution of ∇y with the kernel turned by 180°
-(oneDNN's below 16x16, where it is faster), and the weights' gradient is
+(oneDNN's on maps below 8x8 and on 8x8 ones past 256x256 channels, where it is
+faster), and the weights' gradient is
 Winograd's too — per tile the transposed transforms, then 16 matrix products
 summed over the tiles, by chunks kept in cache: 2.1–2.8x oneDNN's
 channels_last weight gradient at ADM's shapes (forward and backward together
@@ -134,12 +135,14 @@ class Cpu(Impl):
     def backward_input(self, dy, x, weight):
         # ∇x of a 3x3, stride-1, pad-1 convolution is the same convolution of
         # ∇y with the kernel turned by 180° and its in/out channels swapped (its
-        # transform reads the weight in place). Below 16x16 oneDNN's is faster
-        # when the turned weights' transform is made for the call (0.66x at 256
-        # channels on 8x8), and kept from call to call (guidance) it would gain
-        # ~7 ms of a 1.4 s step: oneDNN's there, so that ∇x is the same bytes
+        # transform reads the weight in place, and is kept while the weight
+        # holds still: guidance). Against oneDNN's ∇x at batch 4, counting a
+        # fresh transform (training): 1.4-2.6x on 8x8 maps up to 256 channels,
+        # 0.80x at 512 -> 256 on 8x8 (a U of 8 MB), 0.86x at 256 on 4x4. By
+        # shape alone, so that ∇x is the same bytes whatever is kept, and
         # whether or not the weights' gradient is asked for too.
-        if not _winograd_runs() or dy.shape[2] * dy.shape[3] < 256:
+        hw, co = dy.shape[2] * dy.shape[3], weight.shape[0] * weight.shape[1]
+        if not _winograd_runs() or hw < 64 or (hw < 256 and co > 256 * 256):
             return torch.ops.aten.convolution_backward(
                 dy, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                 [True, False, False])[0]

@@ -177,6 +177,16 @@ ADM_CLONES void weight_rows(const float* __restrict k, float* __restrict u, int6
   }
 }
 
+// A thread's buffer `slot` of at least n floats, kept for its next call: a
+// fresh V and M per call (up to 4 MB) cost a zero-fill and, past malloc's mmap
+// threshold, a page fault per 4 KB; on an 8x8 map that was a fifth of the call.
+float* scratch(int slot, int64_t n) {
+  thread_local std::vector<float> buffers[4];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
 }  // namespace
 
 void winograd_f23_conv(const float* x, const float* U, const float* bias, float* y, int64_t N,
@@ -187,16 +197,17 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
     // A small map with many channels (256 on 8x8): V and M fit in cache whole,
     // and U (up to 4 MB) is the big operand, so each product reads its U[ξ]
     // once, in passes over all tiles, instead of once per block.
-    std::vector<float> V(16 * T * C), M(16 * T * O);
-    winograd_f23_transform_input(x, V.data(), N, H, W, C, 0, T, T * C);
+    float* V = scratch(0, 16 * T * C);
+    float* M = scratch(1, 16 * T * O);
+    winograd_f23_transform_input(x, V, N, H, W, C, 0, T, T * C);
     at::parallel_for(0, 16, 1, [&](int64_t begin, int64_t end) {
       for (int64_t xi = begin; xi < end; ++xi)
-        small_gemm(V.data() + xi * T * C, U + xi * C * O, M.data() + xi * T * O, T, C, O);
+        small_gemm(V + xi * T * C, U + xi * C * O, M + xi * T * O, T, C, O);
     });
     at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
       std::vector<float> s(8 * O), out(4 * O);
       for (int64_t t = begin; t < end; ++t)
-        output_tile(M.data() + t * O, T * O, bias, g, O, t, y, s.data(), out.data());
+        output_tile(M + t * O, T * O, bias, g, O, t, y, s.data(), out.data());
     });
     return;
   }
@@ -207,16 +218,17 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
   const int64_t tb = std::max<int64_t>(6, std::min<int64_t>(48, (per_thread + 5) / 6 * 6));
   const int64_t blocks = (T + tb - 1) / tb;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> V(16 * tb * C), M(16 * tb * O), zero(C, 0.0f), r(16 * C), s(8 * O),
-        out(4 * O);
+    float* V = scratch(2, 16 * tb * C);
+    float* M = scratch(3, 16 * tb * O);
+    std::vector<float> zero(C, 0.0f), r(16 * C), s(8 * O), out(4 * O);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t t0 = blk * tb, nt = std::min(tb, T - t0);
       for (int64_t k = 0; k < nt; ++k)
-        input_tile(x, g, C, t0 + k, V.data() + k * C, tb * C, zero.data(), r.data());
+        input_tile(x, g, C, t0 + k, V + k * C, tb * C, zero.data(), r.data());
       for (int xi = 0; xi < 16; ++xi)
-        small_gemm(V.data() + xi * tb * C, U + xi * C * O, M.data() + xi * tb * O, nt, C, O);
+        small_gemm(V + xi * tb * C, U + xi * C * O, M + xi * tb * O, nt, C, O);
       for (int64_t k = 0; k < nt; ++k)
-        output_tile(M.data() + k * O, tb * O, bias, g, O, t0 + k, y, s.data(), out.data());
+        output_tile(M + k * O, tb * O, bias, g, O, t0 + k, y, s.data(), out.data());
     }
   });
 }
