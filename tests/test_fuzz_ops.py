@@ -259,10 +259,13 @@ def weight_grad_args():
 def u_args():
     x, _, b = conv_args()
     c = x.shape[1] if x.dim() == 4 else 3
-    o = rng.choice([1, 4])
-    u = maybe(t(16, c, o), rng.choice([t(16, c + 1, o), t(15, c, o), t(c, o), t(16, o, c, 1),
-                                       t(16, c, o, dtype=torch.float64), t(16, o, c).transpose(1, 2)]))
-    return x, u, maybe(t(o), rng.choice([None, t(o + 1), t(o, dtype=torch.float16)]))
+    o = rng.choice([1, 4, 17])
+    s = (o + 15) // 16
+    u = maybe(t(16, s, c, 16), rng.choice([t(16, s, c + 1, 16), t(15, s, c, 16), t(16, s + 1, c, 16),
+                                           t(16, c, o), t(16, s, c, 16, dtype=torch.float64),
+                                           t(16, s, 16, c).transpose(2, 3)]))
+    return (x, u, maybe(o, rng.choice([-1, o + 16, 1 << 40])),
+            maybe(t(o), rng.choice([None, t(o + 1), t(o, dtype=torch.float16)])))
 calls = 0
 for i in range(N):
     kind = i % 11

@@ -61,7 +61,7 @@ def test_turned_is_the_transform_of_the_turned_kernel():
     assert torch.equal(TRANSFORM(w, True), TRANSFORM(turned, False))
     cache = WinogradWeights(1 << 30)
     assert torch.equal(cache.get(w, turned=True), TRANSFORM(turned, False))
-    assert not torch.equal(cache.get(w, turned=False), cache.get(w, turned=True)[:, :8, :8])
+    assert cache.get(w).shape == (16, 1, 8, 16) and cache.get(w, turned=True).shape == (16, 1, 16, 16)
 
 
 def test_a_freed_weight_takes_its_entry_and_its_address_is_not_trusted():
@@ -117,7 +117,7 @@ def test_the_convolution_gives_the_same_bytes_kept_or_fresh():
         first = ops.conv3x3(x, w, b)
         kept = ops.conv3x3(x, w, b)
     assert torch.equal(direct, first) and torch.equal(first, kept)
-    assert torch.equal(FROM_U(x, fresh(w), b), direct)
+    assert torch.equal(FROM_U(x, fresh(w), 16, b), direct)
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
     assert (kept - ref).abs().max() <= 1e-5 * ref.abs().max()
 
@@ -133,13 +133,25 @@ def test_the_budget_setting_is_checked(monkeypatch):
     assert WinogradWeights().budget == 2**19
 
 
+def test_the_strips_pad_with_zeros_past_the_output_channels():
+    w = weight(20, 8)  # two strips of 16, the second with 4 channels
+    u = TRANSFORM(w, False)
+    assert u.shape == (16, 2, 8, 16) and u[:, 1, :, 4:].abs().sum() == 0
+    # U[ξ][c][o] = (G·g·Gᵀ)[ξ] for g = w[o, c]: the corners ξ = 0, 3, 12, 15 are g's corners
+    flat = u.permute(0, 2, 1, 3).reshape(16, 8, 32)[:, :, :20]  # [ξ, C, O]
+    for xi, (ky, kx) in zip((0, 3, 12, 15), ((0, 0), (0, 2), (2, 0), (2, 2))):
+        assert torch.equal(flat[xi], w[:, :, ky, kx].t())
+
+
 @pytest.mark.parametrize("bad, message", [
-    (lambda x, u, b: (x, u[:15], b), r"\[16, C=8, O\]"),
-    (lambda x, u, b: (x, u[:, :4].contiguous(), b), r"\[16, C=8, O\]"),
-    (lambda x, u, b: (x, u.double(), b), "contiguous CPU fp32"),
-    (lambda x, u, b: (x, u.transpose(1, 2), b), "contiguous CPU fp32"),
-    (lambda x, u, b: (x.contiguous(), u, b), "channels_last"),
-    (lambda x, u, b: (x, u, b[:3]), "bias"),
+    (lambda x, u, b: (x, u[:15], 16, b), r"\[16, 1, C=8, 16\]"),
+    (lambda x, u, b: (x, u[:, :, :4].contiguous(), 16, b), r"\[16, 1, C=8, 16\]"),
+    (lambda x, u, b: (x, u, 17, b), r"\[16, 2, C=8, 16\] for 17"),
+    (lambda x, u, b: (x, u, -1, b), ">= 0"),
+    (lambda x, u, b: (x, u.double(), 16, b), "contiguous CPU fp32"),
+    (lambda x, u, b: (x, u.transpose(2, 3), 16, b), "contiguous CPU fp32"),
+    (lambda x, u, b: (x.contiguous(), u, 16, b), "channels_last"),
+    (lambda x, u, b: (x, u, 16, b[:3]), "bias"),
 ])
 def test_the_raw_ops_check_their_arguments(bad, message):
     x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)

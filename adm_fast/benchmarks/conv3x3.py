@@ -1,9 +1,11 @@
 """conv3x3 benchmark: ADM's 3×3 res-block convolutions on the CPU, oneDNN
 (F.conv2d, the eager reference) against the Winograd kernel and what auto
-picks, forward alone and forward + backward (∇x, ∇w, ∇b, a training step's
-share), with the direct convolution's GFLOP/s (2·N·H·W·C·O·9 a pass, the work
-either does in effect; three passes with the backward), the ratio to oneDNN,
-and each one's error against fp64 (the largest of its outputs'), in one run.
+picks, forward alone (each weight's Winograd transform kept, as in sampling)
+and forward + backward (∇x, ∇w, ∇b, a training step's share: the transforms
+made on every call, as the weights change at every step), with the direct
+convolution's GFLOP/s (2·N·H·W·C·O·9 a pass, the work either does in effect;
+three passes with the backward), the ratio to oneDNN, and each one's error
+against fp64 (the largest of its outputs'), in one run.
 
     python -m adm_fast.benchmarks.conv3x3 [--quick] [--no_save]
 
@@ -13,12 +15,16 @@ The op has CPU kernels only; on another device this prints so and times nothing.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.winograd_weights import WinogradWeights
+
+_conv3x3 = importlib.import_module("adm_fast.ops.conv3x3")  # the module; ops.conv3x3 is the op
 from .common import add_results_flags, append_rows, context, median_ms, print_table, results_file
 
 # (label, N, C, H, O): the 64×64 layout (64 channels, mult 1,2,3,4) at batch 4,
@@ -45,9 +51,15 @@ def run(backend, x, w, b):
 
 
 def run_grad(backend, x, w, b, dy):
+    # A training step's weights change at every step: the Winograd transforms
+    # (the weights' and the turned ones for ∇x) are made anew on every call.
     leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
-    with ops.use_backend({"conv3x3": backend}):
-        return torch.autograd.grad(ops.conv3x3(*leaves), leaves, dy)
+    kept, _conv3x3.WEIGHTS = _conv3x3.WEIGHTS, WinogradWeights(0)
+    try:
+        with ops.use_backend({"conv3x3": backend}):
+            return torch.autograd.grad(ops.conv3x3(*leaves), leaves, dy)
+    finally:
+        _conv3x3.WEIGHTS = kept
 
 
 def exact(x, w, b, dy):

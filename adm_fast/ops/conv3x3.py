@@ -94,9 +94,9 @@ CONV3X3 = Conv3x3()
 NATIVE = native.define("conv3x3_winograd", SIGNATURE, 1,
                        lambda x, weight, bias: CONV3X3.fake(x, weight, bias)[0])
 FROM_U = native.define(
-    "conv3x3_winograd_u", "Tensor x, Tensor u, Tensor? bias", 1,
-    lambda x, u, bias: x.new_empty((x.shape[0], u.shape[2], x.shape[2], x.shape[3])).to(
-        memory_format=torch.channels_last))
+    "conv3x3_winograd_u", "Tensor x, Tensor u, int out_channels, Tensor? bias", 1,
+    lambda x, u, out_channels, bias: x.new_empty(
+        (x.shape[0], out_channels, x.shape[2], x.shape[3])).to(memory_format=torch.channels_last))
 NATIVE_WEIGHT_GRAD = native.define(
     "conv3x3_winograd_weight_grad", "Tensor x, Tensor dy", 1,
     lambda x, dy: x.new_empty((dy.shape[1], x.shape[1], 3, 3)).to(
@@ -130,7 +130,7 @@ class Cpu(Impl):
     def forward(self, x, weight, bias):
         if not _winograd_runs():  # the composite op falls back to torch's convolution
             return NATIVE(x, weight, bias)
-        return FROM_U(x, WEIGHTS.get(weight), bias)
+        return FROM_U(x, WEIGHTS.get(weight), weight.shape[0], bias)
 
     def backward_input(self, dy, x, weight):
         # ∇x of a 3x3, stride-1, pad-1 convolution is the same convolution of
@@ -146,7 +146,7 @@ class Cpu(Impl):
             return torch.ops.aten.convolution_backward(
                 dy, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                 [True, False, False])[0]
-        return FROM_U(dy, WEIGHTS.get(weight, turned=True), None)
+        return FROM_U(dy, WEIGHTS.get(weight, turned=True), weight.shape[1], None)
 
     def backward_weight(self, x, dy):
         # channels_last, as oneDNN's is for a channels_last x, whatever the weight's

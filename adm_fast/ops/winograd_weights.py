@@ -22,6 +22,7 @@ in a cycle that would keep none.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import weakref
@@ -31,11 +32,19 @@ from torch import Tensor
 
 from . import native
 
+
+
+def u_shape(weight_shape, turned: bool):
+    """U's shape for a [O, C, 3, 3] weight: [16, ceil(O/16), C, 16], strips of
+    16 output channels (zero past O) that the products read in order; turned:
+    in and out swapped."""
+    o, c = (weight_shape[1], weight_shape[0]) if turned else (weight_shape[0], weight_shape[1])
+    return (16, -(-o // 16), c, 16)
+
+
 TRANSFORM = native.define(
     "conv3x3_winograd_weight", "Tensor weight, bool turned", 1,
-    lambda weight, turned: weight.new_empty(
-        (16, weight.shape[0], weight.shape[1]) if turned else
-        (16, weight.shape[1], weight.shape[0])))
+    lambda weight, turned: weight.new_empty(u_shape(weight.shape, turned)))
 
 
 def _budget_from_env() -> int:
@@ -73,9 +82,8 @@ class WinogradWeights:
         self.hits = self.misses = 0
 
     def get(self, weight: Tensor, turned: bool = False) -> Tensor:
-        """U [16, C, O] of weight [O, C, 3, 3] (turned: [16, O, C], of the
-        kernel turned by 180° with in and out swapped): the same bytes whether
-        kept or made now.
+        """U (u_shape) of weight [O, C, 3, 3] (turned: of the kernel turned by
+        180° with in and out swapped): the same bytes whether kept or made now.
 
         A weight rewritten between calls (training) is volatile once it has
         changed twice running: its copy is then refreshed only every 16th
@@ -91,7 +99,7 @@ class WinogradWeights:
                     return e.u
                 kept = True
             elif e is None:
-                e = self._insert(key, weight)
+                e = self._insert(key, weight, turned)
                 kept = e is not None
             else:  # rewritten since its copy
                 e.u = None
@@ -105,8 +113,8 @@ class WinogradWeights:
                 e.u = u
             return u
 
-    def _insert(self, key, weight: Tensor):
-        size = 4 * (weight.numel() + 16 * weight.shape[0] * weight.shape[1])
+    def _insert(self, key, weight: Tensor, turned: bool):
+        size = 4 * (weight.numel() + math.prod(u_shape(weight.shape, turned)))
         if self._used + size > self.budget:
             return None
         e = _Entry(weight.detach().clone())

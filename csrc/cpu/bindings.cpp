@@ -166,14 +166,16 @@ void check_conv_weight(const char* op, const Tensor& weight) {
               ": weight must be [O, C, 3, 3], got ", weight.sizes());
 }
 
-// U [16, C', O'] of weight [O, C, 3, 3] in any layout; turned: of the kernel
-// turned by 180° with its in/out channels swapped (C' = O, O' = C), which
-// ∇x's convolution takes, read in place through negated strides.
+// U [16, ceil(O'/16), C', 16] of weight [O, C, 3, 3] in any layout (strips of
+// 16 output channels, zero past O'); turned: of the kernel turned by 180° with
+// its in/out channels swapped (C' = O, O' = C), which ∇x's convolution takes,
+// read in place through negated strides.
 Tensor winograd_weight(const Tensor& weight, bool turned) {
   const int64_t o = weight.size(0), c = weight.size(1);
   const int64_t so = weight.stride(0), sc = weight.stride(1), sy = weight.stride(2),
                 sx = weight.stride(3);
-  Tensor u = at::empty({16, turned ? o : c, turned ? c : o}, weight.options());
+  Tensor u = at::empty({16, winograd_strips(turned ? c : o), turned ? o : c, 16},
+                       weight.options());
   if (u.numel() == 0) return u;
   const float* w = weight.data_ptr<float>();
   if (turned) {
@@ -225,8 +227,9 @@ Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& weight, const optional
   return conv_from_u(kConvOp, x, Tensor(), weight, bias, weight.size(0));
 }
 
-// The weights' transform alone, U [16, C, O] (turned: [16, O, C], of the kernel
-// that ∇x's convolution takes), for a caller that keeps it across calls.
+// The weights' transform alone, U [16, ceil(O/16), C, 16] (turned: [16,
+// ceil(C/16), O, 16], of the kernel that ∇x's convolution takes), for a caller
+// that keeps it across calls.
 Tensor conv3x3_winograd_weight_op(const Tensor& weight, bool turned) {
   constexpr const char* op = "adm_fast_native::conv3x3_winograd_weight";
   check_conv_weight(op, weight);
@@ -234,16 +237,21 @@ Tensor conv3x3_winograd_weight_op(const Tensor& weight, bool turned) {
   return winograd_weight(weight, turned);
 }
 
-// conv3x3_winograd from its weights' transform U [16, C, O] (conv3x3_winograd_weight).
-Tensor conv3x3_winograd_u_op(const Tensor& x, const Tensor& u, const optional<Tensor>& bias) {
+// conv3x3_winograd from its weights' transform U (conv3x3_winograd_weight) for
+// out_channels outputs: U is [16, ceil(out_channels/16), C, 16].
+Tensor conv3x3_winograd_u_op(const Tensor& x, const Tensor& u, int64_t out_channels,
+                             const optional<Tensor>& bias) {
   constexpr const char* op = "adm_fast_native::conv3x3_winograd_u";
   check_conv_x(op, x);
+  TORCH_CHECK(out_channels >= 0, op, ": out_channels must be >= 0, got ", out_channels);
   TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.is_contiguous(), op,
               ": u must be a contiguous CPU fp32 tensor");
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == x.size(1), op,
-              ": u must be [16, C=", x.size(1), ", O], got ", u.sizes());
+  TORCH_CHECK(u.dim() == 4 && u.size(0) == 16 && u.size(1) == winograd_strips(out_channels) &&
+                  u.size(2) == x.size(1) && u.size(3) == 16,
+              op, ": u must be [16, ", winograd_strips(out_channels), ", C=", x.size(1),
+              ", 16] for ", out_channels, " output channels, got ", u.sizes());
   TORCH_CHECK(has_avx2_fma(), op, ": the Winograd products need AVX2+FMA, which this CPU lacks");
-  return conv_from_u(op, x, u, Tensor(), bias, u.size(2));
+  return conv_from_u(op, x, u, Tensor(), bias, out_channels);
 }
 
 // The weights' gradient of that convolution, [O, C, 3, 3] channels_last, from

@@ -48,10 +48,12 @@ void ddim_step(const float* x, const float* model_out, const float* noise, const
                int64_t out_stride, int mean_type, bool clip, float eta);
 
 // y = conv2d(x, w, bias, padding=1) by Winograd F(2x2, 3x3) for channels-last
-// fp32 x [N, H, W, C] -> y [N, H, W, O], from U [16, C, O] = G·w·Gᵀ
-// (winograd_f23_weight, from w[o·so + c·sc + ky·sy + kx·sx]: any layout of
-// [O, C, 3, 3]); bias [O] or nullptr. csrc/cpu/winograd.cpp. Needs
+// fp32 x [N, H, W, C] -> y [N, H, W, O], from U = G·w·Gᵀ in strips of 16
+// output channels, [16][S = ceil(O/16)][C][16] (zero past O), the layout the
+// products read (winograd_f23_weight, from w[o·so + c·sc + ky·sy + kx·sx]: any
+// layout of [O, C, 3, 3]); bias [O] or nullptr. csrc/cpu/winograd.cpp. Needs
 // has_avx2_fma().
+inline int64_t winograd_strips(int64_t O) { return (O + 15) / 16; }
 void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C, int64_t so,
                          int64_t sc, int64_t sy, int64_t sx);
 
@@ -68,9 +70,11 @@ void winograd_f23_weight_grad(const float* dUt, float* dw, int64_t O, int64_t C)
 void winograd_f23_conv(const float* x, const float* U, const float* bias, float* y, int64_t N,
                        int64_t H, int64_t W, int64_t C, int64_t O);
 
-// c = a·b, row-major fp32 [M, K]·[K, N] -> [M, N], one thread, AVX2+FMA
+// c = a·b, fp32, a [M, K] and c [M, N] row-major, b in strips of 16 columns
+// [ceil(N/16)][K][16] (zero past N), one thread, AVX2+FMA
 // (csrc/cpu/small_gemm.cpp); has_avx2_fma(): whether this CPU runs it.
 bool has_avx2_fma();
-void small_gemm(const float* a, const float* b, float* c, int64_t M, int64_t K, int64_t N);
+void small_gemm_strips(const float* a, const float* b, float* c, int64_t M, int64_t K,
+                       int64_t N);
 
 }  // namespace adm_fast_cpu

@@ -3,7 +3,7 @@
 // products per (input, output) channel pair instead of 36. The input and
 // output transforms are additions only (B and A hold 0 and ±1), so they add
 // little rounding; the 16 products per tile are 16 matrix products
-// V[ξ][tiles][C]·U[ξ][C][O] (small_gemm).
+// V[ξ][tiles][C]·U[ξ][C][O] (small_gemm_strips: U by strips of 16 columns).
 //
 // The work goes by blocks of tiles, one block per task: transform the block's
 // input tiles into V, multiply, transform back into y, while V and M (each 16
@@ -146,17 +146,17 @@ void over_tiles(int64_t nt, int64_t C, int64_t scratch, const Fn& fn) {
   });
 }
 
-// U = G·g·Gᵀ per 3x3 g, for the kernels k[tap·O + o] of one input channel,
-// with G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]: in double and
-// rounded once; U's row ξ goes to u[ξ·stride + o]. t (12·O doubles) holds G·g.
-// Each loop runs along o with a few streams, so that it vectorizes.
-ADM_CLONES void weight_rows(const float* __restrict k, float* __restrict u, int64_t stride,
-                            int64_t O, double* __restrict t) {
+// U = G·g·Gᵀ per 3x3 g, for the kernels k[tap·ks + o] (o < n) of one input
+// channel, with G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]: in double
+// and rounded once; U's row ξ goes to u[ξ·stride + o]. t (12·n doubles) holds
+// G·g. Each loop runs along o with a few streams, so that it vectorizes.
+ADM_CLONES void weight_rows(const float* __restrict k, int64_t ks, float* __restrict u,
+                            int64_t stride, int64_t n, double* __restrict t) {
   for (int j = 0; j < 3; ++j) {
-    const float *g0 = k + j * O, *g1 = k + (3 + j) * O, *g2 = k + (6 + j) * O;
-    double *t0 = t + (0 * 3 + j) * O, *t1 = t + (1 * 3 + j) * O;
-    double *t2 = t + (2 * 3 + j) * O, *t3 = t + (3 * 3 + j) * O;
-    for (int64_t o = 0; o < O; ++o) {
+    const float *g0 = k + j * ks, *g1 = k + (3 + j) * ks, *g2 = k + (6 + j) * ks;
+    double *t0 = t + (0 * 3 + j) * n, *t1 = t + (1 * 3 + j) * n;
+    double *t2 = t + (2 * 3 + j) * n, *t3 = t + (3 * 3 + j) * n;
+    for (int64_t o = 0; o < n; ++o) {
       const double a = g0[o], b = g1[o], c = g2[o];
       t0[o] = a;
       t1[o] = 0.5 * (a + b + c);
@@ -165,10 +165,10 @@ ADM_CLONES void weight_rows(const float* __restrict k, float* __restrict u, int6
     }
   }
   for (int r = 0; r < 4; ++r) {
-    const double *a = t + (r * 3 + 0) * O, *b = t + (r * 3 + 1) * O, *c = t + (r * 3 + 2) * O;
+    const double *a = t + (r * 3 + 0) * n, *b = t + (r * 3 + 1) * n, *c = t + (r * 3 + 2) * n;
     float *u0 = u + (r * 4 + 0) * stride, *u1 = u + (r * 4 + 1) * stride;
     float *u2 = u + (r * 4 + 2) * stride, *u3 = u + (r * 4 + 3) * stride;
-    for (int64_t o = 0; o < O; ++o) {
+    for (int64_t o = 0; o < n; ++o) {
       u0[o] = static_cast<float>(a[o]);
       u1[o] = static_cast<float>(0.5 * (a[o] + b[o] + c[o]));
       u2[o] = static_cast<float>(0.5 * (a[o] - b[o] + c[o]));
@@ -193,6 +193,7 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
                        int64_t H, int64_t W, int64_t C, int64_t O) {
   const Map g{N, H, W, (H + 1) / 2, (W + 1) / 2};
   const int64_t T = N * g.th * g.tw;
+  const int64_t su = winograd_strips(O) * C * 16;  // from one ξ's U to the next
   if (16 * T * (C + O) * static_cast<int64_t>(sizeof(float)) <= (4 << 20)) {
     // A small map with many channels (256 on 8x8): V and M fit in cache whole,
     // and U (up to 4 MB) is the big operand, so each product reads its U[ξ]
@@ -202,7 +203,7 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
     winograd_f23_transform_input(x, V, N, H, W, C, 0, T, T * C);
     at::parallel_for(0, 16, 1, [&](int64_t begin, int64_t end) {
       for (int64_t xi = begin; xi < end; ++xi)
-        small_gemm(V + xi * T * C, U + xi * C * O, M + xi * T * O, T, C, O);
+        small_gemm_strips(V + xi * T * C, U + xi * su, M + xi * T * O, T, C, O);
     });
     at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
       std::vector<float> s(8 * O), out(4 * O);
@@ -226,7 +227,7 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
       for (int64_t k = 0; k < nt; ++k)
         input_tile(x, g, C, t0 + k, V + k * C, tb * C, zero.data(), r.data());
       for (int xi = 0; xi < 16; ++xi)
-        small_gemm(V + xi * tb * C, U + xi * C * O, M + xi * tb * O, nt, C, O);
+        small_gemm_strips(V + xi * tb * C, U + xi * su, M + xi * tb * O, nt, C, O);
       for (int64_t k = 0; k < nt; ++k)
         output_tile(M + k * O, tb * O, bias, g, O, t0 + k, y, s.data(), out.data());
     }
@@ -235,20 +236,32 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
 
 void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C, int64_t so,
                          int64_t sc, int64_t sy, int64_t sx) {
-  // One input channel per step: its 3x3 kernels are first gathered, from any
-  // layout of w, into 9 rows along o, so that weight_rows runs along o in
-  // vector registers and writes U's 16 rows for c contiguously. Computed per
-  // (o, c) with scattered reads, in scalar double, the transform took a third
-  // of the convolution's time at 192 channels on a 16x16 map.
-  at::parallel_for(0, C, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> k(9 * O);
-    std::vector<double> t(12 * O);
-    for (int64_t c = begin; c < end; ++c) {
-      for (int64_t o = 0; o < O; ++o)
-        for (int ky = 0; ky < 3; ++ky)
-          for (int kx = 0; kx < 3; ++kx)
-            k[(ky * 3 + kx) * O + o] = w[o * so + c * sc + ky * sy + kx * sx];
-      weight_rows(k.data(), U + c * O, C * O, O, t.data());
+  // Per strip of 16 output channels and input channel: its 3x3 kernels are
+  // gathered, from any layout of w, into 9 rows along o, so that weight_rows
+  // runs along o in vector registers. Computed per (o, c) with scattered
+  // reads, in scalar double, the transform took a third of the convolution's
+  // time at 192 channels on a 16x16 map.
+  const int64_t S = winograd_strips(O);
+  if (O % 16) {  // the last strip's lanes past O stay zero
+    for (int xi = 0; xi < 16; ++xi)
+      for (int64_t c = 0; c < C; ++c)
+        std::fill_n(U + ((xi * S + S - 1) * C + c) * 16, 16, 0.0f);
+  }
+  // By strips, then input channels: each of U's 16 rows takes one full
+  // 64-byte line per step, in order (16 write streams). By input channels
+  // across all strips it was 256 streams at 256 channels and 1.8x slower.
+  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    float k[9 * 16];
+    double t[12 * 16];
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t n = std::min<int64_t>(16, O - s * 16);
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t o = 0; o < n; ++o)
+          for (int ky = 0; ky < 3; ++ky)
+            for (int kx = 0; kx < 3; ++kx)
+              k[(ky * 3 + kx) * 16 + o] = w[(s * 16 + o) * so + c * sc + ky * sy + kx * sx];
+        weight_rows(k, 16, U + (s * C + c) * 16, S * C * 16, n, t);
+      }
     }
   });
 }
