@@ -13,21 +13,22 @@ output's scale (tests/test_conv3x3.py; lower than oneDNN's at every shape of
 `adm-fast bench ops conv3x3`). It runs on fp32 channels_last maps, forward
 and backward: ∇x is the same convolution of ∇y with the kernel turned by 180°
 (oneDNN's on maps below 8x8 and on 8x8 ones past 256x256 channels, where it is
-faster), and the weights' gradient is
-Winograd's too — per tile the transposed transforms, then 16 matrix products
-summed over the tiles, by chunks kept in cache: 2.1–2.8x oneDNN's
-channels_last weight gradient at ADM's shapes (forward and backward together
-1.1–2.3x oneDNN, with a lower error than oneDNN's against fp64). The weights'
-transform is kept from call to call while the weight holds the same bytes
+faster), and the weights' gradient is Winograd's too — per tile the
+transposed transforms, then 16 matrix products summed over the tiles, by
+chunks kept in cache: 2.1–2.8x oneDNN's channels_last weight gradient at
+ADM's shapes (forward and backward together, the transforms made anew as in
+training, 1.0–2.3x oneDNN, with a lower error than oneDNN's against fp64).
+The weights' transform, laid out in strips of 16 output channels for the
+products, is kept from call to call while the weight holds the same bytes
 (winograd_weights.py: compared bit for bit, not by version, which a write
 through `.data` leaves as it was): a sampling loop makes it once.
 Guidance asks autograd for ∇x alone: the weights' gradient is then skipped,
 as torch's own convolution skips it (Op: engine_needs).
 
 Auto times it against oneDNN per call signature, since which is faster depends
-on the shape and the CPU: on an AVX2 EPYC it ran 1.1–2.0× oneDNN over ADM's
-shapes from 4 to 64 px and 32 to 256 channels, least on small maps with many
-channels (256 on 8×8), where the weights' transform is a large part of the work.
+on the shape and the CPU: on an AVX2 EPYC, with the transform kept, it ran
+1.25–2.3× oneDNN over ADM's shapes from 4 to 64 px and 32 to 256 channels
+(`adm-fast bench ops conv3x3`, at 8ebfd52), least on 4×4 maps.
 """
 
 from __future__ import annotations
