@@ -122,15 +122,16 @@ def test_the_convolution_gives_the_same_bytes_kept_or_fresh():
     assert (kept - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_the_budget_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("ADM_FAST_WINOGRAD_CACHE_MB", "lots")
-    with pytest.raises(ValueError, match="ADM_FAST_WINOGRAD_CACHE_MB"):
-        WinogradWeights()
-    monkeypatch.setenv("ADM_FAST_WINOGRAD_CACHE_MB", "-1")
-    with pytest.raises(ValueError, match=">= 0"):
-        WinogradWeights()
+def test_the_budget_setting_is_checked_at_the_first_entry(monkeypatch):
+    for raw, message in (("lots", "ADM_FAST_WINOGRAD_CACHE_MB"), ("-1", ">= 0")):
+        monkeypatch.setenv("ADM_FAST_WINOGRAD_CACHE_MB", raw)
+        cache = WinogradWeights()  # as at import: nothing read yet
+        with pytest.raises(ValueError, match=message):
+            cache.get(weight())
     monkeypatch.setenv("ADM_FAST_WINOGRAD_CACHE_MB", "0.5")
-    assert WinogradWeights().budget == 2**19
+    cache, w = WinogradWeights(), weight()
+    cache.get(w)
+    assert cache.budget == 2**19 and cache.used_bytes() > 0
 
 
 def test_the_strips_pad_with_zeros_past_the_output_channels():

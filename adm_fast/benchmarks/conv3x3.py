@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.winograd_weights import WinogradWeights
+from .common import add_results_flags, append_rows, context, median_ms, print_table, results_file
 
 _conv3x3 = importlib.import_module("adm_fast.ops.conv3x3")  # the module; ops.conv3x3 is the op
-from .common import add_results_flags, append_rows, context, median_ms, print_table, results_file
 
 # (label, N, C, H, O): the 64×64 layout (64 channels, mult 1,2,3,4) at batch 4,
 # a decoder conv after its skip concat, and the demo's 16×16 model at batch 100.

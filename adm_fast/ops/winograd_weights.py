@@ -34,7 +34,6 @@ from torch import Tensor
 from . import native
 
 
-
 def u_shape(weight_shape, turned: bool):
     """U's shape for a [O, C, 3, 3] weight: [16, ceil(O/16), C, 16], strips of
     16 output channels (zero past O) that the products read in order; turned:
@@ -75,7 +74,9 @@ def _bits(t: Tensor) -> Tensor:
 
 class WinogradWeights:
     def __init__(self, budget_bytes: int | None = None):
-        self.budget = _budget_from_env() if budget_bytes is None else int(budget_bytes)
+        # None: ADM_FAST_WINOGRAD_CACHE_MB's, read at the first entry (a bad value
+        # is then a clear error from the first convolution, not from the import).
+        self.budget = None if budget_bytes is None else int(budget_bytes)
         self._entries: dict[tuple, _Entry] = {}
         self._used = 0
         # Reentrant: freeing a weight inside get() runs its finalizer, which drops an entry.
@@ -116,6 +117,8 @@ class WinogradWeights:
 
     def _insert(self, key, weight: Tensor, turned: bool):
         size = 4 * (weight.numel() + math.prod(u_shape(weight.shape, turned)))
+        if self.budget is None:
+            self.budget = _budget_from_env()
         if self._used + size > self.budget:
             return None
         e = _Entry(weight.detach().clone())

@@ -80,7 +80,7 @@ __attribute__((target("avx2,fma"))) void tile(const float* a, int64_t lda, const
 
 // One product, b in strips: strip j is [K][16], contiguous, so that a tile
 // walks it in order. Row-major, a strip's K rows lay N floats apart (1 KB at
-// N = 256) and crowded a few sets of L1: 64 x 256 x 256 ran 1.35x slower so.
+// N = 256) and crowded a few sets of L1: 64 x 256 x 256 ran 1.3x slower so.
 __attribute__((target("avx2,fma"))) void strip_rows(const float* a, const float* b, float* c,
                                                     int64_t M, int64_t K, int64_t N) {
   for (int64_t i = 0; i < M; i += 6) {
