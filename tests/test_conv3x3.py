@@ -225,3 +225,28 @@ def test_the_public_torch_op_differentiates_through_the_kernels():
     dx, = torch.autograd.grad(torch.ops.adm_fast.conv3x3(x0 * 2, leaves[1], leaves[2], "cpu"),
                               x0, dy)
     assert rel_err(dx, 2 * ref[0]) <= 1e-5
+
+
+def test_the_benchmark_makes_the_transforms_anew_for_training(monkeypatch):
+    # `bench ops conv3x3`: forward with the transform kept (sampling), forward +
+    # backward with it made on every call (training), and the cache put back.
+    import importlib
+    bench = importlib.import_module("adm_fast.benchmarks.conv3x3")
+    module = importlib.import_module("adm_fast.ops.conv3x3")
+    kept = module.WEIGHTS
+    seen = {"forward": set(), "fwd+bwd": set()}
+    what = []
+    real_get = type(kept).get
+    monkeypatch.setattr(type(kept), "get",
+                        lambda self, *a, **k: seen[what[-1]].add(self.budget) or
+                        real_get(self, *a, **k))
+    real_run, real_grad = bench.run, bench.run_grad
+    monkeypatch.setattr(bench, "run", lambda *a: what.append("forward") or real_run(*a))
+    monkeypatch.setattr(bench, "run_grad", lambda *a: what.append("fwd+bwd") or real_grad(*a))
+    monkeypatch.setattr(bench, "median_ms", lambda fn, device: [fn(), 1.0][1])
+    rows = bench.bench_case("tiny", 1, 8, 6, 8)
+    assert [(r["what"], r["impl"]) for r in rows] == [
+        (w, i) for w in ("forward", "fwd+bwd") for i in ("onednn", "winograd", "adm_fast")]
+    assert all(float(r["rel_err"]) < 1e-5 for r in rows)
+    assert seen["forward"] and 0 not in seen["forward"] and seen["fwd+bwd"] == {0}
+    assert module.WEIGHTS is kept
