@@ -104,9 +104,15 @@ NATIVE_WEIGHT_GRAD = native.define(
         memory_format=torch.channels_last))
 
 
+_RUNS: list = []
+
+
 def _winograd_runs() -> bool:
-    from .backends import CPU
-    return CPU.ext is not None and CPU.ext.has_avx2_fma()
+    # Asked only by the cpu impl, i.e. once the extension is loaded: fixed from then on.
+    if not _RUNS:
+        from .backends import CPU
+        _RUNS.append(CPU.ext is not None and CPU.ext.has_avx2_fma())
+    return _RUNS[0]
 
 
 class Eager(Impl):

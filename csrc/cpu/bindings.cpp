@@ -158,12 +158,15 @@ void check_conv_x(const char* op, const Tensor& x) {
               ": x must be channels_last (its channels contiguous)");
 }
 
-void check_conv_weight(const char* op, const Tensor& weight) {
+// c: the input channels x has, or -1 where there is no x to match.
+void check_conv_weight(const char* op, const Tensor& weight, int64_t c = -1) {
   TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor");
   TORCH_CHECK(weight.scalar_type() == at::kFloat, op, ": weight must be fp32, got ",
               weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, op,
-              ": weight must be [O, C, 3, 3], got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 4 && (c < 0 || weight.size(1) == c) && weight.size(2) == 3 &&
+                  weight.size(3) == 3,
+              op, ": weight must be [O, C", c < 0 ? "" : "=", c < 0 ? "" : std::to_string(c),
+              ", 3, 3], got ", weight.sizes());
 }
 
 // U [16, ceil(O'/16), C', 16] of weight [O, C, 3, 3] in any layout (strips of
@@ -218,12 +221,7 @@ Tensor conv_from_u(const char* op, const Tensor& x, const Tensor& u, const Tenso
 // and weight [O, C, 3, 3], by Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp).
 Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias) {
   check_conv_x(kConvOp, x);
-  TORCH_CHECK(weight.device().is_cpu(), kConvOp, ": weight must be a CPU tensor");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat, kConvOp, ": weight must be fp32, got ",
-              weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 3 &&
-                  weight.size(3) == 3,
-              kConvOp, ": weight must be [O, C=", x.size(1), ", 3, 3], got ", weight.sizes());
+  check_conv_weight(kConvOp, weight, x.size(1));
   return conv_from_u(kConvOp, x, Tensor(), weight, bias, weight.size(0));
 }
 
