@@ -46,9 +46,11 @@ def report() -> str:
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
             lines.append(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    elif torch.version.cuda is None:
+        lines.append("CUDA: not available (CPU build of torch)")
     else:
-        lines.append("CUDA: not available" + (" (CPU build of torch)"
-                                              if torch.version.cuda is None else ""))
+        lines.append(f"CUDA: torch is built for CUDA {torch.version.cuda}, but no GPU is present "
+                     "(torch.cuda.is_available() is False)")
     lines.append(f"CPU threads: {torch.get_num_threads()}")
     lines.append("")
     lines.append("backends (auto tries them in this order, after measured preferences):")
@@ -59,7 +61,10 @@ def report() -> str:
         lines.append(f"          ops: {', '.join(sorted(ops.ops_of_backend(name)))}")
     lines.append("")
     lines.append(f"C++ CPU extension: {ops.backends()['cpu'].build_info()}")
-    lines.append(f"CUDA extension:    {ops.backends()['cuda'].build_info()}")
+    cuda = ops.backends()["cuda"]
+    built = "" if cuda.unavailable_reasons() or "cuda" in devices else (
+        "  -- CUDA kernels are built, but no GPU is present: they cannot run here")
+    lines.append(f"CUDA extension:    {cuda.build_info()}{built}")
     lines.append(f"setting: {ops.current_backend()} (use_backend / $ADM_FAST_BACKEND)")
     return "\n".join(lines)
 

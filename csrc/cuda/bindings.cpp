@@ -2,13 +2,15 @@
 // PyTorch's caching allocator), launches on PyTorch's current stream with
 // every launch's status checked (argument checks: csrc/checks.h), and the CUDA
 // kernels of the adm_fast_native ops. Built only against a CUDA build of PyTorch.
+// Only c10's CUDA headers: ATen/cuda/CUDAContext.h pulls in cuBLAS, cuSPARSE and
+// cuSOLVER headers, which a toolkit of nvcc and the runtime alone lacks.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
 #include <tuple>
 
@@ -47,6 +49,22 @@ Tensor f32(const optional<Tensor>& t, const Tensor& like, const char* name) {
 
 const float* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
+// Multiprocessors of the device, read once per device (the caller holds a guard
+// on it). cudaDeviceGetAttribute is the runtime's own, no math library needed.
+int sm_count(int device) {
+  static std::atomic<int> counts[64];  // zero-initialised; racing writers store the same value
+  TORCH_CHECK(device >= 0 && device < 64, "adm_fast CUDA kernels: device index ", device,
+              " out of range");
+  int n = counts[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
+                 "cudaDeviceGetAttribute(multiprocessors)");
+    n = n > 0 ? n : 1;
+    counts[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 // x as [N, C, HW]: NCHW-contiguous, or channels_last for 4-D.
 bool layout_of(const Tensor& x) {
   if (x.is_contiguous()) return false;
@@ -73,7 +91,7 @@ GroupNormArgs args_of(const Tensor& x, const Tensor& w, const Tensor& b, const T
   a.eps = static_cast<float>(eps);
   a.act = act;
   a.channels_last = layout_of(x);
-  a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.sm_count = sm_count(x.get_device());
   return a;
 }
 
@@ -226,6 +244,11 @@ TORCH_LIBRARY_IMPL(adm_fast_native, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("build_info", [] {
-    return std::string("CUDA runtime ") + std::to_string(CUDART_VERSION);
+#ifndef ADM_FAST_CUDA_ARCHS
+#define ADM_FAST_CUDA_ARCHS "unknown"
+#endif
+    return std::string("CUDA ") + std::to_string(CUDART_VERSION / 1000) + "." +
+           std::to_string(CUDART_VERSION % 1000 / 10) + ", kernels for TORCH_CUDA_ARCH_LIST=" +
+           ADM_FAST_CUDA_ARCHS;
   });
 }
