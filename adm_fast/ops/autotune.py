@@ -14,83 +14,37 @@ applies, as under torch.compile).
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import platform
 import statistics
 import time
 from typing import Dict, List, Optional
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: the read-merge-write below is then unlocked
-    fcntl = None
-
+from . import store
 from .impl import Call, Impl, dtype_name, layout_of
 
 _STATE: Dict[str, object] = {"table": None, "path": None}
+_FILE = "autotune.json"
 
 
 def enabled() -> bool:
     return os.environ.get("ADM_FAST_AUTOTUNE", "1") != "0" and not torch.compiler.is_compiling()
 
 
+def active(call: Call) -> bool:
+    """Whether pick() may time candidates for this call (the op checks them
+    against the reference first, ops/verify.py: only what would be timed)."""
+    return enabled() and call.device_type == "cpu"
+
+
 def _machine() -> str:
-    return (f"{_cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-            f"|kernels={_kernels_build()}")
-
-
-def _cpu_model() -> str:
-    if "cpu" not in _STATE:
-        model = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        model = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        _STATE["cpu"] = model
-    return _STATE["cpu"]
-
-
-def _kernels_build() -> str:
-    """Size and mtime of the CPU extension's file: decisions measured against
-    older kernels must not outlive them."""
-    if "build" not in _STATE:
-        try:
-            spec = importlib.util.find_spec("adm_fast._C_cpu")
-            st = os.stat(spec.origin) if spec is not None and spec.origin else None
-            _STATE["build"] = f"{st.st_size}:{int(st.st_mtime)}" if st else "none"
-        except (ImportError, OSError, ValueError):
-            _STATE["build"] = "none"
-    return _STATE["build"]
-
-
-def _path() -> str:
-    root = os.environ.get("ADM_FAST_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "adm_fast")
-    return os.path.join(root, "autotune.json")
-
-
-def _read(path: str) -> Dict[str, str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-        return table if isinstance(table, dict) else {}
-    except (OSError, ValueError):
-        return {}  # absent or damaged: measure again
+    return (f"{store.cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+            f"|kernels={store.module_build('adm_fast._C_cpu')}")
 
 
 def _table() -> Dict[str, str]:
-    path = _path()
-    if _STATE["path"] != path:  # the cache folder may change (tests do)
-        _STATE.update(table=_read(path), path=path)
-    return _STATE["table"]
+    return store.table(_STATE, _FILE)
 
 
 def _record(k: str, choice: str) -> str:
@@ -98,22 +52,7 @@ def _record(k: str, choice: str) -> str:
     the same torchrun job, timing at the same moment) stored one first: then
     that one. So every process on the machine, and every later run, makes the
     same choice, and a resumed run gives the bytes an uninterrupted one would."""
-    table, path = _table(), _path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.lock", "a", encoding="utf-8") as lock:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            merged = {**table, **_read(path)}
-            merged.setdefault(k, choice)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(merged, f, indent=0, sort_keys=True)
-            os.replace(tmp, path)
-        table.update(merged)
-    except OSError:
-        table.setdefault(k, choice)  # a read-only home: the choice holds for this process
-    return table[k]
+    return store.record(_STATE, _FILE, k, choice, valid=lambda v: isinstance(v, str))
 
 
 def key(op, call: Call) -> str:
@@ -147,13 +86,14 @@ def _time_ms(op, impl: Impl, args, grad: bool, repeats: int = 3) -> float:
 def pick(op, call: Call, args, candidates: List[Impl]) -> Optional[Impl]:
     """The fastest of candidates for this call (all of which support it), from
     the machine's stored decision or measured now; None when not tuning."""
-    if len(candidates) < 2 or not enabled() or call.device_type != "cpu":
+    if len(candidates) < 2 or not active(call):
         return None
     table = _table()
     k = key(op, call)
     by_name = {impl.backend: impl for impl in candidates}
-    if table.get(k) in by_name:
-        return by_name[table[k]]
+    stored = table.get(k)
+    if isinstance(stored, str) and stored in by_name:  # else absent, damaged or refused
+        return by_name[stored]
     times = {impl.backend: _time_ms(op, impl, args, call.grad) for impl in candidates}
     best = min(times, key=times.get)
     return by_name.get(_record(k, best), by_name[best])
