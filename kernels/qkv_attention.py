@@ -1,13 +1,16 @@
 """Flash-style Triton kernels for ADM's QKV attention, fwd and bwd.
 
 Layout. qkv is [N, 3·H·C, T] as the 1×1 qkv convolution emits it: token t of
-channel c at n·s_n + c·s_c + t (tokens contiguous). Head h's q, k, v start at
-channel q_off + h·head_step (+ k_off, + v_off):
+channel c at n·s_n + c·s_c + t·s_t, either NCHW-like (s_t = 1, tokens
+contiguous) or the [N, C, T] view of a channels_last map (s_c = 1, channels
+contiguous; what conv1x1 gives for channels_last input). Head h's q, k, v
+start at channel q_off + h·head_step (+ k_off, + v_off):
   legacy (heads, then q/k/v):  q_off, k_off, v_off = 0, C, 2C;   head_step = 3C
   new    (q/k/v, then heads):  q_off, k_off, v_off = 0, HC, 2HC; head_step = C
-Tiles are read straight from there with strides: a [BLOCK_D, BLOCK_N] tile of
-K is row-major in that layout, Q and V tiles are column-major ones, and the
-output [N, H·C, T] is written the same way. Nothing is transposed or copied.
+Tiles are read straight from there with strides (Triton specialises the unit
+one, so loads vectorise along whichever axis is contiguous); the output
+[N, H·C, T] is written in qkv's layout, dout is read in its own, and dqkv is
+written in qkv's. Nothing is transposed or copied.
 
 Math. softmax(QKᵀ/√C)·V with an online softmax (running max and sum, fp32),
 in base 2: s = q·k·log2(e)/√C, p = 2^(s − m). The forward stores the per-row
@@ -48,11 +51,11 @@ def _dot(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def attn_fwd_kernel(
-    qkv_ptr,  # *T   [N, 3HC, T], token stride 1
-    o_ptr,  # *T     [N, HC, T] output, token stride 1
+    qkv_ptr,  # *T   [N, 3HC, T]
+    o_ptr,  # *T     [N, HC, T] output
     lse_ptr,  # *fp32 [N*H, T] per-row logsumexp, base 2
     T, H, C,  # tokens, heads, head channels
-    s_n, s_c, so_n, so_c,  # sample and channel strides of qkv and o
+    s_n, s_c, s_t, so_n, so_c, so_t,  # sample, channel and token strides of qkv and o
     q_off, k_off, v_off, head_step,  # channel offsets (see module docstring)
     qk_scale,  # log2(e)/sqrt(C)
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -64,7 +67,7 @@ def attn_fwd_kernel(
     cols0 = tl.arange(0, BLOCK_N)
     rmask, dmask = rows < T, d < C
     base = qkv_ptr + n * s_n + h * head_step * s_c
-    q = tl.load(base + (q_off + d[None, :]) * s_c + rows[:, None],
+    q = tl.load(base + (q_off + d[None, :]) * s_c + rows[:, None] * s_t,
                 mask=rmask[:, None] & dmask[None, :], other=0.0)  # [M, D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -72,7 +75,7 @@ def attn_fwd_kernel(
     for start in range(0, T, BLOCK_N):
         cols = start + cols0
         cmask = cols < T
-        kt = tl.load(base + (k_off + d[:, None]) * s_c + cols[None, :],
+        kt = tl.load(base + (k_off + d[:, None]) * s_c + cols[None, :] * s_t,
                      mask=dmask[:, None] & cmask[None, :], other=0.0)  # [D, N]
         s = _dot(q, kt, PREC) * qk_scale
         s = tl.where(cmask[None, :], s, float("-inf"))
@@ -80,21 +83,21 @@ def attn_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(base + (v_off + d[None, :]) * s_c + cols[:, None],
+        v = tl.load(base + (v_off + d[None, :]) * s_c + cols[:, None] * s_t,
                     mask=cmask[:, None] & dmask[None, :], other=0.0)  # [N, D]
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(o_ptr + n * so_n + (h * C + d[None, :]) * so_c + rows[:, None],
+    tl.store(o_ptr + n * so_n + (h * C + d[None, :]) * so_c + rows[:, None] * so_t,
              acc.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     tl.store(lse_ptr + nh * T + rows, m_i + tl.math.log2(l_i), mask=rmask)
 
 
 @triton.jit
 def attn_bwd_delta_kernel(
-    o_ptr, do_ptr,  # *T [N, HC, T], token stride 1
+    o_ptr, do_ptr,  # *T [N, HC, T], each with its own strides
     delta_ptr,  # *fp32 [N*H, T]: rowsum(dO∘O)
-    T, H, C, so_n, so_c, sd_n, sd_c,
+    T, H, C, so_n, so_c, so_t, sd_n, sd_c, sd_t,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     nh = tl.program_id(1).to(tl.int64)
@@ -103,8 +106,8 @@ def attn_bwd_delta_kernel(
     d = tl.arange(0, BLOCK_D)
     mask = (rows < T)[:, None] & (d < C)[None, :]
     ch = (h * C + d[None, :])
-    o = tl.load(o_ptr + n * so_n + ch * so_c + rows[:, None], mask=mask, other=0.0)
-    do = tl.load(do_ptr + n * sd_n + ch * sd_c + rows[:, None], mask=mask, other=0.0)
+    o = tl.load(o_ptr + n * so_n + ch * so_c + rows[:, None] * so_t, mask=mask, other=0.0)
+    do = tl.load(do_ptr + n * sd_n + ch * sd_c + rows[:, None] * sd_t, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + nh * T + rows, delta, mask=rows < T)
 
@@ -113,7 +116,7 @@ def attn_bwd_delta_kernel(
 def attn_bwd_dkdv_kernel(
     qkv_ptr, do_ptr, lse_ptr, delta_ptr,
     dqkv_ptr,  # *T [N, 3HC, T]: this kernel writes the k and v channels
-    T, H, C, s_n, s_c, sd_n, sd_c, sg_n, sg_c,
+    T, H, C, s_n, s_c, s_t, sd_n, sd_c, sd_t, sg_n, sg_c, sg_t,  # qkv, do, dqkv strides
     q_off, k_off, v_off, head_step, qk_scale, sm_scale,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -126,17 +129,19 @@ def attn_bwd_dkdv_kernel(
     cmask, dmask = cols < T, d < C
     base = qkv_ptr + n * s_n + h * head_step * s_c
     kv_mask = cmask[:, None] & dmask[None, :]
-    k = tl.load(base + (k_off + d[None, :]) * s_c + cols[:, None], mask=kv_mask, other=0.0)
-    v = tl.load(base + (v_off + d[None, :]) * s_c + cols[:, None], mask=kv_mask, other=0.0)
+    k = tl.load(base + (k_off + d[None, :]) * s_c + cols[:, None] * s_t, mask=kv_mask,
+                other=0.0)
+    v = tl.load(base + (v_off + d[None, :]) * s_c + cols[:, None] * s_t, mask=kv_mask,
+                other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     do_base = do_ptr + n * sd_n + h * C * sd_c
     for start in range(0, T, BLOCK_M):
         rows = start + rows0
         rmask = rows < T
-        qt = tl.load(base + (q_off + d[:, None]) * s_c + rows[None, :],
+        qt = tl.load(base + (q_off + d[:, None]) * s_c + rows[None, :] * s_t,
                      mask=dmask[:, None] & rmask[None, :], other=0.0)  # [D, M]
-        do = tl.load(do_base + d[None, :] * sd_c + rows[:, None],
+        do = tl.load(do_base + d[None, :] * sd_c + rows[:, None] * sd_t,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)  # [M, D]
         lse = tl.load(lse_ptr + nh * T + rows, mask=rmask, other=0.0)
         delta = tl.load(delta_ptr + nh * T + rows, mask=rmask, other=0.0)
@@ -148,9 +153,9 @@ def attn_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(qt.dtype), tl.trans(qt), PREC)
     out = dqkv_ptr + n * sg_n + h * head_step * sg_c
-    tl.store(out + (k_off + d[None, :]) * sg_c + cols[:, None],
+    tl.store(out + (k_off + d[None, :]) * sg_c + cols[:, None] * sg_t,
              (dk * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(out + (v_off + d[None, :]) * sg_c + cols[:, None],
+    tl.store(out + (v_off + d[None, :]) * sg_c + cols[:, None] * sg_t,
              dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
 
 
@@ -158,7 +163,7 @@ def attn_bwd_dkdv_kernel(
 def attn_bwd_dq_kernel(
     qkv_ptr, do_ptr, lse_ptr, delta_ptr,
     dqkv_ptr,  # *T [N, 3HC, T]: this kernel writes the q channels
-    T, H, C, s_n, s_c, sd_n, sd_c, sg_n, sg_c,
+    T, H, C, s_n, s_c, s_t, sd_n, sd_c, sd_t, sg_n, sg_c, sg_t,  # qkv, do, dqkv strides
     q_off, k_off, v_off, head_step, qk_scale, sm_scale,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -171,9 +176,10 @@ def attn_bwd_dq_kernel(
     rmask, dmask = rows < T, d < C
     base = qkv_ptr + n * s_n + h * head_step * s_c
     q_mask = rmask[:, None] & dmask[None, :]
-    q = tl.load(base + (q_off + d[None, :]) * s_c + rows[:, None], mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + n * sd_n + (h * C + d[None, :]) * sd_c + rows[:, None], mask=q_mask,
-                 other=0.0)
+    q = tl.load(base + (q_off + d[None, :]) * s_c + rows[:, None] * s_t, mask=q_mask,
+                other=0.0)
+    do = tl.load(do_ptr + n * sd_n + (h * C + d[None, :]) * sd_c + rows[:, None] * sd_t,
+                 mask=q_mask, other=0.0)
     lse = tl.load(lse_ptr + nh * T + rows, mask=rmask, other=0.0)
     delta = tl.load(delta_ptr + nh * T + rows, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -181,16 +187,19 @@ def attn_bwd_dq_kernel(
         cols = start + cols0
         cmask = cols < T
         t_mask = dmask[:, None] & cmask[None, :]
-        kt = tl.load(base + (k_off + d[:, None]) * s_c + cols[None, :], mask=t_mask, other=0.0)
-        vt = tl.load(base + (v_off + d[:, None]) * s_c + cols[None, :], mask=t_mask, other=0.0)
+        kt = tl.load(base + (k_off + d[:, None]) * s_c + cols[None, :] * s_t, mask=t_mask,
+                     other=0.0)
+        vt = tl.load(base + (v_off + d[:, None]) * s_c + cols[None, :] * s_t, mask=t_mask,
+                     other=0.0)
         s = _dot(q, kt, PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(cmask[None, :], p, 0.0)
         dp = _dot(do, vt, PREC)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), PREC)
-    tl.store(dqkv_ptr + n * sg_n + (h * head_step + q_off + d[None, :]) * sg_c + rows[:, None],
-             (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(dqkv_ptr + n * sg_n + (h * head_step + q_off + d[None, :]) * sg_c
+             + rows[:, None] * sg_t, (dq * sm_scale).to(dqkv_ptr.dtype.element_ty),
+             mask=q_mask)
 
 
 # --- launchers ----------------------------------------------------------------------
@@ -269,38 +278,53 @@ def head_layout(channels: int, num_heads: int, legacy: bool):
     return c, 0, num_heads * c, 2 * num_heads * c, c
 
 
+def channels_contiguous(qkv: Tensor) -> bool:
+    """qkv is the [N, C, T] view of a channels_last map ([N, T, 3HC] in memory)
+    rather than [N, 3HC, T] with tokens contiguous: the outputs then take that
+    layout too (the op's fake, adm_fast.ops.qkv_attention, says the same)."""
+    return qkv.stride(1) == 1 and qkv.stride(2) != 1
+
+
+def empty_like_qkv(qkv: Tensor, channels: int) -> Tensor:
+    """[N, channels, T] in qkv's layout, qkv's dtype."""
+    n, _, t = qkv.shape
+    if channels_contiguous(qkv):
+        return torch.empty(n, t, channels, device=qkv.device, dtype=qkv.dtype).transpose(1, 2)
+    return torch.empty(n, channels, t, device=qkv.device, dtype=qkv.dtype)
+
+
 def forward(qkv: Tensor, num_heads: int, legacy: bool) -> Tuple[Tensor, Tensor]:
-    """(out [N, HC, T], lse [N, H, T] fp32 base 2)."""
+    """(out [N, HC, T] in qkv's layout, lse [N, H, T] fp32 base 2)."""
     n, width, t = qkv.shape
     c, q_off, k_off, v_off, step = head_layout(width, num_heads, legacy)
-    out = torch.empty(n, num_heads * c, t, device=qkv.device, dtype=qkv.dtype)
+    out = empty_like_qkv(qkv, num_heads * c)
     lse = torch.empty(n, num_heads, t, device=qkv.device, dtype=torch.float32)
     cfg = _config("fwd", c, t, qkv.dtype == torch.float32, qkv.device)
     wrap_triton(attn_fwd_kernel)[(triton.cdiv(t, cfg["BLOCK_M"]), n * num_heads)](
-        qkv, out, lse, t, num_heads, c, qkv.stride(0), qkv.stride(1), out.stride(0),
-        out.stride(1), q_off, k_off, v_off, step, LOG2E / math.sqrt(c), **_precision(qkv),
-        **cfg)
+        qkv, out, lse, t, num_heads, c, *qkv.stride(), *out.stride(), q_off, k_off, v_off,
+        step, LOG2E / math.sqrt(c), **_precision(qkv), **cfg)
     return out, lse
 
 
 def backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
              legacy: bool) -> Tensor:
-    """dqkv [N, 3HC, T] in qkv's layout."""
+    """dqkv [N, 3HC, T] in qkv's layout; dout is read in place in either layout."""
     n, width, t = qkv.shape
     c, q_off, k_off, v_off, step = head_layout(width, num_heads, legacy)
-    if dout.stride(-1) != 1:
+    if dout.stride(1) != 1 and dout.stride(2) != 1:
+        # Neither layout (an expanded gradient, say): the kernels reread dout
+        # once per block of keys, so one copy costs less than strided rereads.
         dout = dout.contiguous()
-    dqkv = torch.empty(n, width, t, device=qkv.device, dtype=qkv.dtype)
+    dqkv = empty_like_qkv(qkv, width)
     delta = torch.empty(n, num_heads, t, device=qkv.device, dtype=torch.float32)
     fp32 = qkv.dtype == torch.float32
     dkdv, dq = _config("dkdv", c, t, fp32, qkv.device), _config("dq", c, t, fp32, qkv.device)
     block_m = max(16, min(64, triton.next_power_of_2(t)))
     wrap_triton(attn_bwd_delta_kernel)[(triton.cdiv(t, block_m), n * num_heads)](
-        out, dout, delta, t, num_heads, c, out.stride(0), out.stride(1), dout.stride(0),
-        dout.stride(1), BLOCK_M=block_m, BLOCK_D=dq["BLOCK_D"], num_warps=4)
-    common = (t, num_heads, c, qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1),
-              dqkv.stride(0), dqkv.stride(1), q_off, k_off, v_off, step, LOG2E / math.sqrt(c),
-              1.0 / math.sqrt(c))
+        out, dout, delta, t, num_heads, c, *out.stride(), *dout.stride(), BLOCK_M=block_m,
+        BLOCK_D=dq["BLOCK_D"], num_warps=4)
+    common = (t, num_heads, c, *qkv.stride(), *dout.stride(), *dqkv.stride(), q_off, k_off,
+              v_off, step, LOG2E / math.sqrt(c), 1.0 / math.sqrt(c))
     wrap_triton(attn_bwd_dkdv_kernel)[(triton.cdiv(t, dkdv["BLOCK_N"]), n * num_heads)](
         qkv, dout, lse, delta, dqkv, *common, **_precision(qkv), **dkdv)
     wrap_triton(attn_bwd_dq_kernel)[(triton.cdiv(t, dq["BLOCK_M"]), n * num_heads)](

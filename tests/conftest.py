@@ -102,6 +102,30 @@ def poisoned():
         torch.empty, torch.empty_like = real_empty, real_like
 
 
+def launched_pointers(module, monkeypatch):
+    """A list that fills, as the launchers in kernel module `module` run, with
+    (kernel name, the data pointers of its tensor arguments) per launch (the
+    kernels still run): a tensor passed in place, not copied, shows up by its
+    pointer."""
+    launches = []
+    real = module.wrap_triton
+
+    def wrap(kernel):
+        launcher = real(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    launches.append((kernel.fn.__name__, {a.data_ptr() for a in args
+                                                          if isinstance(a, torch.Tensor)}))
+                    return launcher[grid](*args, **kwargs)
+                return run
+        return Grid()
+
+    monkeypatch.setattr(module, "wrap_triton", wrap)
+    return launches
+
+
 def max_err(out, ref) -> float:
     return (out.detach().double() - ref.detach().double()).abs().max().item()
 

@@ -144,3 +144,89 @@ def test_triton_rejects_strided_tokens_clearly():
     with adm_fast.use_backend("triton"), pytest.raises(ops.BackendNotSupported,
                                                        match="tokens are not contiguous"):
         ops.qkv_attention(qkv, 1)
+
+
+# --- channels_last_1d: qkv as conv1x1 gives it for channels_last maps ---------------
+
+from adm_fast.ops.impl import layout_of  # noqa: E402
+from adm_fast.ops.qkv_attention import QKV_ATTENTION  # noqa: E402
+from conftest import launched_pointers  # noqa: E402
+
+
+def channels_last_1d(t):
+    """The [N, C, T] view of a channels_last map: channels contiguous."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+# (T, head dim, legacy, dout's layout); odd T and head dims, both orders, dout
+# in either layout (proj_out's conv1x1 gives it channels_last_1d).
+NTC_CASES = [(65, 96, True, "ntc"), (65, 96, False, "nct"), (64, 192, False, "ntc"),
+             (256, 64, True, "nct"), (64, 256, True, "ntc"), (65, 32, False, "ntc"),
+             pytest.param(1024, 64, False, "ntc", marks=pytest.mark.slow)]
+
+
+def run_in_place(qkv, heads, legacy, dout, monkeypatch):
+    """out and dqkv from the Triton kernels, checked to be in qkv's layout and
+    read from and written to in place (no copy of qkv, out or dout)."""
+    import adm_fast.kernels.qkv_attention as A
+
+    launches = launched_pointers(A, monkeypatch)
+    qkv = qkv.detach().requires_grad_(True)
+    with adm_fast.use_backend({"qkv_attention": "triton"}), poisoned():
+        out = ops.qkv_attention(qkv, heads, legacy=legacy)
+        (grad,) = torch.autograd.grad(out, qkv, dout)
+    assert layout_of(out) == layout_of(qkv) and grad.stride() == qkv.stride()
+    assert out.stride() == QKV_ATTENTION.fake(qkv, heads, legacy)[0].stride()
+    reads = {name: ptrs for name, ptrs in launches}
+    assert {qkv.data_ptr(), out.data_ptr()} <= reads["attn_fwd_kernel"]
+    assert {out.data_ptr(), dout.data_ptr()} <= reads["attn_bwd_delta_kernel"]
+    for name in ("attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"):
+        assert {qkv.data_ptr(), dout.data_ptr(), grad.data_ptr()} <= reads[name], name
+    return out, grad
+
+
+@pytest.mark.parametrize("t, c, legacy, dout_layout", NTC_CASES)
+def test_triton_channels_last_1d_fp32(t, c, legacy, dout_layout, monkeypatch):
+    heads = 1 if c >= 192 else 2
+    qkv = channels_last_1d(attention_case(2, heads, c, t, torch.float32))
+    dout = torch.randn(2, heads * c, t, device=DEVICE)
+    if dout_layout == "ntc":
+        dout = channels_last_1d(dout)
+    assert layout_of(qkv) == "channels_last_1d"
+    out, grad = run_in_place(qkv, heads, legacy, dout, monkeypatch)
+    ref, ref_grad = exact(qkv, heads, legacy, dout)
+    assert rel_err(out, ref) <= 2e-5 and rel_err(grad, ref_grad) <= 2e-5
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_triton_nchw_qkv_takes_channels_last_dout(legacy, monkeypatch):
+    qkv = attention_case(1, 2, 96, 65, torch.float32)
+    dout = channels_last_1d(torch.randn(1, 2 * 96, 65, device=DEVICE))
+    out, grad = run_in_place(qkv, 2, legacy, dout, monkeypatch)
+    assert out.is_contiguous() and grad.is_contiguous()
+    ref, ref_grad = exact(qkv, 2, legacy, dout)
+    assert rel_err(out, ref) <= 2e-5 and rel_err(grad, ref_grad) <= 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t, c, legacy", [(65, 64, False), (64, 96, True), (64, 192, False)])
+def test_triton_channels_last_1d_low_precision(t, c, legacy, dtype, monkeypatch):
+    heads = 2
+    qkv = channels_last_1d(attention_case(2, heads, c, t, dtype))
+    dout = channels_last_1d(torch.randn(2, heads * c, t, device=DEVICE).to(dtype))
+    out, grad = run_in_place(qkv, heads, legacy, dout, monkeypatch)
+    lowp, lowp_grad = run_backend("eager", qkv, heads, legacy, dout)
+    ref, ref_grad = exact(qkv, heads, legacy, dout)
+    assert out.dtype == grad.dtype == dtype
+    assert_lowp_close(out, ref, lowp, "out")
+    assert_lowp_close(grad, ref_grad, lowp_grad, "dqkv")
+
+
+def test_triton_takes_channels_last_1d_and_refuses_other_strides_clearly():
+    qkv = channels_last_1d(torch.randn(1, 3 * 64, 32, device=DEVICE))
+    with adm_fast.use_backend("triton"):
+        assert "triton: chosen" in ops.explain("qkv_attention", qkv, 1, True)
+    neither = torch.randn(1, 32, 3 * 64 * 2, device=DEVICE).transpose(1, 2)[:, ::2]
+    why = "tokens are not contiguous and neither are its channels"
+    with adm_fast.use_backend("triton"), pytest.raises(ops.BackendNotSupported, match=why):
+        ops.qkv_attention(neither, 1)

@@ -55,6 +55,14 @@ def reference(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
     return out.reshape(n, num_heads * c, t)
 
 
+def channels_contiguous(qkv: Tensor) -> bool:
+    """qkv is the [N, C, T] view of a channels_last map ([N, T, 3HC] in memory,
+    what conv1x1 gives for channels_last input) rather than [N, 3HC, T] with
+    tokens contiguous. The kernels (kernels/qkv_attention.py, the same test)
+    write the output in that layout then."""
+    return qkv.stride(1) == 1 and qkv.stride(2) != 1
+
+
 def sdpa(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
     """Attention through torch's scaled_dot_product_attention, which wants q, k,
     v as [N, H, T, C] with C contiguous. qkv with contiguous channels (the
@@ -114,7 +122,10 @@ class QkvAttention(Op):
 
     def fake(self, qkv, num_heads, legacy):
         n, width, t = qkv.shape
-        out = qkv.new_empty((n, width // 3, t))
+        if channels_contiguous(qkv):  # out in qkv's layout, as the kernels write it
+            out = qkv.new_empty((n, t, width // 3)).transpose(1, 2)
+        else:
+            out = qkv.new_empty((n, width // 3, t))
         return out, qkv.new_empty((n, num_heads, t), dtype=torch.float32)
 
     def kernel_backward(self, impl, args, kept, grads, needs):
@@ -147,8 +158,13 @@ class Triton(Impl):
     max_features = {"head_dim": 256}
 
     def extra_reasons(self, call: Call) -> List[str]:
-        if call.tensors["qkv"].stride(-1) != 1:
-            return ["qkv's tokens are not contiguous (stride of the last dim != 1)"]
+        # Tiles are read along whichever axis is contiguous; with neither, every
+        # load would be a gather.
+        qkv = call.tensors["qkv"]
+        if qkv.stride(2) != 1 and qkv.stride(1) != 1:
+            return [f"qkv's tokens are not contiguous and neither are its channels (strides "
+                    f"{tuple(qkv.stride())}): it takes [N, 3HC, T] with tokens contiguous, or "
+                    f"the channels_last_1d view of a channels_last map"]
         return []
 
     def auto_reasons(self, call: Call) -> List[str]:
@@ -173,6 +189,8 @@ def qkv_attention(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
     """Multi-head attention over T tokens.
 
     qkv: [N, 3·H·C, T], fp32/fp16/bf16 (fp64 on eager), in the legacy (heads,
-    qkv) or the new (qkv, heads) channel order. Returns [N, H·C, T] in qkv's dtype.
+    qkv) or the new (qkv, heads) channel order; tokens contiguous, or the
+    channels_last_1d view of a channels_last map (channels contiguous).
+    Returns [N, H·C, T] in qkv's dtype (triton and sdpa: in qkv's layout).
     """
     return QKV_ATTENTION(qkv, num_heads, bool(legacy))
