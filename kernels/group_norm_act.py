@@ -11,8 +11,9 @@ Statistics are fp32 throughout: tiles are reduced two-pass in registers and
 merged with Chan's parallel formula, never as E[x²] − E[x]².
 
 Layout. x is [N, C, HW] with strides (sxn, sxc, sxhw): NCHW has sxhw = 1,
-channels_last has sxc = 1; Triton specialises on the unit stride, so loads
-vectorise along whichever axis is contiguous (16 bytes per thread).
+channels_last (4-D, 5-D, or the [N, C, T] view of a channels_last map that
+attention's norm takes) has sxc = 1; Triton specialises on the unit stride, so
+loads vectorise along whichever axis is contiguous (16 bytes per thread).
 
 Kernels know pointers, strides and dtypes only; the launchers at the bottom
 allocate and pick tile sizes.
@@ -333,13 +334,13 @@ TARGET_PROGRAMS = {"cuda": 528, "cpu": 4}
 
 def layout_strides(t: Tensor) -> Optional[Tuple[int, int, int]]:
     """(stride_n, stride_c, stride_hw) of t viewed as [N, C, HW], for NCHW-contiguous
-    or channels_last tensors; None for other layouts."""
+    or channels-last tensors (channels_last, channels_last_3d, and the 3-D
+    [N, C, T] view of a channels_last map); None for other layouts."""
     n, c = t.shape[:2]
     hw = t.numel() // max(1, n * c)
     if t.is_contiguous():
         return c * hw, hw, 1
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    if fmt is not None and t.is_contiguous(memory_format=fmt):
+    if t.dim() >= 3 and t.movedim(1, -1).is_contiguous():
         return c * hw, 1, c
     return None
 
@@ -416,10 +417,11 @@ def backward(dy: Tensor, x: Tensor, num_groups: int, weight, bias, scale, shift,
     n, c = x.shape[:2]
     hw = x.numel() // max(1, n * c)
     g, cg = num_groups, c // num_groups
-    if layout_strides(dy) != layout_strides(x):
-        dy = dy.contiguous(memory_format=torch.channels_last) if (
-            x.dim() == 4 and layout_strides(x)[1] == 1 and c > 1) else dy.contiguous()
-    sx, sd = layout_strides(x), layout_strides(dy)
+    sx = layout_strides(x)
+    if layout_strides(dy) != sx:
+        dy = dy.movedim(1, -1).contiguous().movedim(-1, 1) if (
+            x.dim() >= 3 and sx[1] == 1 and c > 1) else dy.contiguous()
+    sd = layout_strides(dy)
     dx = torch.empty_like(x)
     so = layout_strides(dx)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_S=scale is not None,

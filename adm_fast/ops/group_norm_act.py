@@ -156,7 +156,7 @@ class Eager(Impl):
 
 class Triton(Impl):
     backend = "triton"
-    layouts = {"x": ("contiguous", "channels_last", "channels_last_3d"),
+    layouts = {"x": ("contiguous", "channels_last", "channels_last_1d", "channels_last_3d"),
                "weight": ("contiguous",), "bias": ("contiguous",)}
     max_features = {"group_channels": 1024}  # one group's channels in one tile
 
@@ -187,8 +187,8 @@ class Cpu(_Native):
 
 class Cuda(_Native):
     backend = "cuda"
-    layouts = {"x": ("contiguous", "channels_last"), "weight": ("contiguous",),
-               "bias": ("contiguous",)}
+    layouts = {"x": ("contiguous", "channels_last", "channels_last_1d"),
+               "weight": ("contiguous",), "bias": ("contiguous",)}
 
 
 for _impl in (Eager(), Triton(), Cpu(), Cuda()):

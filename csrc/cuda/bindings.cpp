@@ -65,12 +65,21 @@ int sm_count(int device) {
   return n;
 }
 
-// x as [N, C, HW]: NCHW-contiguous, or channels_last for 4-D.
+// x as [N, C, HW]: NCHW-contiguous (false), or channels-last (true): C
+// contiguous, as channels_last maps are and the [N, C, T] view of one that
+// attention's norm takes; the kernels see [N, HW, C] either way.
 bool layout_of(const Tensor& x) {
   if (x.is_contiguous()) return false;
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "x must be contiguous or channels_last");
+  TORCH_CHECK(x.dim() >= 3 && x.movedim(1, -1).is_contiguous(),
+              "x must be contiguous or channels-last (its channels contiguous), got strides ",
+              x.strides());
   return true;
+}
+
+// t in x's layout (a copy only where it is not already).
+Tensor like_layout(const Tensor& t, const Tensor& x, bool channels_last) {
+  Tensor u = t.to(x.scalar_type());
+  return channels_last ? u.movedim(1, -1).contiguous().movedim(-1, 1) : u.contiguous();
 }
 
 GroupNormArgs args_of(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& s,
@@ -134,8 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_bwd_op(
          sh = f32(shift, x, "shift");
   GroupNormBackwardArgs a{};
   a.fwd = args_of(x, w, b, s, sh, groups, 0.0, act);
-  Tensor g = dy.to(x.scalar_type()).contiguous(
-      a.fwd.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  Tensor g = like_layout(dy, x, a.fwd.channels_last);
   Tensor m = mean.to(at::kFloat).contiguous(), r = rstd.to(at::kFloat).contiguous();
   Tensor dx = at::empty_like(x);
   auto opts = x.options().dtype(at::kFloat);

@@ -12,9 +12,10 @@ namespace adm_fast_cuda {
 
 enum class DType { kFloat, kHalf, kBFloat16 };
 
-// y = SiLU((GN(x)·w + b)·(1 + s) + sh) on x [N, C, HW], NCHW or channels_last
-// (NHWC). weight/bias: fp32 [C]; scale/shift: fp32 [N, C] contiguous; any may
-// be null. mean/rstd: fp32 [N·G] outputs.
+// y = SiLU((GN(x)·w + b)·(1 + s) + sh) on x [N, C, HW], NCHW or channels-last
+// ([N, HW, C] in memory: NHWC, or the [N, C, T] view of it). weight/bias: fp32
+// [C]; scale/shift: fp32 [N, C] contiguous; any may be null. mean/rstd: fp32
+// [N·G] outputs.
 struct GroupNormArgs {
   DType dtype;
   const void* x;
