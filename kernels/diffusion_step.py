@@ -3,8 +3,17 @@
 Each kernel reads x_t, the model output (its mean part and, for a learned
 variance, the interpolation v), the guidance gradient and the noise, and
 writes x_{t-1} and (optionally) pred_xstart: the ~20 elementwise launches of
-the eager step become one. Programs are laid out (chunk, sample) so that the
-per-sample coefficients (one column of coefs [K, B], fp32) are scalars.
+the eager step become one. Programs are laid out (positions, channels, sample)
+so that the per-sample coefficients (one column of coefs [K, B], fp32) are
+scalars.
+
+Layout. Every tensor is read as [B, C, HW] with its own strides, NCHW or
+channels-last (on a GPU the model output and the classifier's gradient come
+out channels_last while x and the noise, drawn NCHW, do not); the variance
+half of a learned-variance output is channel C on. A program's tile is all of
+an image's few channels by a run of positions, so each load runs along its
+tensor's contiguous axis (Triton specialises the unit stride). The outputs
+take x's layout.
 
 The arithmetic follows adm_fast.ops.step_math (guided-diffusion's order of
 operations) in fp32.
@@ -21,6 +30,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from . import step_codes as codes
+from .group_norm_act import layout_strides
 
 MEAN_EPS = tl.constexpr(codes.MEAN_EPS)
 MEAN_X_START = tl.constexpr(codes.MEAN_X_START)
@@ -45,18 +55,21 @@ def _pred_xstart(x, out, a, b, MEAN: tl.constexpr, CLIP: tl.constexpr):
 
 @triton.jit
 def ddpm_step_kernel(
-    x_ptr,  # *T  x_t [B, CHW]
-    out_ptr,  # *To model output [B, C or 2C, HW], sample stride OUT_SN
-    noise_ptr, grad_ptr,  # *T [B, CHW] (grad unused without HAS_GRAD)
+    x_ptr,  # *T  x_t [B, C, HW]
+    out_ptr,  # *To model output [B, C or 2C, HW]: the mean part, then (learned) v at channel C
+    noise_ptr, grad_ptr,  # *T [B, C, HW] (grad unused without HAS_GRAD)
     coef_ptr,  # *fp32 [8, B]: a, b, c1, c2, lo, hi, var, nonzero
-    sample_ptr, x0_ptr,  # *To outputs [B, CHW]
-    B, CHW, OUT_SN,
+    sample_ptr, x0_ptr,  # *fp32 outputs [B, C, HW], x's strides
+    B, C, HW,
+    sx_b, sx_c, sx_hw, so_b, so_c, so_hw,  # strides of x (and the outputs), model_out
+    sn_b, sn_c, sn_hw, sg_b, sg_c, sg_hw,  # strides of noise, grad
     MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD: tl.constexpr,
-    WRITE_X0: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_X0: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < CHW
+    n = tl.program_id(2).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = (c < C)[:, None] & (hw < HW)[None, :]
     a = tl.load(coef_ptr + n)
     b = tl.load(coef_ptr + B + n)
     c1 = tl.load(coef_ptr + 2 * B + n)
@@ -65,32 +78,36 @@ def ddpm_step_kernel(
     hi = tl.load(coef_ptr + 5 * B + n)
     fixed_var = tl.load(coef_ptr + 6 * B + n)
     nonzero = tl.load(coef_ptr + 7 * B + n)
-    row = n * CHW + offs
-    x = tl.load(x_ptr + row, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + n * OUT_SN + offs, mask=mask, other=0.0).to(tl.float32)
+    at_x = n * sx_b + c[:, None] * sx_c + hw[None, :] * sx_hw
+    at_out = out_ptr + n * so_b + c[:, None] * so_c + hw[None, :] * so_hw
+    x = tl.load(x_ptr + at_x, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(at_out, mask=mask, other=0.0).to(tl.float32)
     if VAR == VAR_LEARNED:  # the log variance itself
-        log_var = tl.load(out_ptr + n * OUT_SN + CHW + offs, mask=mask, other=0.0).to(tl.float32)
+        log_var = tl.load(at_out + C * so_c, mask=mask, other=0.0).to(tl.float32)
         var = tl.exp(log_var)
     elif VAR == VAR_LEARNED_RANGE:
-        v = tl.load(out_ptr + n * OUT_SN + CHW + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(at_out + C * so_c, mask=mask, other=0.0).to(tl.float32)
         frac = (v + 1.0) / 2.0
         log_var = frac * hi + (1.0 - frac) * lo
         var = tl.exp(log_var)
     else:  # fixed
-        log_var = tl.zeros([BLOCK], tl.float32) + lo
-        var = tl.zeros([BLOCK], tl.float32) + fixed_var
+        log_var = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32) + lo
+        var = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32) + fixed_var
     x0 = _pred_xstart(x, out, a, b, MEAN, CLIP)
     if MEAN == MEAN_X_PREV:
         mean = out
     else:
         mean = c1 * x0 + c2 * x
     if HAS_GRAD:
-        mean += var * tl.load(grad_ptr + row, mask=mask, other=0.0).to(tl.float32)
-    noise = tl.load(noise_ptr + row, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + n * sg_b + c[:, None] * sg_c + hw[None, :] * sg_hw, mask=mask,
+                    other=0.0)
+        mean += var * g.to(tl.float32)
+    noise = tl.load(noise_ptr + n * sn_b + c[:, None] * sn_c + hw[None, :] * sn_hw, mask=mask,
+                    other=0.0).to(tl.float32)
     sample = mean + nonzero * tl.exp(0.5 * log_var) * noise
-    tl.store(sample_ptr + row, sample.to(sample_ptr.dtype.element_ty), mask=mask)
+    tl.store(sample_ptr + at_x, sample.to(sample_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
-        tl.store(x0_ptr + row, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        tl.store(x0_ptr + at_x, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -98,13 +115,16 @@ def ddim_step_kernel(
     x_ptr, out_ptr, noise_ptr, grad_ptr,
     coef_ptr,  # *fp32 [7, B]: a, b, recip, recipm1, ᾱ_t, ᾱ_{t-1}, nonzero
     sample_ptr, x0_ptr,
-    B, CHW, OUT_SN, eta,
+    B, C, HW,
+    sx_b, sx_c, sx_hw, so_b, so_c, so_hw, sn_b, sn_c, sn_hw, sg_b, sg_c, sg_hw,
+    eta,
     MEAN: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_NOISE: tl.constexpr,
-    WRITE_X0: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_X0: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < CHW
+    n = tl.program_id(2).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = (c < C)[:, None] & (hw < HW)[None, :]
     a = tl.load(coef_ptr + n)
     b = tl.load(coef_ptr + B + n)
     recip = tl.load(coef_ptr + 2 * B + n)
@@ -112,12 +132,14 @@ def ddim_step_kernel(
     ab = tl.load(coef_ptr + 4 * B + n)
     ab_prev = tl.load(coef_ptr + 5 * B + n)
     nonzero = tl.load(coef_ptr + 6 * B + n)
-    row = n * CHW + offs
-    x = tl.load(x_ptr + row, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + n * OUT_SN + offs, mask=mask, other=0.0).to(tl.float32)
+    at_x = n * sx_b + c[:, None] * sx_c + hw[None, :] * sx_hw
+    x = tl.load(x_ptr + at_x, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + n * so_b + c[:, None] * so_c + hw[None, :] * so_hw, mask=mask,
+                  other=0.0).to(tl.float32)
     x0 = _pred_xstart(x, out, a, b, MEAN, CLIP)
     if HAS_GRAD:  # guidance on the score: eps − √(1−ᾱ)·g, x_0 re-derived
-        g = tl.load(grad_ptr + row, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + n * sg_b + c[:, None] * sg_c + hw[None, :] * sg_hw, mask=mask,
+                    other=0.0).to(tl.float32)
         eps = (recip * x - x0) / recipm1
         eps = eps - tl.sqrt(1.0 - ab) * g
         x0 = recip * x - recipm1 * eps
@@ -125,25 +147,51 @@ def ddim_step_kernel(
     sigma = eta * tl.sqrt((1.0 - ab_prev) / (1.0 - ab)) * tl.sqrt(1.0 - ab / ab_prev)
     sample = x0 * tl.sqrt(ab_prev) + tl.sqrt(1.0 - ab_prev - sigma * sigma) * eps
     if HAS_NOISE:
-        noise = tl.load(noise_ptr + row, mask=mask, other=0.0).to(tl.float32)
+        noise = tl.load(noise_ptr + n * sn_b + c[:, None] * sn_c + hw[None, :] * sn_hw,
+                        mask=mask, other=0.0).to(tl.float32)
         sample += nonzero * sigma * noise
-    tl.store(sample_ptr + row, sample.to(sample_ptr.dtype.element_ty), mask=mask)
+    tl.store(sample_ptr + at_x, sample.to(sample_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
-        tl.store(x0_ptr + row, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        tl.store(x0_ptr + at_x, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def _strides(t: Tensor, name: str) -> Tuple[int, int, int]:
+    s = layout_strides(t)
+    if s is None:
+        raise ValueError(f"{name} must be NCHW-contiguous or channels-last, got strides "
+                         f"{tuple(t.stride())} for shape {tuple(t.shape)}")
+    return s
+
+
+def _tile(c: int, hw: int) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) of at most BLOCK elements: all of an image's few
+    channels and a run of positions, so that each tensor's loads run along its
+    own contiguous axis whichever layout it has."""
+    block_hw = min(triton.next_power_of_2(hw), BLOCK // min(triton.next_power_of_2(c), 16))
+    return min(triton.next_power_of_2(c), BLOCK // block_hw), block_hw
 
 
 def _launch(kernel, x, model_out, noise, coefs, grad, extra, flags):
-    b = x.shape[0]
-    chw = x.numel() // b
+    b, c = x.shape[:2]
+    hw = x.numel() // max(1, b * c)
+    sx = _strides(x, "x")
     # fp32 out: what adm_fast.ops.step_math.out_dtypes gives for fp32
-    # coefficients, the only ones these kernels are given.
-    sample = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-    x0 = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(chw, BLOCK), b)
+    # coefficients, the only ones these kernels are given. In x's layout, so
+    # that x's strides index them (as adm_fast.ops.step_op.like_x allocates).
+    if sx[2] == 1:
+        sample = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        x0 = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    else:  # channels-last x is dense: empty_like keeps its strides
+        sample = torch.empty_like(x, dtype=torch.float32)
+        x0 = torch.empty_like(x, dtype=torch.float32)
+    block_c, block_hw = _tile(c, hw)
+    grid = (triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), b)
+    sg = _strides(grad, "grad") if grad is not None else (0, 0, 0)
     wrap_triton(kernel)[grid](
         x, model_out, noise, grad if grad is not None else x, coefs.contiguous(), sample, x0,
-        b, chw, model_out.stride(0), *extra, **flags, HAS_GRAD=grad is not None,
-        WRITE_X0=True, BLOCK=BLOCK, num_warps=4)
+        b, c, hw, *sx, *_strides(model_out, "model_out"), *_strides(noise, "noise"), *sg,
+        *extra, **flags, HAS_GRAD=grad is not None, WRITE_X0=True, BLOCK_C=block_c,
+        BLOCK_HW=block_hw, num_warps=4)
     return sample, x0
 
 

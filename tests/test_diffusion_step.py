@@ -60,8 +60,8 @@ def test_steps_are_registered_and_explained():
 import adm_fast  # noqa: E402
 from adm_fast.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType  # noqa: E402
 from adm_fast.diffusion import get_named_beta_schedule  # noqa: E402
-from conftest import (CPU_EXT, DEVICE, REF, assert_lowp_close, poisoned,  # noqa: E402
-                      rel_err)
+from conftest import (CPU_EXT, DEVICE, REF, assert_lowp_close, launched_pointers,  # noqa: E402
+                      poisoned, rel_err)
 
 STEPS_ON_TRITON = {"ddpm_step": "triton", "ddim_step": "triton"}
 FUSED = ["triton"] + (["cpu"] if CPU_EXT and DEVICE == "cpu" else []) + (
@@ -127,6 +127,63 @@ def test_fused_steps_every_mean_and_variance_type(mean_type, var_type, backend):
             got = fn(*args)
         for a, b in zip(got, ref):
             assert a.dtype == b.dtype and rel_err(a, b) <= 2e-6, fn
+
+
+def channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+# (x, model_out, noise, grad) channels_last or not: as a GPU sampler has them
+# (the model output and the classifier's gradient channels_last, x and the
+# noise drawn NCHW), all of them, and x alone.
+MIXED_LAYOUTS = [(False, True, False, True), (True, True, True, True), (True, False, False, False)]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mean_type", list(ModelMeanType))
+@pytest.mark.parametrize("var_type", list(ModelVarType))
+def test_fused_steps_mixed_layouts(mean_type, var_type, backend, monkeypatch):
+    """Each input read in its own layout: the same bits as all-NCHW inputs, the
+    outputs in x's layout (as the op's fake says), and on triton every input
+    passed to the kernel where it lies (no copy)."""
+    import adm_fast.kernels.diffusion_step as K
+
+    launches = launched_pointers(K, monkeypatch)
+    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 40), model_mean_type=mean_type,
+                          model_var_type=var_type, loss_type=LossType.MSE)
+    learned = d.var_type_name != "fixed"
+    x = torch.randn(3, 3, 5, 7, device=DEVICE)
+    out = torch.randn(3, 6 if learned else 3, 5, 7, device=DEVICE)
+    if var_type == ModelVarType.LEARNED:
+        out[:, 3:] = out[:, 3:] * 0.1 - 5  # a plausible log variance
+    noise, grad = torch.randn_like(x), torch.randn_like(x)
+    t = torch.tensor([0, 7, 39], device=DEVICE)
+    ddpm, ddim = d.step_coefs("ddpm", t), d.step_coefs("ddim", t)
+
+    def step_args(name, x, out, noise, grad):
+        if name == "ddpm_step":
+            return (x, out, noise, ddpm, grad, d.mean_type_name, d.var_type_name, True)
+        return (x, out, noise, ddim, grad, d.mean_type_name, True, 0.3)
+
+    for name, spec in (("ddpm_step", ops.DDPM_STEP), ("ddim_step", ops.DDIM_STEP)):
+        with adm_fast.use_backend({name: backend}):
+            nchw = spec(*step_args(name, x, out, noise, grad))
+        for layouts in MIXED_LAYOUTS:
+            tensors = [channels_last(v) if cl else v
+                       for v, cl in zip((x, out, noise, grad), layouts)]
+            args = step_args(name, *tensors)
+            launches.clear()
+            with adm_fast.use_backend({name: backend}), poisoned():
+                got = spec(*args)
+            with adm_fast.use_backend("eager"):
+                ref = spec(*args)
+            for a, r, base, fake in zip(got, ref, nchw, spec.fake(*args)):
+                assert torch.equal(a, base), (name, layouts)
+                assert a.dtype == r.dtype and rel_err(a, r) <= 2e-6, (name, layouts)
+                assert a.stride() == fake.stride() == tensors[0].stride(), (name, layouts)
+            if backend == "triton":
+                ((_, pointers),) = launches
+                assert {v.data_ptr() for v in tensors} <= pointers, (name, layouts)
 
 
 def test_triton_step_low_precision_and_gradients():

@@ -5,8 +5,10 @@ reference, its output-dtype rule and how its native kernel is called).
 Implementations: eager (the reference), triton (kernels/diffusion_step.py),
 cpu and cuda (csrc/*/diffusion_step.*). The kernels compute in fp32 from fp32
 coefficients and write fp32, cast where the step's dtype rule says otherwise
-(exact: only where x_0 is the model output itself). Steps have no kernel backward: differentiating through a step
-(rare in sampling, but it must work) runs the reference under autograd.
+(exact: only where x_0 is the model output itself), in x's layout (triton and
+cuda read each input in its own, NCHW or channels_last). Steps have no kernel
+backward: differentiating through a step (rare in sampling, but it must work)
+runs the reference under autograd.
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ def check_args(op: str, x, model_out, noise, coefs, rows: int, grad, mean_type,
         raise ValueError(f"{op}: coefs must be [{rows}, {b}], got {list(coefs.shape)}")
 
 
+def channels_last_like(t: Tensor) -> bool:
+    """t's channels are contiguous and it is not NCHW-contiguous (a channels_last
+    map, or a 3-D or 5-D tensor laid out the same way)."""
+    return not t.is_contiguous() and t.dim() >= 3 and t.movedim(1, -1).is_contiguous()
+
+
+def like_x(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """An output of every kernel backend: x's shape, in x's layout when that is
+    channels-last, else contiguous."""
+    if channels_last_like(x):
+        return torch.empty_like(x, dtype=dtype)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
 class StepOp(Op):
     returns = 2
     kernel_returns = 2
@@ -79,10 +95,13 @@ class StepOp(Op):
 
     def fake(self, x, *rest):
         sample, x0 = self.out_dtypes(x, *rest)
-        return x.new_empty(x.shape, dtype=sample), x.new_empty(x.shape, dtype=x0)
+        return like_x(x, sample), like_x(x, x0)
 
-    def native_fake(self, *args):  # the same tensors, types as codes
-        return self.fake(*args)
+    def native_fake(self, x, *rest):  # the same tensors, types as codes
+        sample, x0 = self.fake(x, *rest)
+        if x.device.type == "cpu":  # the CPU binding computes on contiguous copies
+            sample, x0 = sample.contiguous(), x0.contiguous()
+        return sample, x0
 
     def native_args(self, *args) -> tuple:
         """The native kernel's arguments (mean and variance types as codes)."""
@@ -121,9 +140,14 @@ class _StepKernels(Impl):
             f"coefs are {coefs.dtype}, not fp32 (the kernels compute from fp32 coefficients)"]
 
 
+# Each tensor is read with its own strides: on a GPU the model output and the
+# guidance gradient come out channels_last while x and the noise are NCHW.
+_KERNEL_LAYOUTS = {name: ("contiguous", "channels_last") for name in _STEP_TENSORS}
+
+
 class StepTriton(_StepKernels):
     backend = "triton"
-    layouts = {name: ("contiguous",) for name in _STEP_TENSORS}
+    layouts = _KERNEL_LAYOUTS
 
     def forward(self, *args):
         return self.cast(getattr(TRITON.kernels("diffusion_step"), self.spec.name)(*args), args)
@@ -141,10 +165,18 @@ class _StepNative(_StepKernels):
 class StepCpu(_StepNative):
     backend = "cpu"  # any layout and float dtypes: the binding reads them as fp32 copies
 
+    def forward(self, *args):
+        outs = super().forward(*args)
+        x = args[0]
+        if not channels_last_like(x):
+            return outs
+        # The binding writes NCHW; the outputs are in x's layout on every backend.
+        return tuple(o.movedim(1, -1).contiguous().movedim(-1, 1) for o in outs)
+
 
 class StepCuda(_StepNative):
     backend = "cuda"
-    layouts = {name: ("contiguous",) for name in _STEP_TENSORS}
+    layouts = _KERNEL_LAYOUTS
 
     def extra_reasons(self, call: Call) -> List[str]:
         why = super().extra_reasons(call)

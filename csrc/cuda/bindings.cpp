@@ -167,14 +167,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_bwd_op(
                                    need_wb);
 }
 
+// t's strides as [B, C, HW]: NCHW-contiguous or channels-last (C contiguous).
+Strides3 strides3(const Tensor& t, const char* name) {
+  const int64_t c = t.size(1), hw = t.numel() / std::max<int64_t>(1, t.size(0) * c);
+  if (t.is_contiguous()) return {c * hw, hw, 1};
+  TORCH_CHECK(t.dim() >= 3 && t.movedim(1, -1).is_contiguous(), name,
+              " must be NCHW-contiguous or channels-last (its channels contiguous), got strides ",
+              t.strides());
+  return {c * hw, 1, c};
+}
+
 StepArgs step_args(const Tensor& x, const Tensor& model_out, const Tensor& noise,
                    const Tensor& coefs, const Tensor& grad) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "x must be a contiguous CUDA tensor");
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
   check_cuda(model_out, x, "model_out");
   check_cuda(noise, x, "noise");
   check_cuda(coefs, x, "coefs");
-  TORCH_CHECK(model_out.is_contiguous() && noise.is_contiguous(),
-              "model_out and noise must be contiguous");
   TORCH_CHECK(noise.scalar_type() == x.scalar_type(), "noise must have x's dtype");
   StepArgs a{};
   a.dtype = dtype_of(x);
@@ -182,15 +190,18 @@ StepArgs step_args(const Tensor& x, const Tensor& model_out, const Tensor& noise
   a.x = x.data_ptr();
   a.model_out = model_out.data_ptr();
   a.noise = noise.data_ptr();
+  a.sx = strides3(x, "x");
+  a.sout = strides3(model_out, "model_out");
+  a.snoise = strides3(noise, "noise");
   if (grad.defined()) {
     check_cuda(grad, x, "grad");
-    TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
-                "grad must be contiguous with x's dtype");
+    TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype");
     a.grad = grad.data_ptr();
+    a.sgrad = strides3(grad, "grad");
   }
   a.b = x.size(0);
-  a.chw = x.numel() / std::max<int64_t>(1, a.b);
-  a.out_stride = model_out.stride(0);
+  a.c = x.size(1);
+  a.hw = x.numel() / std::max<int64_t>(1, a.b * a.c);
   return a;
 }
 
@@ -203,8 +214,13 @@ std::tuple<Tensor, Tensor> run_step(const Tensor& x, const Tensor& model_out, co
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor c = coefs.to(at::kFloat).contiguous();
   StepArgs a = step_args(x, model_out, noise, c, grad.has_value() ? *grad : Tensor());
-  Tensor sample = at::empty(x.sizes(), x.options().dtype(at::kFloat));
-  Tensor x0 = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  // In x's layout, which x's strides index (adm_fast.ops.step_op.like_x): a
+  // channels-last x is dense, so empty_like keeps its strides.
+  auto empty_out = [&] {
+    return x.is_contiguous() ? at::empty(x.sizes(), x.options().dtype(at::kFloat))
+                             : at::empty_like(x, x.options().dtype(at::kFloat));
+  };
+  Tensor sample = empty_out(), x0 = empty_out();
   a.coefs = c.data_ptr<float>();
   a.sample = sample.data_ptr<float>();
   a.x0 = x0.data_ptr<float>();

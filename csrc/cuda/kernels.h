@@ -57,11 +57,17 @@ int64_t group_norm_act_backward_workspace(const GroupNormBackwardArgs& a);
 cudaError_t group_norm_act_backward(const GroupNormBackwardArgs& a, float* workspace,
                                     cudaStream_t stream);
 
-// One DDPM / DDIM step (adm_fast.ops.step_math). x, noise, grad, sample, x0:
-// contiguous [B, CHW] of dtype `dtype`; model_out [B, C or 2C, HW] of
-// out_dtype with sample stride out_stride; coefs fp32 [rows, B]; grad may be
+// Strides of a tensor viewed as [B, C, HW]: element (n, ch, p) at n·b + ch·c + p·hw.
+struct Strides3 {
+  int64_t b, c, hw;
+};
+
+// One DDPM / DDIM step (adm_fast.ops.step_math). x, noise, grad: [B, C, HW]
+// of dtype `dtype`; model_out [B, C or 2C, HW] of out_dtype, the variance half
+// from channel C; each with its own strides, NCHW-contiguous or channels-last
+// (C contiguous), x dense in its layout. coefs fp32 [rows, B]; grad may be
 // null. mean_type and var_type are the codes of csrc/step_codes.h. sample and
-// x0 are written as fp32.
+// x0 are written as fp32 with x's strides.
 struct StepArgs {
   DType dtype, out_dtype;
   const void* x;
@@ -71,7 +77,8 @@ struct StepArgs {
   const float* coefs;
   float* sample;
   float* x0;
-  int64_t b, chw, out_stride;
+  int64_t b, c, hw;
+  Strides3 sx, sout, snoise, sgrad;
   int mean_type;
   bool clip;
 };
