@@ -66,7 +66,26 @@ def report() -> str:
         "  -- CUDA kernels are built, but no GPU is present: they cannot run here")
     lines.append(f"CUDA extension:    {cuda.build_info()}{built}")
     lines.append(f"setting: {ops.current_backend()} (use_backend / $ADM_FAST_BACKEND)")
+    lines += _refused()
     return "\n".join(lines)
+
+
+def _refused() -> List[str]:
+    """What auto will not use here: implementations that disagreed with the
+    reference on this machine and build (ops/verify.py)."""
+    from .ops import store, verify
+
+    if not verify.enabled():
+        return ["", "checked against the reference before auto uses them: no "
+                "(ADM_FAST_VERIFY=0)"]
+    refused = verify.refused_here()
+    lines = ["", f"refused by auto here (they disagreed with the reference; "
+             f"{store.path('verify.json')}): {len(refused) or 'none'}"]
+    for v in refused:
+        at = f" at {v['threads']}" if v.get("threads") else f" on {v['device'].split('|')[0]}"
+        lines.append(f"  {v['op']} on {v['impl']}: {v['call']}{at}: {v['what']} max error "
+                     f"{v['error']:.3g} > {v['allowed']:.3g} allowed")
+    return lines
 
 
 def main(argv=None) -> int:

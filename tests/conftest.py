@@ -1,5 +1,8 @@
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,13 @@ import torch  # noqa: E402  (imports no Triton)
 # (test_autotune.py tests the timing itself).
 os.environ.pop("ADM_FAST_BACKEND", None)
 os.environ["ADM_FAST_AUTOTUNE"] = "0"
+# Auto checks implementations against the reference before it uses them
+# (ops/verify.py), in the tests as for users; the verdicts go to a folder of
+# this process's (subprocesses inherit it), so no run depends on an earlier
+# one or on the user's cache.
+os.environ.pop("ADM_FAST_VERIFY", None)
+os.environ["ADM_FAST_CACHE"] = tempfile.mkdtemp(prefix="adm_fast_tests_")
+atexit.register(shutil.rmtree, os.environ["ADM_FAST_CACHE"], True)
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; it
 # must be on before the kernels are defined (before adm_fast is imported).
 if not torch.cuda.is_available():

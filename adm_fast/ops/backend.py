@@ -29,6 +29,9 @@ class Backend:
     name: str = ""
     priority: int = 0  # higher is tried first by auto, after measured preferences
     device_types: Tuple[str, ...] = ("cpu", "cuda")
+    # The reference's own backend: what every other implementation is checked
+    # against before auto uses it (ops/verify.py), so never checked itself.
+    is_reference: bool = False
 
     def unavailable_reasons(self) -> List[str]:
         """Why the backend cannot run anything here (not built, not importable)."""
@@ -52,6 +55,12 @@ class Backend:
     def build_info(self) -> Optional[str]:
         """How it was built, for `adm-fast info`; None when nothing is built."""
         return None
+
+    def build_id(self) -> str:
+        """What identifies the code it runs beyond torch's version (a compiled
+        extension's file, Triton's version): a verdict of ops/verify.py holds
+        for one build, and a new build is checked again."""
+        return ""
 
 
 _BACKENDS: Dict[str, Backend] = {}

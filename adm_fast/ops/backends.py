@@ -19,6 +19,7 @@ from typing import List, Optional
 
 import torch
 
+from . import store
 from .backend import Backend, register_backend
 
 
@@ -30,7 +31,7 @@ class _Anywhere(Backend):
 
 
 class EagerBackend(_Anywhere):
-    name, priority = "eager", 0
+    name, priority, is_reference = "eager", 0, True
 
     def notes(self) -> str:
         return "everywhere: guided-diffusion's arithmetic, the reference"
@@ -67,6 +68,16 @@ class TritonBackend(Backend):
 
     def kernels(self, name: str):
         return self.modules[name]
+
+    def build_id(self) -> str:
+        # Triton's version pins its compiler (ptxas ships with it); the kernels
+        # are compiled from their source files here, so an edited file is a
+        # new build too.
+        if self.error:
+            return "none"
+        import triton
+        files = ",".join(store.module_build(m.__name__) for m in self.modules.values())
+        return f"{triton.__version__}{'-interpreted' if self.interpreted else ''}[{files}]"
 
     def unavailable_reasons(self) -> List[str]:
         return [self.error] if self.error else []
@@ -118,6 +129,9 @@ class NativeBackend(Backend):
 
     def build_info(self) -> str:
         return self.ext.build_info() if self.ext is not None else self.error
+
+    def build_id(self) -> str:
+        return store.module_build(self.module) if self.ext is not None else "none"
 
 
 class CpuBackend(NativeBackend):

@@ -56,6 +56,11 @@ class Conv3x3(Op):
     has_kernel_backward = True
     preferences = [{"device": "cpu", "order": ["eager", "cpu"]}]
     tune = {"cpu": ("eager", "cpu")}
+    # Winograd's transforms sum up to 9 products where a direct convolution
+    # rounds each once: against fp64, its largest error ran to 3.2x oneDNN's
+    # (300 -> 240 channels on 8x8 maps, over 25 inputs), 0.35-2.7x at the shapes
+    # of tests/test_conv3x3.py and the benchmark (whose bound is 4x too).
+    verify_factor = 4.0
 
     def check(self, x, weight, bias) -> None:
         op = self.name

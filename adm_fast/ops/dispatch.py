@@ -4,7 +4,8 @@ An explicitly chosen backend is strict: it runs the call or raises
 `BackendNotSupported` with its reasons. `auto` walks the op's implementations
 — first the backends its measured preferences name for calls like this one,
 then the rest by backend priority — and takes the first with no reasons
-against it (`not_supported_reasons`, then `auto_reasons`).
+against it (`not_supported_reasons`, then `auto_reasons`, then whether it
+agreed with the reference on this machine: ops/verify.py).
 
 Preferences are rules in each op's spec (`Op.preferences`), measured by the
 benchmarks: {"device": "cpu", "dtype": "fp32", "grad": True,
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import backend as _backend
+from . import verify
 from .backend import AUTO, BackendNotSupported
 from .impl import Call, Impl, dtype_name
 
@@ -70,7 +72,8 @@ def select(op, call: Call) -> Impl:
         return impl
     rejected: Dict[str, List[str]] = {}
     for impl in auto_order(op, call):
-        why = impl.not_supported_reasons(call) or impl.auto_reasons(call)
+        why = (impl.not_supported_reasons(call) or impl.auto_reasons(call)
+               or verify.reasons(op, impl, call))
         if not why:
             if rejected and not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
                 log.debug("%s -> %s (%s)", op.name, impl.backend, format_reasons(op.name, rejected))

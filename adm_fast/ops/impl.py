@@ -47,11 +47,13 @@ def layout_of(t: Tensor) -> str:
 class Call:
     """What implementations are chosen by: the op's tensors by name (absent
     optional ones left out), the op's own size features, and whether autograd
-    will want the backward."""
+    will want the backward; and the call's own arguments, on which auto checks
+    an implementation against the reference before it uses it (ops/verify.py)."""
 
     tensors: Dict[str, Tensor]
     features: Dict[str, int]
     grad: bool
+    args: Tuple = ()
 
     @property
     def device_type(self) -> str:
@@ -72,6 +74,9 @@ class Impl:
     layouts: Mapping[str, Tuple[str, ...]] = {}  # tensor name -> accepted layouts
     max_features: Mapping[str, int] = {}  # feature -> largest supported value
     differentiable: bool = True  # has a backward (composite: torch's autograd)
+    # The op's verify_factor unless set: one that rounds differently from the
+    # reference by design may be allowed more of torch's error (ops/verify.py).
+    verify_factor: Optional[float] = None
 
     def not_supported_reasons(self, call: Call) -> List[str]:
         b = _backend.get(self.backend)

@@ -5,7 +5,8 @@ An op's spec subclasses `Op` (in the op's own file) and gives its signature,
 argument check, eager reference, size features, fake, and — when its kernels
 have a backward — how to call it. Each call then goes:
 
-  check → (empty input: the reference) → dispatch picks an Impl →
+  check → (empty input: the reference) → dispatch picks an Impl (auto: one
+    that agreed with the reference on this machine, ops/verify.py) →
     composite Impl:       impl.run(*args), torch's autograd
     kernel Impl, tracing: torch.ops.adm_fast.<op>(*args, backend), a
                           custom op with a fake and autograd, so torch.compile
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
-from . import autotune, dispatch
+from . import autotune, dispatch, verify
 from .impl import Call, Impl
 
 _TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "int": int, "float": float,
@@ -65,7 +66,7 @@ def explain(op_name: str, *args) -> str:
     for impl in order:
         why = impl.not_supported_reasons(call)
         if name == _backend.AUTO and not why:
-            why = impl.auto_reasons(call)
+            why = impl.auto_reasons(call) or verify.reasons(op, impl, call)
         if not why and chosen is None and name in (_backend.AUTO, impl.backend):
             chosen = impl.backend
             lines.append(f"  {impl.backend}: chosen")
@@ -94,6 +95,9 @@ class Op:
     # device type -> backends auto times against each other per call signature
     # (ops/autotune.py), where machines disagree on which is faster
     tune: Dict[str, Tuple[str, ...]] = {}
+    # How many times torch's own error at the call's precision an
+    # implementation's may be before auto refuses it (ops/verify.py).
+    verify_factor: float = 2.0
 
     # --- the spec -------------------------------------------------------------
     def check(self, *args) -> None:
@@ -138,7 +142,7 @@ class Op:
     def describe(self, args) -> Call:
         tensors = {self.args[i][1]: args[i] for i in self.tensor_pos if args[i] is not None}
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
-        return Call(tensors, self.features(*args), grad)
+        return Call(tensors, self.features(*args), grad, tuple(args))
 
     def __call__(self, *args):
         return self.run_decided(self.checked_decision(args), args)
@@ -160,7 +164,10 @@ class Op:
         decision = self._decisions.get(key)
         if decision is None:
             self.check(*args)
+            unverified = verify.unverified()
             decision = self.decide(args)
+            if verify.unverified() != unverified:
+                return decision  # not kept: something ran unchecked; a later call checks it
             if len(self._decisions) >= _MAX_DECISIONS:
                 self._decisions.clear()
             self._decisions[key] = decision
@@ -173,11 +180,14 @@ class Op:
         call = self.describe(args)
         impl = dispatch.select(self, call)
         names = self.tune.get(call.device_type, ())
-        if impl.backend in names and _backend.current_backend(self.name) == _backend.AUTO:
+        if (impl.backend in names and _backend.current_backend(self.name) == _backend.AUTO
+                and autotune.active(call)):
             candidates = [self.impls[n] for n in names if n in self.impls
                           and not self.impls[n].not_supported_reasons(call)
                           and not self.impls[n].auto_reasons(call)]
-            impl = autotune.pick(self, call, args, candidates) or impl
+            if len(candidates) > 1:  # else nothing is timed: the static order's holds
+                candidates = [c for c in candidates if not verify.reasons(self, c, call)]
+                impl = autotune.pick(self, call, args, candidates) or impl
         return impl, call.grad
 
     def _key(self, args):
