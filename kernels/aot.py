@@ -127,18 +127,25 @@ def representative_launches(arch: int = 90) -> List[Launch]:
     an sm_<arch> GPU would make them."""
     from . import diffusion_step, group_norm_act, qkv_attention
 
+    def channels_last(t):  # channels_last, or for [N, C, T] the view of a channels_last map
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
     cases: List[Tuple[str, Callable[[], object]]] = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         dn = str(dtype).replace("torch.", "")
+        # The [N, C, T] ones are attention's norm on 8x8 and 16x16 maps, one
+        # group in registers.
         for shape, cl in (((8, 256, 32, 32), False), ((8, 256, 32, 32), True),
-                          ((1, 128, 128, 128), False), ((1, 128, 128, 128), True)):
+                          ((1, 128, 128, 128), False), ((1, 128, 128, 128), True),
+                          ((8, 512, 64), True), ((4, 256, 256), True)):
             x = torch.randn(shape, dtype=dtype)
             if cl:
-                x = x.to(memory_format=torch.channels_last)
+                x = channels_last(x)
             c, n = shape[1], shape[0]
             w, b = torch.ones(c), torch.zeros(c)
             s, sh = torch.zeros(n, 2 * c, dtype=dtype).chunk(2, dim=1)
-            name = f"gn {list(shape)} {'NHWC' if cl else 'NCHW'} {dn}"
+            fmt = ("NTC" if x.dim() == 3 else "NHWC") if cl else "NCHW"
+            name = f"gn {list(shape)} {fmt} {dn}"
 
             def fwd(x=x, w=w, b=b, s=s, sh=sh):
                 group_norm_act.forward(x, 32, w, b, s, sh, 1e-5, True)
@@ -149,23 +156,37 @@ def representative_launches(arch: int = 90) -> List[Launch]:
                                         True, True)
             cases += [(name + " fwd", fwd), (name + " bwd", bwd)]
         x = torch.randn(16, 3, 64, 64, dtype=dtype)
-        out = torch.randn(16, 6, 64, 64, dtype=dtype)
         coefs = torch.rand(8, 16)
-        cases.append((f"ddpm_step {dn}", lambda x=x, out=out, c=coefs: diffusion_step.ddpm_step(
-            x, out, torch.randn_like(x), c, torch.randn_like(x), "eps", "learned_range", True)))
-        cases.append((f"ddim_step {dn}", lambda x=x, out=out, c=coefs: diffusion_step.ddim_step(
-            x, out, torch.randn_like(x), c[:7], torch.randn_like(x), "eps", True, 0.5)))
+        # NCHW throughout, and as a GPU sampler has them: the model output and
+        # the guidance gradient channels_last, x and the noise NCHW.
+        for layout, cl in (("", False), (" NHWC out+grad", True)):
+            out = torch.randn(16, 6, 64, 64, dtype=dtype)
+            grad = torch.randn_like(x)
+            if cl:
+                out, grad = channels_last(out), channels_last(grad)
+            cases.append((f"ddpm_step{layout} {dn}", lambda x=x, out=out, g=grad, c=coefs:
+                          diffusion_step.ddpm_step(x, out, torch.randn_like(x), c, g, "eps",
+                                                   "learned_range", True)))
+            cases.append((f"ddim_step{layout} {dn}", lambda x=x, out=out, g=grad, c=coefs:
+                          diffusion_step.ddim_step(x, out, torch.randn_like(x), c[:7], g, "eps",
+                                                   True, 0.5)))
     for dtype in (torch.bfloat16, torch.float32):
         dn = str(dtype).replace("torch.", "")
-        for heads, c, t in ((4, 64, 1024), (2, 96, 256), (2, 128, 1024), (2, 192, 256),
-                            (1, 256, 1024), (8, 64, 65)):
+        for heads, c, t, cl in ((4, 64, 1024, False), (2, 96, 256, False),
+                                (2, 128, 1024, False), (2, 192, 256, False),
+                                (1, 256, 1024, False), (8, 64, 65, False),
+                                # qkv from conv1x1 on channels_last maps: channels contiguous
+                                (4, 64, 1024, True), (2, 128, 256, True), (2, 192, 256, True),
+                                (1, 256, 1024, True), (8, 64, 65, True)):
             qkv = torch.randn(2, 3 * heads * c, t, dtype=dtype)
+            dout = torch.randn(2, heads * c, t, dtype=dtype)
+            if cl:
+                qkv, dout = channels_last(qkv), channels_last(dout)
 
-            def attn(qkv=qkv, heads=heads, c=c, t=t, dtype=dtype):
+            def attn(qkv=qkv, dout=dout, heads=heads):
                 out, lse = qkv_attention.forward(qkv, heads, True)
-                qkv_attention.backward(torch.randn(2, heads * c, t, dtype=dtype), qkv, out, lse,
-                                       heads, True)
-            cases.append((f"attention hd{c} T{t} {dn}", attn))
+                qkv_attention.backward(dout, qkv, out, lse, heads, True)
+            cases.append((f"attention hd{c} T{t}{' NTC' if cl else ''} {dn}", attn))
     launches: List[Launch] = []
     for name, run in cases:
         with as_if_on_gpu(arch), captured() as got:
