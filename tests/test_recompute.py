@@ -85,3 +85,51 @@ def test_no_recipe_under_no_grad_or_checkpointing():
         out.sum().backward()
     torch.testing.assert_close(out.detach(), ref, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(x2.grad).all()
+
+
+class _GroupNormCalls(adm_fast.ops.op.Observer):
+    def __init__(self):
+        self.forwards = 0
+
+    def enter(self, op, impl, phase, args):
+        self.forwards += op == "group_norm_act" and phase == "forward"
+
+
+@pytest.mark.parametrize("backend", [FUSED, {"group_norm_act": "cpu", "conv3x3": "cpu"}])
+def test_guidance_rebuilds_nothing_in_backward(backend):
+    """∇x alone (guidance): no recipe is rebuilt — no conv input is read
+    without its weight's gradient, no pooling reads values — and ∇x is the
+    same as with nothing recomputed. Training still rebuilds."""
+    torch.manual_seed(0)
+    clf = adm_fast.create_classifier(image_size=16, classifier_use_fp16=False,
+                                     classifier_width=32, classifier_depth=1,
+                                     classifier_attention_resolutions="8",
+                                     classifier_use_scale_shift_norm=True,
+                                     classifier_resblock_updown=True, classifier_pool="attention",
+                                     classifier_channel_mult="1,2")
+    clf.eval()
+    adm_fast.ops.use_preferred_layout(clf, "cpu")
+    x = torch.randn(2, 3, 16, 16) + 0.3
+    t = torch.tensor([5, 600])
+    cond_fn = adm_fast.classifier_cond_fn(clf, 1.0)
+    y = torch.tensor([1, 3])
+    counter = _GroupNormCalls()
+    with adm_fast.use_backend(backend):
+        with torch.no_grad(), adm_fast.ops.op.observe(counter):
+            logits_only = clf(x, t)
+        forwards = counter.forwards  # the forward's own
+        counter.forwards = 0
+        with adm_fast.ops.op.observe(counter):
+            grad = cond_fn(x, t, y=y)
+        assert counter.forwards == forwards, (counter.forwards, forwards)  # none in backward
+        adm_fast.ops.set_norm_act_recompute(False)
+        try:
+            ref = cond_fn(x, t, y=y)
+        finally:
+            adm_fast.ops.set_norm_act_recompute(True)
+    assert torch.equal(grad, ref)
+    assert logits_only.shape == (2, 1000)
+    counter.forwards = 0
+    with adm_fast.use_backend(backend), adm_fast.ops.op.observe(counter):
+        clf(x.requires_grad_(True), t).float().pow(2).mean().backward()
+    assert counter.forwards > forwards  # the weights' gradients read rebuilt inputs
