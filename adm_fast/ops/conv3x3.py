@@ -139,6 +139,10 @@ class Cpu(Impl):
             why.append(f"x is not channels_last (it is {layout_of(call.tensors['x'])})")
         return why
 
+    def native_ops(self):
+        from .winograd_weights import TRANSFORM
+        return NATIVE, FROM_U, NATIVE_WEIGHT_GRAD, TRANSFORM
+
     def forward(self, x, weight, bias):
         if not _winograd_runs():  # the composite op falls back to torch's convolution
             return NATIVE(x, weight, bias)

@@ -168,6 +168,9 @@ class Triton(Impl):
 
 
 class _Native(Impl):
+    def native_ops(self):
+        return NATIVE_FORWARD, NATIVE_BACKWARD
+
     def forward(self, *args):
         return NATIVE_FORWARD(*args)
 

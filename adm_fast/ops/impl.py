@@ -116,6 +116,12 @@ class Impl:
         """Why auto should pass over a call this implementation could run."""
         return _backend.get(self.backend).auto_reasons(call.device_type)
 
+    def native_ops(self) -> Tuple:
+        """The adm_fast_native ops (torch.ops OpOverloads) this implementation
+        calls: each needs a kernel for the backend's device (CI checks the CUDA
+        build registers them all)."""
+        return ()
+
     # "composite": differentiable torch code with the op's signature.
     def run(self, *args):
         raise NotImplementedError

@@ -23,6 +23,7 @@ saved inputs, so every backend supports double backward.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +38,43 @@ _TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "int": int, "float": fl
           "bool": bool, "str": str}
 _OPS: Dict[str, "Op"] = {}
 _MAX_DECISIONS = 4096  # calls of distinct shapes remembered per op before starting over
+# Observers told of every op call and kernel backward (the benchmarks' traces:
+# adm-fast bench plan); empty otherwise, and then one truth test per call.
+_OBSERVERS: List = []
+
+
+class Observer:
+    """Told, around each op call in an `observe` block, which implementation
+    ran it: impl is a backend name, or "reference" (the eager reference an
+    empty input takes, or a backward through it); phase is "forward" or
+    "backward". Work done between enter and exit is the call's."""
+
+    def enter(self, op: str, impl: str, phase: str, args) -> None:
+        pass
+
+    def exit(self, op: str, impl: str, phase: str, args, outs) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def observe(observer: Observer):
+    _OBSERVERS.append(observer)
+    try:
+        yield observer
+    finally:
+        _OBSERVERS.remove(observer)
+
+
+def _observed(op: str, impl: str, phase: str, args, fn):
+    for o in list(_OBSERVERS):
+        o.enter(op, impl, phase, args)
+    outs = None
+    try:
+        outs = fn()
+        return outs
+    finally:
+        for o in reversed(list(_OBSERVERS)):
+            o.exit(op, impl, phase, args, outs)
 
 
 def parse_signature(signature: str) -> List[Tuple[str, str]]:
@@ -150,7 +188,12 @@ class Op:
     def run_decided(self, decision, args):
         """The call on a decision from checked_decision (None: the reference)."""
         impl, grad = decision
-        return self.reference(*args) if impl is None else self.run(impl, args, grad)
+        if impl is not None:
+            return self.run(impl, args, grad)
+        if _OBSERVERS:
+            return _observed(self.name, "reference", "forward", args,
+                             lambda: self.reference(*args))
+        return self.reference(*args)
 
     def checked_decision(self, args):
         """check(*args), then decide(args), both skipped for a call with the key
@@ -210,6 +253,12 @@ class Op:
     def run(self, impl: Impl, args, grad: Optional[bool] = None):
         """This call on one implementation, whatever the backend setting (a value
         recomputed in backward must come from the implementation that made it)."""
+        if _OBSERVERS:
+            return _observed(self.name, impl.backend, "forward", args,
+                             lambda: self._run(impl, args, grad))
+        return self._run(impl, args, grad)
+
+    def _run(self, impl: Impl, args, grad: Optional[bool] = None):
         if impl.kind == "composite":
             return impl.run(*args)
         if torch.compiler.is_compiling():
@@ -239,9 +288,14 @@ class Op:
         kept = saved[len(self.tensor_pos):]
         needs = tuple(needs[: len(self.args)])
         if self.has_kernel_backward and not torch.is_grad_enabled():
-            got = self.kernel_backward(self.impls[ctx.backend], args, kept, grads, needs)
+            def run():
+                return self.kernel_backward(self.impls[ctx.backend], args, kept, grads, needs)
+            used = ctx.backend
         else:
-            got = self._through_reference(args, grads, needs)
+            def run():
+                return self._through_reference(args, grads, needs)
+            used = "reference"
+        got = _observed(self.name, used, "backward", args, run) if _OBSERVERS else run()
         return tuple(g if needs[i] else None for i, g in enumerate(got))
 
     def _through_reference(self, args, grads, needs) -> Tuple:

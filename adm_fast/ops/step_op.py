@@ -158,6 +158,9 @@ class _StepNative(_StepKernels):
         super().__init__(op)
         self.native_op = native_op
 
+    def native_ops(self):
+        return (self.native_op,)
+
     def forward(self, *args):
         return self.cast(self.native_op(*self.spec.native_args(*args)), args)
 
