@@ -239,6 +239,6 @@ class AttentionPool2d(nn.Module):
                 f"features, got {'x'.join(map(str, spatial))}: the classifier's input "
                 f"must have the image_size it was built with")
         x = x.reshape(b, c, math.prod(spatial))
-        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
+        x = ops.prepend_token(x, x.mean(dim=-1, keepdim=True))
         x = x + self.positional_embedding[None].to(x.dtype)
         return ops.conv1x1_token(self.c_proj, self.attention(ops.conv1x1(self.qkv_proj, x)), 0)

@@ -11,6 +11,7 @@ where the matmul takes 1.5 (64 -> 192 channels, 1024 tokens, batch 4, 2 threads)
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,6 +24,17 @@ def conv1x1(conv: nn.Conv1d, x: Tensor) -> Tensor:
             and conv.stride == (1,) and conv.padding == (0,) and conv.dilation == (1,)):
         return F.linear(x.transpose(1, 2), conv.weight.squeeze(-1), conv.bias).transpose(1, 2)
     return conv(x)
+
+
+def prepend_token(x: Tensor, token: Tensor) -> Tensor:
+    """torch.cat([token, x], dim=-1) for x [N, C, T] and token [N, C, 1], in x's
+    layout: cat makes a 3-D result contiguous, which for the [N, C, T] view of
+    a channels_last map is a transposing copy, and every op after it (the
+    attention pool's projections and attention) would then copy again. The
+    values are cat's either way."""
+    if layout_of(x) == "channels_last_1d" and x.shape[-1] > 1:
+        return torch.cat([token.transpose(1, 2), x.transpose(1, 2)], dim=1).transpose(1, 2)
+    return torch.cat([token, x], dim=-1)
 
 
 def conv1x1_token(conv: nn.Conv1d, x: Tensor, index: int = 0) -> Tensor:

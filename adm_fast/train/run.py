@@ -137,7 +137,9 @@ def _train(kind, flags, world, log_dir, precision, fp16_key) -> int:
     if flags["use_checkpoint"]:
         model.set_checkpointing(resblocks=True, attention=bool(flags["checkpoint_attention"]))
     if flags["backend"] != "eager":  # eager stays guided-diffusion's computation, layout too
-        ops.use_preferred_layout(model, world.device, training=True)
+        # the dtype the convolutions will run in: converted or autocast later
+        low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        ops.use_preferred_layout(model, world.device, training=True, dtype=low)
     sampler = create_named_schedule_sampler(flags["schedule_sampler"], diffusion)
     workers = None if flags["num_workers"] < 0 else flags["num_workers"]
     local = gb // world.world_size
