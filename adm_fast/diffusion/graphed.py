@@ -68,7 +68,9 @@ class GraphedStep:
         return {"sample": sample.clone(), "pred_xstart": x0.clone()}
 
     def _capture(self) -> None:
-        if self.static["x"].device.type != "cuda":
+        # Not captured on a CPU, nor on CUDA tensors without a GPU (the fake ones
+        # adm-fast bench plan traces the step on): the same buffers run eagerly.
+        if self.static["x"].device.type != "cuda" or not torch.cuda.is_available():
             return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -68,12 +68,16 @@ class SamplingLoops:
         if indices is None:
             indices = list(range(self.num_timesteps))[::-1]
         watch = _FiniteWatch(len(indices), img.device, self.check_every)
+        # Every step's timesteps made on the device at once: torch.tensor of a
+        # Python list per step is a host-to-device copy inside the loop.
+        all_t = torch.tensor(list(indices), device=device).unsqueeze(1).expand(
+            -1, shape[0]).contiguous()
         if progress:
             from tqdm.auto import tqdm
 
             indices = tqdm(indices)
         for step, i in enumerate(indices):
-            t = torch.tensor([i] * shape[0], device=device)
+            t = all_t[step]
             with torch.no_grad():
                 out = step_fn(img, t, i)
                 watch.update(out["sample"], step)

@@ -20,7 +20,12 @@ def apply_dtype(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
     torso's convolutions in that dtype; embeddings, norms and head in fp32)."""
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be None, float32, float16 or bfloat16, got {dtype}")
-    model.float()
+    # Tensor by tensor through .data, as Module.float() does for plain tensors: a
+    # model of fake tensors (adm-fast bench plan) cannot be converted by
+    # Module._apply, which swaps fake parameters and fails on their weak refs.
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t.data = t.data.float()
     if dtype == torch.float16:
         model.convert_to_fp16()
     elif dtype == torch.bfloat16:
