@@ -48,3 +48,25 @@ def test_conv1x1_token_of_an_empty_batch():
     conv = nn.Conv1d(8, 10, 1)
     with ops.use_backend("auto"):
         assert ops.conv1x1_token(conv, torch.randn(0, 8, 5), 0).shape == (0, 10)
+
+
+def test_a_channels_last_unet_stays_channels_last_at_batch_one():
+    """A batch of one: an elementwise op leaves the batch stride free, and cat
+    then answered NCHW at the skip connections; every convolution of the
+    UNet must see channels_last activations (the image itself aside)."""
+    import adm_fast
+
+    torch.manual_seed(0)
+    model = adm_fast.create_model(image_size=16, num_channels=64, num_res_blocks=1,
+                                  channel_mult="1,2", attention_resolutions="8",
+                                  num_head_channels=32, learn_sigma=True)
+    adm_fast.ops.use_preferred_layout(model, "cpu")
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(lambda mod, inp: seen.append(
+                (inp[0].shape[1], inp[0].is_contiguous(memory_format=torch.channels_last))))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, 16), torch.tensor([10]))
+    nchw = [c for c, cl in seen if not cl and c > 4]
+    assert seen and not nchw, seen

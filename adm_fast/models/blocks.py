@@ -149,7 +149,7 @@ class ResBlock(TimestepBlock):
             h = conv(drop(norm_act(out_norm, h, scale, shift)))
         else:  # dropout is the identity here (eval, or p = 0)
             h = norm_act_conv(out_norm, h, conv, scale, shift, recompute=recompute)
-        return self.skip_connection(x) + h
+        return ops.tidy_strides(self.skip_connection(x) + h)
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -207,7 +207,7 @@ class AttentionBlock(nn.Module):
         qkv = norm_act_conv(self.norm, x, lambda h: ops.conv1x1(self.qkv, h), act=False,
                             recompute=not self.use_checkpoint)
         h = ops.conv1x1(self.proj_out, self.attention(qkv))
-        return (x + h).reshape(b, c, *spatial)
+        return ops.tidy_strides((x + h).reshape(b, c, *spatial))
 
 
 class AttentionPool2d(nn.Module):

@@ -17,7 +17,7 @@ from .impl import Call, Impl
 from .layout import preferred_memory_format, use_preferred_layout
 from .norm_act_conv import norm_act_conv, set_norm_act_recompute
 from .op import Op, explain, ops, ops_of_backend
-from .pointwise import conv1x1, conv1x1_token, prepend_token
+from .pointwise import conv1x1, conv1x1_token, prepend_token, tidy_strides
 from .qkv_attention import QKV_ATTENTION, qkv_attention
 
 _backends.load_native()  # after the specs above defined the schemas the extensions implement
@@ -27,5 +27,5 @@ __all__ = [
     "explain", "ops", "ops_of_backend", "register_backend", "set_backend", "use_backend", "group_norm_act",
     "qkv_attention", "ddpm_step", "ddim_step", "norm_act_conv", "set_norm_act_recompute",
     "GROUP_NORM_ACT", "QKV_ATTENTION", "DDPM_STEP", "DDIM_STEP", "preferred_memory_format",
-    "use_preferred_layout", "conv1x1", "conv1x1_token", "prepend_token", "conv3x3", "CONV3X3",
+    "use_preferred_layout", "conv1x1", "conv1x1_token", "prepend_token", "tidy_strides", "conv3x3", "CONV3X3",
 ]

@@ -37,6 +37,21 @@ def prepend_token(x: Tensor, token: Tensor) -> Tensor:
     return torch.cat([token, x], dim=-1)
 
 
+def tidy_strides(x: Tensor) -> Tensor:
+    """x, as a view with the strides its memory format implies. A dimension of
+    size one may carry any stride, and an elementwise op leaves a batch of one
+    channels_last map with whatever its iterator chose; ops that take their
+    output's layout from their input's strides (cat, interpolate, pooling)
+    then read it as NCHW, and every layer after would run, or copy, NCHW."""
+    if (x.dim() == 4 and x.shape[0] == 1 and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()):
+        c, h, w = x.shape[1:]
+        if x.stride() != (h * w * c, 1, w * c, c):
+            # views all the way (as_strided's backward would scatter)
+            return x.permute(0, 2, 3, 1).reshape(-1).view(1, h, w, c).permute(0, 3, 1, 2)
+    return x
+
+
 def conv1x1_token(conv: nn.Conv1d, x: Tensor, index: int = 0) -> Tensor:
     """conv1x1(conv, x)[:, :, index]. guided-diffusion projects every token and
     keeps one (the attention pool: a 1000-way head over HW + 1 tokens, 16 of 17
