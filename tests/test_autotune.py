@@ -8,6 +8,7 @@ import torch
 
 from adm_fast import ops
 from adm_fast.ops import autotune
+import adm_fast
 
 
 @pytest.fixture
@@ -78,3 +79,20 @@ def test_a_choice_stored_first_by_another_process_wins(tuning, monkeypatch):
     assert autotune.pick(ops.QKV_ATTENTION, call2, (qkv2, 2, True), impls).backend == "sdpa"
     stored = json.loads((tuning / "autotune.json").read_text())
     assert stored[autotune.key(ops.QKV_ATTENTION, call2)] == "sdpa" and stored[k] == "eager"
+
+
+def test_fake_tensors_are_not_timed_and_their_decisions_not_kept(tuning):
+    """A traced step (adm-fast bench plan, bench sample's roofline) runs on fake
+    tensors: nothing to time there, and the static order that stands in must
+    not be stored or remembered for the real tensors of the same shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from adm_fast.ops import autotune
+
+    qkv_shape = (2, 3 * 2 * 32, 256)
+    with FakeTensorMode():
+        adm_fast.ops.qkv_attention(torch.randn(qkv_shape), 2)
+    assert not autotune._table()
+    assert not adm_fast.ops.QKV_ATTENTION._decisions
+    adm_fast.ops.qkv_attention(torch.randn(qkv_shape), 2)
+    assert len(autotune._table()) == 1  # the real call is timed and stored

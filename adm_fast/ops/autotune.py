@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import store
-from .impl import Call, Impl, dtype_name, layout_of
+from .impl import Call, Impl, dtype_name, holds_values, layout_of
 
 _STATE: Dict[str, object] = {"table": None, "path": None}
 _FILE = "autotune.json"
@@ -34,8 +34,10 @@ def enabled() -> bool:
 
 def active(call: Call) -> bool:
     """Whether pick() may time candidates for this call (the op checks them
-    against the reference first, ops/verify.py: only what would be timed)."""
-    return enabled() and call.device_type == "cpu"
+    against the reference first, ops/verify.py: only what would be timed).
+    Not on fake or meta tensors: nothing to time, and a choice made on them
+    must not be stored."""
+    return enabled() and call.device_type == "cpu" and holds_values(call.tensors.values())
 
 
 def _machine() -> str:

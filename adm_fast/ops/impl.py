@@ -43,6 +43,14 @@ def layout_of(t: Tensor) -> str:
     return "strided"
 
 
+def holds_values(tensors) -> bool:
+    """Whether these tensors hold data: not meta or fake tensors (a traced plan,
+    torch.compile's tracing), whose shapes alone cannot time or check a kernel."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not any(t is not None and (t.device.type == "meta" or is_fake(t)) for t in tensors)
+
+
 @dataclass
 class Call:
     """What implementations are chosen by: the op's tensors by name (absent

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import autotune, dispatch, verify
-from .impl import Call, Impl
+from .impl import Call, Impl, holds_values
 
 _TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "int": int, "float": float,
           "bool": bool, "str": str}
@@ -209,8 +209,11 @@ class Op:
             self.check(*args)
             unverified = verify.unverified()
             decision = self.decide(args)
-            if verify.unverified() != unverified:
-                return decision  # not kept: something ran unchecked; a later call checks it
+            if verify.unverified() != unverified or not holds_values(
+                    args[i] for i in self.tensor_pos):
+                # not kept: something ran unchecked, or the static order stood in
+                # for what tensors without data cannot time; a later call decides
+                return decision
             if len(self._decisions) >= _MAX_DECISIONS:
                 self._decisions.clear()
             self._decisions[key] = decision
