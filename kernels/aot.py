@@ -74,6 +74,44 @@ def compile_launch(launch: Launch, arch: int):
     return triton.compile(src, target=target, options=options.__dict__)
 
 
+def stand_in(launch: Launch) -> Launch:
+    """The launch with tensors that hold no data (fake, meta, or a GPU's) in
+    place of small CPU tensors of the same dtype and 16-byte alignment: what a
+    launch's specialisation reads of a tensor. For launches captured on fake
+    tensors (adm-fast bench plan)."""
+    def swap(a):
+        if not isinstance(a, torch.Tensor) or (a.device.type == "cpu"
+                                               and type(a) is torch.Tensor):
+            return a
+        size = a.element_size()
+        base = torch.empty(128 // size, dtype=a.dtype)  # CPU allocations are 64-byte aligned
+        return base[(a.storage_offset() * size % 16) // size:]
+    return Launch(launch.kernel, tuple(swap(a) for a in launch.args),
+                  {k: swap(v) for k, v in launch.kwargs.items()}, launch.grid, launch.case)
+
+
+def specialization_key(launch: Launch) -> tuple:
+    """Launches with equal keys compile to the same kernel: the same function,
+    meta-parameters, dtypes, 16-byte alignments and integer specialisations."""
+    def describe(a):
+        if isinstance(a, torch.Tensor):
+            return ("tensor", a.dtype, a.data_ptr() % 16 == 0)
+        if isinstance(a, bool) or not isinstance(a, int):
+            return (type(a).__name__, a if isinstance(a, (bool, str)) else None)
+        return ("int", a == 1, a % 16 == 0)
+    return (launch.kernel.fn.__module__, launch.kernel.fn.__qualname__,
+            tuple(describe(a) for a in launch.args),
+            tuple(sorted((k, describe(v) if isinstance(v, torch.Tensor) else v)
+                         for k, v in launch.kwargs.items())))
+
+
+def spill_allowed(launch: Launch) -> bool:
+    """The one case allowed to spill registers (SPILL_OK below, by kernel
+    arguments): fp32 attention (three TF32 products per tile) past head dim 128."""
+    return (launch.kernel.fn.__name__.startswith("attn_") and launch.kwargs.get("PREC") == 1
+            and launch.kwargs.get("BLOCK_D", 0) > 128)
+
+
 def resource_usage(compiled) -> Tuple[int, int]:
     """(registers per thread, spill bytes: stack frame + local memory) of a
     compiled kernel, from its cubin."""

@@ -222,16 +222,19 @@ _CONFIGS = {
 }
 # Ampere has no wgmma: register-resident MMA operands want smaller query tiles.
 _SM80 = {("fwd", False, 128): (64, 64, 8, 3)}
-# The architecture to pick launch shapes for, per device type that is not CUDA
-# (the interpreter; ahead-of-time compiles set it per target).
+# The architecture to pick launch shapes for, per device type whose own cannot
+# be asked: the interpreter's; ahead-of-time compiles set it per target, and a
+# plan traced on fake CUDA tensors sets "cuda".
 TARGET_ARCH = {"cpu": 90}
 
 
 def _arch(device: torch.device) -> int:
+    if device.type in TARGET_ARCH:  # the interpreter, or a GPU plan traced without a GPU
+        return TARGET_ARCH[device.type]
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
-    return TARGET_ARCH.get(device.type, 90)
+    return 90
 
 
 # Triton's interpreter runs programs one by one and is indifferent to registers:

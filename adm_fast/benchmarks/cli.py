@@ -9,6 +9,9 @@ training benchmarks, all in this process.
     adm-fast bench models [its flags]
     adm-fast bench train [its flags]
     adm-fast bench evaluate [its flags]
+    adm-fast bench plan [--preset NAME] [--classifier NAME|none] [--arch 90]
+                        [--dtype bf16|fp16|fp32] [--batch 32] [--sampler ddpm|ddim]
+                        [--backend auto] [--json PATH]
 
 Rows go to --results DIR (default: the current folder).
 
@@ -26,7 +29,7 @@ from .flags import GPU_PRESETS, BenchInputError, build_parser
 
 PROG = "adm-fast bench"
 OPS = ("group_norm_act", "qkv_attention", "diffusion_step", "conv3x3")
-USAGE = (f"usage: {PROG} {{sample,ops,models,train,evaluate}} [flags]   ({PROG} NAME --help "
+USAGE = (f"usage: {PROG} {{sample,ops,models,train,evaluate,plan}} [flags]   ({PROG} NAME --help "
          "for its flags)\n\n"
          "  sample  classifier-guided sampling throughput: adm_fast's backends against the eager\n"
          "          reference and torch.compile, with max |Δ| against eager and MFU\n"
@@ -35,7 +38,9 @@ USAGE = (f"usage: {PROG} {{sample,ops,models,train,evaluate}} [flags]   ({PROG} 
          "          leading names pick some, other flags go to each\n"
          "  models  UNet forward and training step, eager vs adm_fast (vs torch.compile)\n"
          "  train   a training step: bytes saved for backward, time, GPU peak, max batch\n"
-         "  evaluate  adm-fast evaluate's costs: Inception features/s, the P/R distance blocks\n\n"
+         "  evaluate  adm-fast evaluate's costs: Inception features/s, the P/R distance blocks\n"
+         "  plan    what a GPU would run for one guided step, traced without one (needs a CUDA\n"
+         "          build of torch): implementations, launches, syncs, layout copies, AOT, roofline\n\n"
          "Result rows go to --results DIR (default: the current folder).")
 
 
@@ -108,10 +113,10 @@ def main(argv=None) -> int:
             return _sample(rest)
         if name == "ops":
             return _ops(rest)
-        if name in ("models", "train", "evaluate"):
+        if name in ("models", "train", "evaluate", "plan"):
             return _module_main(name, rest)
         raise BenchInputError(f"unknown benchmark {name!r}; choose from sample, ops, models, "
-                              "train, evaluate")
+                              "train, evaluate, plan")
     except BenchInputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

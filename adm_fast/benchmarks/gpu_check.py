@@ -102,8 +102,21 @@ def _ops_headline(text: str) -> str:
 
 
 def _sample_headline(text: str) -> str:
-    r = _floats(column(text, "x_vs_eager", lambda row: row.get("impl") == "adm_fast[auto]"))
-    return f"guided sampling, adm_fast vs eager {r[-1]:.2f}x" if r else ""
+    """adm_fast's speed-up, and measured against the roofline's ms per step
+    (benchmarks/roofline.py) for adm_fast and eager."""
+    def pick(impl):
+        return lambda row: row.get("impl") == impl
+    r = _floats(column(text, "x_vs_eager", pick("adm_fast[auto]")))
+    if not r:
+        return ""
+    out = f"guided sampling, adm_fast vs eager {r[-1]:.2f}x"
+    for impl, label in (("adm_fast[auto]", "adm_fast"), ("eager", "eager")):
+        ms = column(text, "ms_per_step", pick(impl))
+        pred = column(text, "pred_ms", pick(impl))
+        if ms and pred and pred[-1] not in ("", "-"):
+            out += (f"; {label} {ms[-1]} ms/step vs {pred[-1]} predicted "
+                    f"({float(ms[-1]) / float(pred[-1]):.2f}x)")
+    return out
 
 
 def _train_headline(text: str) -> str:

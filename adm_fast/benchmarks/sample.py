@@ -32,8 +32,8 @@ from .layouts import (TINY, BenchInputError, Layout, backend_settings, build, la
 __all__ = ["SampleBenchConfig", "run_sample_bench", "TINY", "TABLE_KEYS"]
 
 TABLE_KEYS = ["preset", "batch", "steps", "sampler", "dtype", "impl", "ms_per_step",
-              "img_per_s", "x_vs_eager", "TFLOP/s", "MFU%", "step_max_abs_diff",
-              "loop_max_abs_diff", "compile_s"]
+              "pred_ms", "meas/pred", "img_per_s", "x_vs_eager", "TFLOP/s", "MFU%",
+              "step_max_abs_diff", "loop_max_abs_diff", "compile_s"]
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -231,13 +231,53 @@ def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: Dict, log) -> List[D
     log(f"{lay.name}: {flops['total'] / b / 1e9:.2f} GFLOP per image per step (UNet forward "
         f"{flops['unet'] / b / 1e9:.2f}, classifier forward+backward "
         f"{flops['classifier'] / b / 1e9:.2f}), guidance scale {run.scale:g}")
-    rows = _rows(run, impls, times, took, flops, ctx)
+    predicted = _predictions(run, impls, log)
+    rows = _rows(run, impls, times, took, flops, ctx, predicted)
     if cfg.compile:  # the next layout's models must not count against recompile limits
         torch.compiler.reset()
     return rows
 
 
-def _rows(run: _Run, impls, times, took, flops, ctx) -> List[Dict]:
+def _roofline_device(device: torch.device):
+    from . import roofline
+
+    if device.type == "cpu":
+        return roofline.measure_cpu()
+    name = torch.cuda.get_device_name(device).upper()
+    known = next((k for k in roofline.DEVICES if k in name), None)
+    major, minor = torch.cuda.get_device_capability(device)
+    return roofline.device_for(known, 10 * major + minor)
+
+
+def _predictions(run: _Run, impls, log) -> Dict[str, Dict]:
+    """The roofline's ms per step (benchmarks/roofline.py) for eager and each
+    adm_fast setting, from a step traced on fake tensors of the device."""
+    from . import roofline
+    from .plan import trace_step
+
+    cfg, lay = run.cfg, run.lay
+    out: Dict[str, Dict] = {}
+    try:
+        device = _roofline_device(cfg.device)
+        for impl in impls:
+            if impl.label.startswith("compile"):
+                continue  # the compiled graph is Inductor's, not a traced dispatch
+            trace = trace_step(lay.name, None if run.scale > 0 else "none", 90,
+                               DTYPE_NAMES[cfg.dtype or torch.float32], cfg.batch_size,
+                               cfg.sampler, cfg.steps, impl.setting,
+                               device_type=cfg.device.type)
+            out[impl.label] = roofline.predict(trace, device)
+        log(roofline.format_prediction({"device": device.name, **out}).splitlines()[0]
+            + f" ceilings: {device.tflops_fp32 * 1e3:.0f} GFLOP/s fp32, {device.gbps:.0f} GB/s"
+            + (f", {device.host_us:.1f} us/op ({device.source})" if device.cpu else
+               f" ({device.source})"))
+    except Exception as e:  # noqa: BLE001 - the prediction must not cost the measurement
+        log(f"  {lay.name}: roofline not traced: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}")
+    return out
+
+
+def _rows(run: _Run, impls, times, took, flops, ctx, predicted=None) -> List[Dict]:
     cfg, lay, b = run.cfg, run.lay, run.cfg.batch_size
     peak = PEAK_TFLOPS_BF16.get(cfg.device.type)
     eager_ms = common.median(times["eager"])
@@ -253,7 +293,12 @@ def _rows(run: _Run, impls, times, took, flops, ctx) -> List[Dict]:
             "dtype": DTYPE_NAMES[cfg.dtype or torch.float32], "impl": impl.label,
             "backend": _setting_str(impl.setting),
             "compile": impl.label.startswith("compile"), "repeats": cfg.repeats,
-            "ms_per_step": f"{step_ms:.2f}", "img_per_s": f"{b * 1e3 / loop_ms:.3f}",
+            "ms_per_step": f"{step_ms:.2f}",
+            "pred_ms": (f"{predicted[impl.label]['ms']:.2f}"
+                        if predicted and impl.label in predicted else "-"),
+            "meas/pred": (f"{step_ms / predicted[impl.label]['ms']:.2f}"
+                          if predicted and impl.label in predicted else "-"),
+            "img_per_s": f"{b * 1e3 / loop_ms:.3f}",
             "x_vs_eager": f"{eager_ms / loop_ms:.2f}",
             "GFLOP_per_img_step": f"{flops['total'] / b / 1e9:.3f}",
             "TFLOP/s": _fmt(tflops, ".3f"),
