@@ -21,9 +21,22 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-# Measured device ceilings (H200: copy bandwidth, dense bf16 matmul).
-PEAK_GBPS = {"cuda": 4300.0}
-PEAK_TFLOPS_BF16 = {"cuda": 790.0}
+from .roofline import DEVICES
+
+# The lent GPU's ceilings (roofline.DEVICES holds every device's, H200: copy
+# bandwidth and dense bf16 matmul, measured); ceilings(device) picks by name.
+PEAK_GBPS = {"cuda": DEVICES["H200"].gbps}
+PEAK_TFLOPS_BF16 = {"cuda": DEVICES["H200"].tflops_16}
+
+
+def ceilings(device: torch.device):
+    """(GB/s, dense bf16 TFLOP/s) of this GPU from roofline.DEVICES (the H200's
+    for a GPU not in the table), or (nan, nan) for a CPU."""
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    name = torch.cuda.get_device_name(device).upper()
+    dev = next((d for k, d in DEVICES.items() if k in name), DEVICES["H200"])
+    return dev.gbps, dev.tflops_16
 
 
 def source_root() -> Optional[Path]:

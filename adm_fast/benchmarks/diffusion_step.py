@@ -20,7 +20,7 @@ from .. import ops
 from ..diffusion import create_gaussian_diffusion
 from ..ops.ddim_step import reference as ddim_reference
 from ..ops.ddpm_step import reference as ddpm_reference
-from .common import (PEAK_GBPS, add_results_flags, append_rows, context, median_ms, print_table,
+from .common import (ceilings, add_results_flags, append_rows, context, median_ms, print_table,
                      results_file, try_compile)
 
 SIZES = (64, 256, 512)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                     gbps = nbytes / times[name] / 1e6
                     rows.append({"impl": name, "step": kind, "B": b, "size": size,
                                  "ms": f"{times[name]:.4f}", "GB/s": f"{gbps:.0f}",
-                                 "%peak": f"{100 * gbps / PEAK_GBPS.get(device.type, float('nan')):.0f}",
+                                 "%peak": f"{100 * gbps / ceilings(device)[0]:.0f}",
                                  "max_err": f"{err:.2e}"})
                 if "adm_fast" in times:
                     for row in rows[-len(times):]:

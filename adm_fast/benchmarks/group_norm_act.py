@@ -18,7 +18,7 @@ import torch
 
 from .. import ops
 from ..ops.group_norm_act import reference
-from .common import (PEAK_GBPS, add_results_flags, append_rows, context, median_ms, print_table,
+from .common import (ceilings, add_results_flags, append_rows, context, median_ms, print_table,
                      results_file, try_compile)
 
 # (C, H·W) pairs from ADM's levels: 128 channels at 128², ..., 1024 at 8².
@@ -77,7 +77,7 @@ def bench_case(n, c, hw, dtype, device, with_compile):
             rows.append({"impl": name, "N": n, "C": c, "HW": hw,
                          "dtype": str(dtype).replace("torch.", ""), "pass": what,
                          "ms": f"{ms:.4f}", "GB/s": f"{gbps:.0f}",
-                         "%peak": f"{100 * gbps / PEAK_GBPS.get(device.type, float('nan')):.0f}",
+                         "%peak": f"{100 * gbps / ceilings(device)[0]:.0f}",
                          "max_err": f"{err:.2e}"})
     for row in rows:  # speedups of adm_fast against the others, per pass
         i = 0 if row["pass"] == "fwd" else 1

@@ -31,7 +31,7 @@ import collections
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from .flags import BenchInputError
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..models import AttentionBlock
 from ..ops.qkv_attention import reference, split_heads
-from .common import (PEAK_TFLOPS_BF16, add_results_flags, append_rows, context, median_ms,
+from .common import (ceilings, add_results_flags, append_rows, context, median_ms,
                      print_table, results_file)
 
 # (model, heads, head dim, tokens, legacy order) at each attention resolution.
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     backends = ["triton", "sdpa", "eager"] if device.type == "cuda" else ["sdpa", "eager"]
     ctx, rows = context(device), []
-    peak = PEAK_TFLOPS_BF16.get(device.type, float("nan"))
+    peak = ceilings(device)[1]
     for name, heads, c, t, legacy in SHAPES:
         n = args.batch
         qkv = torch.randn(n, 3 * heads * c, t, device=device).to(dtype)

@@ -24,7 +24,6 @@ import torch
 from ..diffusion import classifier_cond_fn
 from ..ops import BackendNotSupported, use_backend, use_preferred_layout
 from . import common
-from .common import PEAK_TFLOPS_BF16
 from .flops import step_flops
 from .layouts import (TINY, BenchInputError, Layout, backend_settings, build, layout,
                       make_diffusion)
@@ -279,7 +278,7 @@ def _predictions(run: _Run, impls, log) -> Dict[str, Dict]:
 
 def _rows(run: _Run, impls, times, took, flops, ctx, predicted=None) -> List[Dict]:
     cfg, lay, b = run.cfg, run.lay, run.cfg.batch_size
-    peak = PEAK_TFLOPS_BF16.get(cfg.device.type)
+    peak = common.ceilings(cfg.device)[1] if cfg.device.type == "cuda" else None
     eager_ms = common.median(times["eager"])
     rows = []
     for impl in impls:
