@@ -48,7 +48,9 @@ and nothing is stored.
 
 Cost: once per call signature per machine and build, one more run of the
 implementation and two of the reference (forward and backward when grads are
-wanted); later runs read the verdict. ADM_FAST_VERIFY=0 turns the check off
+wanted); later runs read the verdict. On 2 CPU cores, the demo's first run
+makes 98 checks in 3.2-4.4 s (most of it fp64 convolutions at batch 100-297),
+the test suite 577 in 4.4 s. ADM_FAST_VERIFY=0 turns the check off
 and ignores stored verdicts: auto then trusts every implementation as it is
 ordered or timed, and a kernel that is wrong on this device, driver or build
 (a miscompilation, a driver bug) gives wrong outputs silently.
