@@ -237,9 +237,12 @@ def test_a_damaged_table_is_ignored(verifying):
     GN(*args)
     (key, verdict), = stored(verifying).items()
     assert verdict["ok"] is True
-    for damage in ("yes", [1], {"ok": "yes", "error": 0, "allowed": 1}, {"ok": False}):
+    from adm_fast.info import report
+    for damage in ("yes", [1], {"ok": "yes", "error": 0, "allowed": 1}, {"ok": False},
+                   {"ok": False, "error": 1.0, "allowed": 0.1}):
         (verifying / "verify.json").write_text(json.dumps({key: damage, "other": 3}))
         forget()
+        assert report().endswith("): none")
         GN(*args)
         table = stored(verifying)
         assert table[key]["ok"] is True and table["other"] == 3

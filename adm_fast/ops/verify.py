@@ -175,11 +175,16 @@ def key(op, impl: Impl, call: Call) -> str:
                      _build(impl), signature(op, call)])
 
 
+_TEXT = ("op", "impl", "call", "what", "device", "threads", "torch", "build")
+
+
 def _valid(v) -> bool:
+    """A verdict as _verdict writes it; anything else is checked again."""
     num = (int, float)
     return (isinstance(v, dict) and isinstance(v.get("ok"), bool)
             and isinstance(v.get("error"), num) and isinstance(v.get("allowed"), num)
-            and not isinstance(v.get("error"), bool) and not isinstance(v.get("allowed"), bool))
+            and not isinstance(v.get("error"), bool) and not isinstance(v.get("allowed"), bool)
+            and all(isinstance(v.get(name), str) for name in _TEXT))
 
 
 def _stored(k: str) -> Optional[dict]:
