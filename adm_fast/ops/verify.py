@@ -72,7 +72,7 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import store
-from .impl import Call, Impl, dtype_name, layout_of
+from .impl import Call, Impl, dtype_name, holds_values, layout_of
 
 log = logging.getLogger("adm_fast.verify")
 
@@ -250,14 +250,13 @@ def _warn(op, impl: Impl, verdict: dict) -> None:
 def _no_values(call: Call) -> Optional[str]:
     if torch.jit.is_tracing():
         return "torch.jit is tracing"
-    from torch._subclasses.fake_tensor import is_fake
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
     if is_in_torch_dispatch_mode():
         return "a dispatch mode is active"
-    for t in call.tensors.values():
-        if t.device.type == "meta" or is_fake(t) or \
-                torch._C._functorch.is_functorch_wrapped_tensor(t):
-            return "its tensors hold no values (meta, fake) or are functorch's wrappers"
+    if not holds_values(call.tensors.values()):
+        return "its tensors hold no values (meta or fake)"
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in call.tensors.values()):
+        return "its tensors are functorch's wrappers (vmap, grad)"
     return None
 
 
