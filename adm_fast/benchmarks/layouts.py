@@ -168,3 +168,14 @@ def backend_settings(requested: Optional[List[str]], device: torch.device,
         setting = "auto" if n == "auto" else {op: n for op in ops.ops_of_backend(n)}
         out.append((f"adm_fast[{n}]", setting))
     return out
+
+
+def model_fn(model, class_cond: bool):
+    """The UNet as the sampler calls it. Guidance passes y to the model too;
+    an unconditional UNet ignores it, as guided-diffusion's model_fn does."""
+    if class_cond:
+        return model
+
+    def unconditional(x, t, y=None):
+        return model(x, t)
+    return unconditional

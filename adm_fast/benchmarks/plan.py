@@ -121,7 +121,7 @@ def trace_step(preset: str, classifier: Optional[str], arch: int, dtype: str, ba
         kw = {}
         if lay.class_cond or clf is not None:
             kw["y"] = torch.randint(0, 1000, (batch,))
-        model = tracer.tag("unet", layouts_model_fn(unet, lay.class_cond))
+        model = tracer.tag("unet", layouts.model_fn(unet, lay.class_cond))
         cond_fn = None
         if clf is not None:
             cond_fn = tracer.tag("classifier", classifier_cond_fn(clf, lay.classifier_scale or 1.0))
@@ -142,11 +142,6 @@ def trace_step(preset: str, classifier: Optional[str], arch: int, dtype: str, ba
             with tracer.recording():
                 next(loop)
     return tracer.trace
-
-
-def layouts_model_fn(unet, class_cond: bool):
-    from .sample import _model_fn
-    return _model_fn(unet, class_cond)
 
 
 def _with_classifier(lay, classifier: Optional[str]):

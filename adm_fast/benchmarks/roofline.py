@@ -20,6 +20,7 @@ ratio a benchmark prints beside them says how far a device is from the model.
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -93,8 +94,8 @@ def measure_cpu() -> Device:
     gbps = 2 * src.numel() * 4 / best(lambda: dst.copy_(src), 5) / 1e9
     tiny = torch.zeros(1)
     host_us = best(lambda: [tiny.add_(1) for _ in range(200)], 5) / 200 * 1e6
-    from .common import device_name
-    dev = Device(device_name(torch.device("cpu")), gflops / 1e3, gflops / 1e3, gflops / 1e3,
+    name = f"{platform.processor() or platform.machine()} x{threads} threads"
+    dev = Device(name, gflops / 1e3, gflops / 1e3, gflops / 1e3,
                  gbps, "measured now: fp32 matmul, copy, one tiny op", cpu=True,
                  host_us=host_us)
     _CPU[threads] = dev

@@ -26,7 +26,7 @@ from ..ops import BackendNotSupported, use_backend, use_preferred_layout
 from . import common
 from .flops import step_flops
 from .layouts import (TINY, BenchInputError, Layout, backend_settings, build, layout,
-                      make_diffusion)
+                      make_diffusion, model_fn)
 
 __all__ = ["SampleBenchConfig", "run_sample_bench", "TINY", "TABLE_KEYS"]
 
@@ -64,17 +64,6 @@ class _Impl:
     model: Callable
     classifier: Optional[torch.nn.Module]
     diffs: tuple = (0.0, 0.0)  # max |Δ| against eager: one step, whole loop
-
-
-def _model_fn(model, class_cond: bool):
-    """The UNet as the sampler calls it. Guidance passes y to the model too;
-    an unconditional UNet ignores it, as guided-diffusion's model_fn does."""
-    if class_cond:
-        return model
-
-    def unconditional(x, t, y=None):
-        return model(x, t)
-    return unconditional
 
 
 def _setting_str(setting) -> str:
@@ -150,12 +139,12 @@ def _setup(lay: Layout, cfg: SampleBenchConfig):
     fast_unet = use_preferred_layout(copy.deepcopy(unet), device)
     fast_cls = None if classifier is None else use_preferred_layout(copy.deepcopy(classifier),
                                                                     device)
-    impls = [_Impl("eager", "eager", _model_fn(unet, lay.class_cond), classifier)]
-    impls += [_Impl(label, s, _model_fn(fast_unet, lay.class_cond), fast_cls)
+    impls = [_Impl("eager", "eager", model_fn(unet, lay.class_cond), classifier)]
+    impls += [_Impl(label, s, model_fn(fast_unet, lay.class_cond), fast_cls)
               for label, s in settings]
     if cfg.compile:
         impls.append(_Impl("compile(eager)", "eager",
-                           _model_fn(torch.compile(unet, dynamic=False), lay.class_cond),
+                           model_fn(torch.compile(unet, dynamic=False), lay.class_cond),
                            None if classifier is None else torch.compile(classifier,
                                                                          dynamic=False)))
     return run, impls, (unet, classifier, y)
@@ -225,7 +214,7 @@ def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: Dict, log) -> List[D
     times = _time(run, impls)
     b, device = cfg.batch_size, cfg.device
     t_model = torch.full((b,), run.diffusion.timestep_map[run.t_mid[0].item()], device=device)
-    flops = step_flops(_model_fn(unet, lay.class_cond), run.x_t, t_model, run.kwargs,
+    flops = step_flops(model_fn(unet, lay.class_cond), run.x_t, t_model, run.kwargs,
                        classifier, y)
     log(f"{lay.name}: {flops['total'] / b / 1e9:.2f} GFLOP per image per step (UNet forward "
         f"{flops['unet'] / b / 1e9:.2f}, classifier forward+backward "
