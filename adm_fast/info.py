@@ -91,7 +91,17 @@ def _refused() -> List[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="adm-fast info", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
-    parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser.add_argument("--retune", action="store_true",
+                        help="forget this machine's stored autotune timings ($ADM_FAST_CACHE/"
+                             "autotune.json), e.g. ones taken while the machine was busy: the "
+                             "next runs time their candidates again")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.retune:
+        from .ops import autotune
+
+        dropped = autotune.forget()
+        print(f"autotune: dropped {dropped} stored choice{'s' if dropped != 1 else ''} of this "
+              "machine; the next runs time their candidates again")
     print(report())
     return 0
 

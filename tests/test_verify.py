@@ -205,7 +205,8 @@ def test_timed_candidates_are_checked_first(verifying, monkeypatch):
         x2 = x[:1].clone()  # a new signature, the kernel right: checked, timed, chosen
         with adm_fast.use_backend("cpu"):
             fused = ops.conv3x3(x2, w, b)
-        assert torch.equal(ops.conv3x3(x2, w, b), fused) and sorted(timed) == ["cpu", "eager"]
+        assert torch.equal(ops.conv3x3(x2, w, b), fused)
+        assert sorted(timed) == ["cpu"] * autotune.ROUNDS + ["eager"] * autotune.ROUNDS
 
 
 def test_what_cannot_be_checked_is_not_and_not_remembered(verifying):

@@ -9,7 +9,9 @@ version, and the compiled kernels' build: a rebuilt extension is timed anew)
 in $ADM_FAST_CACHE/autotune.json (default ~/.cache/adm_fast), so a
 later run on the same machine makes the same choices: a resumed sampling run
 gives the same bytes. ADM_FAST_AUTOTUNE=0 turns it off (the static order then
-applies, as under torch.compile).
+applies, as under torch.compile). Timings are taken in interleaved rounds and a
+choice needs a clear win (below); `adm-fast info --retune` drops this
+machine's stored choices so the next run times them again.
 """
 
 from __future__ import annotations
@@ -64,30 +66,70 @@ def key(op, call: Call) -> str:
     return f"{_machine()}|{op.name}|{tensors}|{feats}|grad={call.grad}"
 
 
-def _time_ms(op, impl: Impl, args, grad: bool, repeats: int = 3) -> float:
-    """Median ms of the call on impl (forward and backward when autograd will
-    want it), on detached copies of the inputs, after one warm-up."""
-    def once():
-        leaves = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
-                  else a for a in args]
-        with torch.enable_grad() if grad else torch.no_grad():
-            out = op.run(impl, leaves, grad)
-            if grad:
-                outs = out if isinstance(out, tuple) else (out,)
-                wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-                torch.autograd.grad([o.float().sum() for o in outs], wanted, allow_unused=True)
-    once()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+# Timing that load cannot fool: every candidate is timed in each of ROUNDS
+# rounds, the order rotating, so a busy spell slows all of them alike; a
+# challenger replaces the static order's choice only with a clear win (MARGIN
+# faster by median and faster in most rounds), and timings that scatter more
+# than NOISY (median absolute deviation over the median) are not stored: the
+# static order holds for this process and the next run times again.
+ROUNDS = 5
+MARGIN = 0.10
+NOISY = 0.25
 
 
-def pick(op, call: Call, args, candidates: List[Impl]) -> Optional[Impl]:
+def _once(op, impl: Impl, args, grad: bool) -> None:
+    """The call on impl (forward and backward when autograd will want it), on
+    detached copies of the inputs."""
+    leaves = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+              else a for a in args]
+    with torch.enable_grad() if grad else torch.no_grad():
+        out = op.run(impl, leaves, grad)
+        if grad:
+            outs = out if isinstance(out, tuple) else (out,)
+            wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+            torch.autograd.grad([o.float().sum() for o in outs], wanted, allow_unused=True)
+
+
+def _time_ms(op, impl: Impl, args, grad: bool) -> float:
+    start = time.perf_counter()
+    _once(op, impl, args, grad)
+    return 1e3 * (time.perf_counter() - start)
+
+
+def _rounds(op, candidates: List[Impl], args, grad: bool) -> Dict[str, List[float]]:
+    for impl in candidates:  # warm-up: first-call costs are not the kernel's
+        _once(op, impl, args, grad)
+    times: Dict[str, List[float]] = {impl.backend: [] for impl in candidates}
+    for r in range(ROUNDS):
+        shift = r % len(candidates)
+        for impl in candidates[shift:] + candidates[:shift]:
+            times[impl.backend].append(_time_ms(op, impl, args, grad))
+    return times
+
+
+def _spread(values: List[float]) -> float:
+    mid = statistics.median(values)
+    return statistics.median(abs(v - mid) for v in values) / mid if mid > 0 else 0.0
+
+
+def judge(times: Dict[str, List[float]], default: str):
+    """(choice, trusted): the static order's `default` unless another candidate
+    wins clearly; trusted when every candidate's rounds agree with each other."""
+    med = {name: statistics.median(v) for name, v in times.items()}
+    best = min(med, key=med.get)
+    choice = default
+    if best != default:
+        wins = sum(b < d for b, d in zip(times[best], times[default]))
+        if med[best] <= (1 - MARGIN) * med[default] and wins > len(times[best]) // 2:
+            choice = best
+    return choice, all(_spread(v) <= NOISY for v in times.values())
+
+
+def pick(op, call: Call, args, candidates: List[Impl],
+         default: Optional[Impl] = None) -> Optional[Impl]:
     """The fastest of candidates for this call (all of which support it), from
-    the machine's stored decision or measured now; None when not tuning."""
+    the machine's stored decision or measured now; None when not tuning.
+    default: the static order's choice, which holds without a clear win."""
     if len(candidates) < 2 or not active(call):
         return None
     table = _table()
@@ -96,6 +138,20 @@ def pick(op, call: Call, args, candidates: List[Impl]) -> Optional[Impl]:
     stored = table.get(k)
     if isinstance(stored, str) and stored in by_name:  # else absent, damaged or refused
         return by_name[stored]
-    times = {impl.backend: _time_ms(op, impl, args, call.grad) for impl in candidates}
-    best = min(times, key=times.get)
-    return by_name.get(_record(k, best), by_name[best])
+    fallback = default.backend if default is not None and default.backend in by_name \
+        else candidates[0].backend
+    choice, trusted = judge(_rounds(op, candidates, args, call.grad), fallback)
+    if not trusted:
+        return by_name[fallback]
+    return by_name.get(_record(k, choice), by_name[choice])
+
+
+def forget() -> int:
+    """Drop this machine's stored choices (`adm-fast info --retune`): the next
+    calls time their candidates again. Returns how many were dropped."""
+    prefix = _machine() + "|"
+    dropped = store.drop(_STATE, _FILE, lambda k: k.startswith(prefix))
+    from .op import ops
+    for op in ops().values():
+        op._decisions.clear()
+    return dropped

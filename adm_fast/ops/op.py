@@ -233,7 +233,7 @@ class Op:
                           and not self.impls[n].auto_reasons(call)]
             if len(candidates) > 1:  # else nothing is timed: the static order's holds
                 candidates = [c for c in candidates if not verify.reasons(self, c, call)]
-                impl = autotune.pick(self, call, args, candidates) or impl
+                impl = autotune.pick(self, call, args, candidates, default=impl) or impl
         return impl, call.grad
 
     def _key(self, args):

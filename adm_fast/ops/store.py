@@ -106,3 +106,24 @@ def module_build(module: str) -> str:
         except (ImportError, OSError, ValueError):
             _IDS[module] = "none"
     return _IDS[module]
+
+
+def drop(state: MutableMapping, filename: str, matches: Callable[[str], bool]) -> int:
+    """Remove the entries whose key matches, in the file and in this process's
+    view of it; how many the file held."""
+    known, file = table(state, filename), path(filename)
+    dropped = 0
+    if os.path.exists(file):
+        with open(f"{file}.lock", "a", encoding="utf-8") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            current = _read(file)
+            kept = {k: v for k, v in current.items() if not matches(k)}
+            dropped = len(current) - len(kept)
+            tmp = f"{file}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(kept, f, indent=0, sort_keys=True)
+            os.replace(tmp, file)
+    for k in [k for k in known if matches(k)]:
+        del known[k]
+    return dropped
