@@ -1,5 +1,6 @@
 """Every command's --help (and --version) answers at once: no torch import
-(1.7 s alone here), under a second of wall time."""
+(1.7 s alone on an idle machine), and, timed beside `import torch` under
+whatever load the machine has, a small fraction of it."""
 
 import subprocess
 import sys
@@ -16,18 +17,30 @@ _PROBE = ("import sys\nfrom adm_fast import cli\ncode = cli.main(sys.argv[1:])\n
           "sys.exit(code)")
 
 
+def _seconds(cmd) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return time.perf_counter() - start, proc
+
+
+@pytest.fixture(scope="module")
+def torch_import_s():
+    return min(_seconds([sys.executable, "-c", "import torch"])[0] for _ in range(2))
+
+
 @pytest.mark.parametrize("argv", COMMANDS, ids=lambda a: " ".join(a) or "bare")
-def test_help_imports_no_torch_and_takes_under_a_second(argv):
+def test_help_imports_no_torch_and_answers_at_once(argv, torch_import_s):
     best = float("inf")
     for _ in range(3):  # the fastest of three: a shared machine's hiccups are not start-up
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True,
-                              text=True, timeout=60)
-        best = min(best, time.perf_counter() - start)
+        took, proc = _seconds([sys.executable, "-c", _PROBE, *argv])
+        best = min(best, took)
         assert proc.returncode == (2 if not argv else 0), proc.stderr
         assert "NO_TORCH" in proc.stderr, f"{argv} imported torch"
         assert "usage" in (proc.stdout + proc.stderr).lower() or argv == ["--version"]
-    assert best < 1.0, f"adm-fast {' '.join(argv)}: {best:.2f} s"
+    # Relative, not a wall-clock figure: load slows both alike (idle here: ~0.1
+    # of the 1.7 s torch import).
+    assert best < 0.5 * torch_import_s, f"adm-fast {' '.join(argv)}: {best:.2f} s, " \
+        f"import torch {torch_import_s:.2f} s"
 
 
 def test_the_op_layer_does_not_import_torch_compile_machinery():

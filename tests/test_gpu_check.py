@@ -50,3 +50,15 @@ def test_headlines_read_the_tables_as_the_benchmarks_print_them():
     text = "some log line\n" + format_table(rows, ["impl", "N", "x_vs_eager", "note"]) + "\nend\n"
     assert gpu_check._ops_headline(text) == "fused vs eager 2.50-3.10x"
     assert gpu_check._ops_headline("nothing here\n") == ""
+
+
+def test_a_dry_run_is_limited_only_against_hangs(tmp_path, monkeypatch):
+    """On a busy machine the dry run's tiny sections may take many times their
+    GPU budgets; a dry run must not fail for that (only for a hang)."""
+    slow = [gpu_check.Section("slow", "a.txt", [[sys.executable, "-c",
+                                                  "import time; time.sleep(3); print('1 passed')"]],
+                              1, gpu_check._tests_headline)]
+    monkeypatch.setattr(gpu_check, "sections", lambda dry, results: slow)
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 0
+    assert "1 passed" in (tmp_path / "summary.txt").read_text()
+    assert slow[0].cap_s == gpu_check.DRY_HANG_S >= 600

@@ -2,7 +2,8 @@
 every section isolated, each writing its output as it goes, within a budget of
 8 minutes on an H200, then a one-screen summary. --dry-run runs every section's
 commands on the CPU at tiny sizes, so that CI proves the plumbing (commands,
-flags, file outputs, summary) and a script error can never eat GPU minutes.
+flags, file outputs, summary) and a script error can never eat GPU minutes;
+its sections have no time budget, only a limit against hangs.
 
     python -m adm_fast.benchmarks.gpu_check --out DIR [--dry-run] [--budget 470]
 
@@ -175,6 +176,12 @@ def sections(dry: bool, results: Path) -> List[Section]:
     ]
 
 
+# A dry run proves the plumbing, not the speed: on a busy CI machine its tiny
+# sections may take many times their GPU budgets, so there they are limited
+# only against hangs.
+DRY_HANG_S = 900
+
+
 def run_section(sec: Section, folder: Path, deadline: float, env) -> None:
     start = time.monotonic()
     path = folder / sec.out
@@ -226,7 +233,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", required=True, help="folder for the 8 result files")
     p.add_argument("--dry-run", action="store_true",
                    help="every section on the CPU at tiny sizes (CI runs this)")
-    p.add_argument("--budget", type=int, default=470, help="seconds for all sections")
+    p.add_argument("--budget", type=int, help="seconds for all sections (default 470; a dry "
+                   "run has none, only each section's hang limit)")
     args = p.parse_args(argv)
     root = Path(__file__).resolve().parents[2]
     folder = Path(args.out)
@@ -238,8 +246,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even where a GPU is
     start = time.monotonic()
     stamp = time.time() - 1
-    deadline = start + args.budget
+    deadline = start + (args.budget if args.budget is not None
+                        else float("inf") if args.dry_run else 470)
     secs = sections(args.dry_run, results)
+    if args.dry_run:
+        for sec in secs:
+            sec.cap_s = DRY_HANG_S
     for sec in secs:
         run_section(sec, folder, deadline, env)
         print(f"== {sec.name}: {sec.status} in {sec.seconds:.0f} s  {sec.figure}", flush=True)
