@@ -15,7 +15,9 @@ The safetensors files adm_fast writes carry, as string metadata:
                       (diffusion_steps, noise_schedule, learn_sigma, use_kl,
                       predict_xstart, rescale_timesteps, rescale_learned_sigmas,
                       timestep_respacing); read it with read_diffusion_flags
-  adm_fast.classes    JSON: the class names, label i being classes[i]
+  adm_fast.classes    JSON: the class names, label i being classes[i]; for a model
+                      without labels (an unconditional UNet), the classes of the
+                      images it was trained on
   adm_fast.sha256     hex SHA-256 over [[name, dtype, shape], ...] (JSON, tensors
                       sorted by name) followed by each tensor's bytes in that
                       order: verified on load, so an edited header (a dtype or a
@@ -602,9 +604,11 @@ def _metadata(model: nn.Module, diffusion, classes) -> Dict[str, str]:
     if classes is not None:
         names = _checked_classes(classes, "save_checkpoint")
         labels = _num_labels(model)
-        if labels is None or len(names) > labels:
+        # A model without labels may still name the classes of its training
+        # images, so that a sampler can tell whether a guiding classifier fits it.
+        if labels is not None and len(names) > labels:
             raise CheckpointError(f"save_checkpoint: {len(names)} class names for a model with "
-                                  f"{labels or 'no'} class labels")
+                                  f"{labels} class labels")
         meta[META_CLASSES] = json.dumps(names)
     return meta
 

@@ -133,6 +133,9 @@ def _setup(args, explicit: Dict, world):
     """Everything before the first batch: models, flags, --out and the run
     folder. Any problem here is the user's input (exit 2)."""
     job = prepare(args, explicit, world.device, world.world_size)
+    if world.is_main:
+        for line in job.warnings:
+            print(f"{PROG}: warning: {line}", file=sys.stderr)
     backend = args["backend"] or current_backend()
     if backend != "eager":  # eager stays guided-diffusion's computation, layout included
         for model in (job.model, job.kwargs.get("classifier")):

@@ -35,7 +35,7 @@ from .sampling.flags import SAMPLERS
 
 
 __all__ = ["SAMPLERS", "GRID_MAX_IMAGES", "batch_seed", "check_low_res", "image_grid",
-           "iter_batches", "load_base_samples", "low_res_batch", "sample_images",
+           "iter_batches", "load_base_samples", "low_res_batch", "named_labels", "sample_images",
            "save_samples", "to_uint8_nhwc", "write_png"]
 
 
@@ -49,6 +49,15 @@ class _DropLabels(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, **kwargs) -> Tensor:
         return self.model(x, t, **kwargs)
+
+
+def named_labels(model: nn.Module, labels: int) -> int:
+    """How many of a model's `labels` labels are drawn from: those its file
+    names (`class_names` from load_checkpoint, label i = names[i]), else all.
+    A head wider than the classes trained (guided-diffusion's 1000-way one on
+    10 classes) has untrained labels past the names."""
+    names = getattr(model, "class_names", None)
+    return min(len(names), labels) if names else labels
 
 
 def to_uint8_nhwc(sample: Tensor) -> Tensor:
@@ -142,12 +151,13 @@ def _plan(model, diffusion, *, num_samples, batch_size, classifier=None, classif
     guided = classifier is not None and classifier_scale != 0
     if classifier_scale != 0 and classifier is None:
         raise ValueError("classifier_scale needs a classifier")
-    draws = None if is_sr else (num_classes if class_cond else
-                                classifier.out_channels if guided else None)
+    labels = None if is_sr else (num_classes if class_cond else
+                                 classifier.out_channels if guided else None)
     what = ("a super-resolution model (its labels come with low_res)" if is_sr else
             "the model" if class_cond else "the classifier" if guided else
             "an unconditional model without classifier guidance")
-    classes = check_classes(classes, draws, what)
+    classes = check_classes(classes, labels, what)
+    draws = None if labels is None else named_labels(model if class_cond else classifier, labels)
 
     model_fn = model
     if cfg_scale is not None:
@@ -241,7 +251,8 @@ def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: 
     uint8 NHWC samples (and labels, for a class-conditional model) of a base
     model, used in order and cycled. classes: draw the labels uniformly from
     these classes (sorted, each once: label = classes[randint(0, len(classes))])
-    instead of from all the model's (or the guiding classifier's) classes.
+    instead of from the model's (or the guiding classifier's): those it names
+    (`class_names`, from its file's metadata), else all its labels.
     cuda_graph: replay each whole step as a CUDA graph (ddpm, ddim).
 
     seed: batch b (images b*batch_size ...) is sampled after

@@ -88,7 +88,9 @@ def test_files_without_metadata_read_as_none(tmp_path):
     pt = tmp_path / "gd.pt"
     torch.save(_model().state_dict(), pt)
     assert ckpt.read_diffusion_flags(pt) is None and ckpt.read_class_names(pt) is None
-    assert ckpt.read_diffusion_flags(DEMO) is None  # written before the key existed
+    bare = tmp_path / "bare.safetensors"  # safetensors, but not written by adm_fast
+    save_file(_model().state_dict(), bare)
+    assert ckpt.read_diffusion_flags(bare) is None and ckpt.read_class_names(bare) is None
 
 
 def test_bad_diffusion_flags_or_classes_are_refused_on_save(tmp_path):
@@ -102,6 +104,15 @@ def test_bad_diffusion_flags_or_classes_are_refused_on_save(tmp_path):
     with pytest.raises(CheckpointError, match="6 class names for a model with 5"):
         adm_fast.save_checkpoint(model, tmp_path / "a.safetensors", classes=list("abcdef"))
     assert not os.listdir(tmp_path)
+
+
+def test_a_model_without_labels_may_name_its_training_classes(tmp_path):
+    """An unconditional UNet keeps the classes of the images it was trained on,
+    for a sampler to check a guiding classifier against."""
+    model = _model(class_cond=False)
+    adm_fast.save_checkpoint(model, tmp_path / "u.safetensors", classes=["ant", "bee"])
+    again = adm_fast.load_checkpoint(tmp_path / "u.safetensors")
+    assert again.num_classes is None and again.class_names == ["ant", "bee"]
 
 
 def test_written_files_are_safetensors_with_every_dtype(tmp_path):

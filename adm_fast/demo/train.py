@@ -28,7 +28,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from . import digits
 
@@ -106,9 +106,26 @@ def prepare_data(root: str) -> Dict[str, int]:
     return {"train": n_train, "heldout": n_held}
 
 
+def trained_with(part: str) -> Tuple[Dict, List[str]]:
+    """(diffusion flags, class names) a part's file carries: the diffusion flags
+    of its command as adm_fast's trainer stores them, and the digits as the
+    trainer names them from the image folder (`{digit}_*.png`, sorted). The
+    unconditional diffusion model has no labels; its names are the classes of
+    its training images, for `adm-fast sample` to check a guiding classifier
+    against."""
+    from ..script_util import diffusion_defaults
+    from ..train.config import parse
+
+    argv = COMMANDS[part]
+    flags = parse("diffusion" if argv[0] == "train" else "classifier", argv[1:])
+    return ({k: flags[k] for k in diffusion_defaults()},
+            sorted(str(d) for d in range(digits.NUM_DIGITS)))
+
+
 def export(part: str, root: str, dest: str) -> str:
     """Copy a part's final weights to dest/{part}.safetensors in fp16 (half the
-    size; load_checkpoint gives fp32 back), keeping the metadata that rebuilds it."""
+    size; load_checkpoint gives fp32 back), keeping the metadata that rebuilds it
+    and adding what it was trained with (trained_with)."""
     from ..checkpoint import load_checkpoint, save_checkpoint
 
     src = os.path.join(root, "logs", part,
@@ -117,7 +134,8 @@ def export(part: str, root: str, dest: str) -> str:
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     os.makedirs(dest, exist_ok=True)
     out = os.path.join(dest, f"{part}.safetensors")
-    save_checkpoint(model, out, state_dict=half)
+    diffusion, classes = trained_with(part)
+    save_checkpoint(model, out, state_dict=half, diffusion=diffusion, classes=classes)
     return out
 
 

@@ -4,7 +4,7 @@ sample_images arguments, with every problem an InputError before sampling."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -25,6 +25,7 @@ class Job:
     dtype: str
     steps: int  # per batch
     labelled: bool  # whether the samples come with labels (arr_1)
+    warnings: List[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
 
 
 def _dtype(args, device: torch.device, trained_fp16: bool) -> torch.dtype:
@@ -154,7 +155,24 @@ def prepare(args, explicit: Dict, device: torch.device, world_size: int) -> Job:
                   classes=classes, cuda_graph=args["cuda_graph"])
     return Job(model, diffusion, kwargs, {v: k for k, v in DTYPES.items()}[dtype],
                steps if steps is not None else diffusion.num_timesteps,
-               model.num_classes is not None or guided)
+               model.num_classes is not None or guided,
+               _label_warnings(args, model, classifier if guided else None, classes))
+
+
+def _label_warnings(args, model, guide, classes) -> List[str]:
+    """A guiding classifier that names no classes and has more labels than the
+    unconditional model's training images had classes: its labels are drawn
+    from all of them, most likely ones the model never saw (a 1000-way head
+    trained on 10 classes). Said, not guessed: which labels are the model's
+    classes is not known."""
+    trained = getattr(model, "class_names", None)
+    if guide is None or model.num_classes is not None or classes is not None or not trained \
+            or getattr(guide, "class_names", None) or guide.out_channels <= len(trained):
+        return []
+    n, labels = len(trained), guide.out_channels
+    return [f"the classifier {args['classifier_path']} names no classes and has {labels} "
+            f"labels, the model {args['model_path']} was trained on {n} classes: labels are "
+            f"drawn from all {labels}; --classes 0-{n - 1} draws from the first {n}"]
 
 
 def _classes(args, model, guide, is_sr: bool) -> Optional[list]:
