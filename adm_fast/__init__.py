@@ -29,7 +29,10 @@ _WHERE = {
         "create_model_and_diffusion", "diffusion_defaults", "model_and_diffusion_defaults",
         "sr_create_model", "sr_create_model_and_diffusion", "sr_model_and_diffusion_defaults")},
 }
-_SUBMODULES = ("diffusion", "ops", "presets")
+# modules reached by their dotted name (adm_fast.checkpoint.read_class_names),
+# as README shows them
+_SUBMODULES = ("checkpoint", "diffusion", "evaluation", "models", "ops", "presets",
+               "sampling_api", "train")
 
 __all__ = list(_SUBMODULES) + list(_WHERE)
 
