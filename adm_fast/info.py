@@ -32,14 +32,15 @@ def report() -> str:
     import torch
 
     from . import __version__, ops
+    from .ops.backends import triton_version
 
     lines = [f"adm_fast {__version__}  (python {platform.python_version()}, "
              f"torch {torch.__version__})"]
-    try:
-        import triton
-        lines.append(f"triton {triton.__version__}")
-    except ImportError:
-        lines.append("triton: not installed")
+    triton = ops.backends()["triton"]
+    if triton.unavailable_reasons():
+        lines.append(f"triton: {'; '.join(triton.unavailable_reasons())}")
+    else:
+        lines.append(f"triton {triton_version()}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")

@@ -78,6 +78,33 @@ def test_info_reports_every_backend():
     assert "C++ CPU extension:" in text and "CUDA extension:" in text
 
 
+def test_no_triton_kernel_is_defined_where_none_can_run():
+    """A CPU build of torch without TRITON_INTERPRET: info says what it says of
+    Triton without defining a kernel; the first call that asks defines them."""
+    import torch
+
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA build of torch defines the kernels at import")
+    code = ("import sys\n"
+            "from adm_fast.info import report\n"
+            "text = report()\n"
+            "print([m for m in sys.modules if m.startswith('adm_fast.kernels.') and "
+            "m != 'adm_fast.kernels.step_codes'])\n"
+            "print([ln for ln in text.splitlines() if 'triton' in ln.lower()])\n"
+            "from adm_fast.ops.backends import TRITON\n"
+            "print(TRITON.kernels('diffusion_step').__name__, TRITON.interpreted)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    defined, lines, first_use = proc.stdout.splitlines()[-3:]
+    assert defined == "[]"
+    from importlib import metadata
+    assert f"triton {metadata.version('triton')}" in lines
+    assert "installed, but not usable here: it runs on cuda tensors" in lines
+    assert first_use == "adm_fast.kernels.diffusion_step False"
+
+
 def test_works_without_extensions():
     """With the compiled extensions unavailable, the package imports, says why
     in `adm-fast info`, and the eager/Triton/SDPA paths still pass their tests."""

@@ -14,6 +14,7 @@ classes in each op's spec file).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import List, Optional
 
@@ -47,26 +48,40 @@ class SdpaBackend(_Anywhere):
 class TritonBackend(Backend):
     """Kernels are defined once, at import: compiled for CUDA, or interpreted on
     CPU tensors (Triton reads TRITON_INTERPRET when the kernels are defined).
-    These are module-level facts that torch.compile reads as constants."""
+    These are module-level facts that torch.compile reads as constants. On a
+    CPU build of torch without TRITON_INTERPRET nothing can run them, and they
+    are defined on first use instead."""
 
     name, priority = "triton", 20
+    MODULES = ("group_norm_act", "diffusion_step", "qkv_attention")
 
     def __init__(self) -> None:
         self.error: Optional[str] = None
         self.modules = {}
+        self.interpreted, self.device_types = False, ("cuda",)
+        if torch.version.cuda is None and not os.environ.get("TRITON_INTERPRET") \
+                and importlib.util.find_spec("triton") is not None:
+            # A CPU build of torch, no interpreter asked for: no tensor here can
+            # reach a kernel, so defining them (Triton reads and parses each
+            # one's source) waits for a first use.
+            return
         try:
             import triton  # noqa: F401
         except Exception as e:  # ImportError, or a broken install
             self.error = f"triton is not importable ({type(e).__name__}: {e})"
-            self.interpreted = False
             return
-        for mod in ("group_norm_act", "diffusion_step", "qkv_attention"):
+        self._define()
+
+    def _define(self) -> None:
+        for mod in self.MODULES:
             self.modules[mod] = importlib.import_module(f"adm_fast.kernels.{mod}")
         kernel = self.modules["diffusion_step"].ddpm_step_kernel
         self.interpreted = type(kernel).__name__ == "InterpretedFunction"
         self.device_types = ("cpu",) if self.interpreted else ("cuda",)
 
     def kernels(self, name: str):
+        if not self.modules:
+            self._define()
         return self.modules[name]
 
     def build_id(self) -> str:
@@ -75,9 +90,8 @@ class TritonBackend(Backend):
         # new build too.
         if self.error:
             return "none"
-        import triton
-        files = ",".join(store.module_build(m.__name__) for m in self.modules.values())
-        return f"{triton.__version__}{'-interpreted' if self.interpreted else ''}[{files}]"
+        files = ",".join(store.module_build(f"adm_fast.kernels.{m}") for m in self.MODULES)
+        return f"{triton_version()}{'-interpreted' if self.interpreted else ''}[{files}]"
 
     def unavailable_reasons(self) -> List[str]:
         return [self.error] if self.error else []
@@ -100,6 +114,16 @@ class TritonBackend(Backend):
         if self.interpreted:
             return "CPU tensors, in Triton's interpreter (TRITON_INTERPRET=1): for tests"
         return "CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 at import)"
+
+
+def triton_version() -> Optional[str]:
+    """Triton's version, from its installed metadata (no import), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 class NativeBackend(Backend):
