@@ -28,6 +28,19 @@ def _here(backend, devices: List[str]) -> str:
     return f"usable on {'/'.join(usable)}"
 
 
+def _layouts(backend: str) -> str:
+    """What each op's implementation on `backend` declares it takes, ops that
+    take the same named together ("ddim_step, ddpm_step: any layout;
+    group_norm_act: x contiguous/channels_last, weight/bias contiguous")."""
+    from . import ops
+
+    by_text = {}
+    for name, op in sorted(ops.ops().items()):
+        if backend in op.impls:
+            by_text.setdefault(op.impls[backend].layouts_accepted(), []).append(name)
+    return "; ".join(f"{', '.join(names)}: {text}" for text, names in by_text.items())
+
+
 def report() -> str:
     import torch
 
@@ -60,6 +73,7 @@ def report() -> str:
         if backend.notes():
             lines.append(f"          runs on: {backend.notes()}")
         lines.append(f"          ops: {', '.join(sorted(ops.ops_of_backend(name)))}")
+        lines.append(f"          layouts: {_layouts(name)}")
     lines.append("")
     lines.append(f"C++ CPU extension: {ops.backends()['cpu'].build_info()}")
     cuda = ops.backends()["cuda"]

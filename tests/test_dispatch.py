@@ -106,3 +106,40 @@ def test_measured_preferences_order_auto():
     assert chosen(big.requires_grad_(), 32, w, b, None, None, 1e-5, True) == fused
     tiny = torch.randn(2, 64, 4, 4)
     assert chosen(tiny, 32, w, b, None, None, 1e-5, True) == fused
+
+
+def test_layouts_are_checked_as_declared_and_info_says_them():
+    """A tensor in several layouts at once (a 1x1 map) passes any of them, so a
+    channels_last-only declaration (the CPU conv3x3) takes it; info's line for
+    each backend is what its implementations declare."""
+    from adm_fast.info import report
+    from adm_fast.ops.impl import has_layout
+
+    one = torch.randn(2, 8, 1, 1)
+    assert has_layout(one, "contiguous") and has_layout(one, "channels_last")
+    nchw = torch.randn(2, 8, 4, 4)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    assert not has_layout(nchw, "channels_last") and not has_layout(nhwc, "contiguous")
+    assert has_layout(nhwc.flatten(2), "channels_last_1d")
+    cpu = ops.CONV3X3.impls["cpu"]
+    w, b = torch.randn(8, 8, 3, 3), torch.randn(8)
+    reasons = [cpu.not_supported_reasons(ops.CONV3X3.describe((x, w, b)))
+               for x in (one, nchw, nhwc)]
+    if CPU_EXT:
+        assert reasons[0] == reasons[2] == []
+        assert reasons[1] == ["x is not channels_last (it is contiguous)"]
+    text = report()
+    lines, backend = {}, None
+    for line in text.splitlines():
+        if line[:2] == "  " and line[2:3] != " " and line.split()[0] in ops.backends():
+            backend = line.split()[0]
+        elif backend and line.strip().startswith("layouts:"):
+            lines[backend] = line
+    assert set(lines) == set(ops.backends())
+    assert "conv3x3: x channels_last" in lines["cpu"]
+    assert "group_norm_act: x contiguous/channels_last/channels_last_1d" in lines["cpu"]
+    assert "ddim_step, ddpm_step: any layout" in lines["cpu"]
+    for name, op in ops.ops().items():
+        for backend, impl in op.impls.items():
+            assert impl.layouts_accepted() in lines[backend], (name, backend)
+    assert "NCHW-contiguous" not in text

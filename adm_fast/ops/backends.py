@@ -166,7 +166,7 @@ class CpuBackend(NativeBackend):
                 "pip install --no-build-isolation -e .")
 
     def notes(self) -> str:
-        return "CPU tensors, NCHW-contiguous"
+        return "CPU tensors"
 
 
 class CudaBackend(NativeBackend):
@@ -180,7 +180,7 @@ class CudaBackend(NativeBackend):
         return f"the CUDA extension is not built: {why}"
 
     def notes(self) -> str:
-        return "CUDA tensors, NCHW or channels_last"
+        return "CUDA tensors"
 
 
 EAGER = register_backend(EagerBackend())

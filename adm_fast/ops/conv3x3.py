@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import backend as _backend
 from . import native
-from .impl import Call, Impl, layout_of
+from .impl import Impl
 from .op import Op
 from .winograd_weights import CACHE as WEIGHTS
 
@@ -131,13 +131,7 @@ class Eager(Impl):
 class Cpu(Impl):
     backend = "cpu"
     dtypes = (torch.float32,)
-
-    def extra_reasons(self, call: Call):
-        # Not `layouts`: a 1x1 map is both layouts, and layout_of names it contiguous.
-        why = []
-        if not call.tensors["x"].is_contiguous(memory_format=torch.channels_last):
-            why.append(f"x is not channels_last (it is {layout_of(call.tensors['x'])})")
-        return why
+    layouts = {"x": ("channels_last",)}  # the weight is read through its transform
 
     def native_ops(self):
         from .winograd_weights import TRANSFORM

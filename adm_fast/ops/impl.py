@@ -51,6 +51,21 @@ def holds_values(tensors) -> bool:
     return not any(t is not None and (t.device.type == "meta" or is_fake(t)) for t in tensors)
 
 
+def has_layout(t: Tensor, layout: str) -> bool:
+    """Whether t is laid out as `layout` (a layout_of name). A tensor can be in
+    several at once (a 1x1 map is contiguous and channels_last), where
+    layout_of names only the first."""
+    if layout == "contiguous":
+        return t.is_contiguous()
+    if layout == "channels_last":
+        return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last_3d":
+        return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+    if layout == "channels_last_1d":
+        return t.dim() == 3 and t.movedim(1, -1).is_contiguous()
+    return layout == "strided"
+
+
 @dataclass
 class Call:
     """What implementations are chosen by: the op's tensors by name (absent
@@ -104,7 +119,7 @@ class Impl:
                            f"{'/'.join(map(dtype_name, self.dtypes))}")
         for name, accepted in self.layouts.items():
             t = call.tensors.get(name)
-            if t is not None and layout_of(t) not in accepted:
+            if t is not None and not any(has_layout(t, a) for a in accepted):
                 wanted = (f"neither {' nor '.join(accepted)}" if len(accepted) > 1
                           else f"not {accepted[0]}")
                 why.append(f"{name} is {wanted} (it is {layout_of(t)})")
@@ -119,6 +134,16 @@ class Impl:
     def extra_reasons(self, call: Call) -> List[str]:
         """Limits that are not plain data."""
         return []
+
+    def layouts_accepted(self) -> str:
+        """What `layouts` declares, for `adm-fast info`: "x contiguous/
+        channels_last, weight contiguous", or "any layout" when it declares
+        nothing. An Impl whose limit on layouts is in extra_reasons says it here."""
+        names: Dict[Tuple[str, ...], List[str]] = {}
+        for name, accepted in self.layouts.items():
+            names.setdefault(tuple(accepted), []).append(name)
+        return ", ".join(f"{'/'.join(n)} {'/'.join(a)}" for a, n in names.items()) or \
+            "any layout"
 
     def auto_reasons(self, call: Call) -> List[str]:
         """Why auto should pass over a call this implementation could run."""

@@ -173,6 +173,9 @@ class Triton(Impl):
                     f"the channels_last_1d view of a channels_last map"]
         return []
 
+    def layouts_accepted(self) -> str:
+        return "qkv with its tokens or its channels contiguous (contiguous, channels_last_1d)"
+
     def auto_reasons(self, call: Call) -> List[str]:
         why = super().auto_reasons(call)
         if not why and call.tensors["qkv"].dtype == torch.float32:
