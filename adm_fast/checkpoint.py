@@ -154,11 +154,40 @@ def read_state_dict(path: Union[str, os.PathLike], device="cpu") -> Tuple[Dict[s
                 f"refusing to load {path}: it holds Python objects other than tensors, and "
                 f"unpickling them could run code; adm_fast loads only plain state_dicts "
                 f"({lines[0]})") from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
+                              f"{_what_file(path, e)}") from None
     except Exception as e:  # zip, pickle and storage errors of a damaged file
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                              f"{_what_file(path, e)}") from None
     return _unwrap(obj, path), {}
+
+
+def _what_file(path: str, error: BaseException) -> str:
+    """What a file torch.load failed on holds, by its first bytes: torch.save
+    writes a zip archive (a pickle in its legacy format). torch.load's own
+    message only helps for those (for text it can be a bare number)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    said = str(error).split(". ")[0].splitlines()[0].strip() if str(error).strip() else ""
+    said = said or type(error).__name__
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head[:4] == b"PK\x03\x04":
+        return f"a damaged zip archive ({said})"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return f"a damaged pickle ({said})"
+    text = None
+    for cut in range(4):  # the 64 bytes may end inside a character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            pass
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return (f"it is text (it starts with {text[:32]!r}), not a torch.save zip archive "
+                "or pickle")
+    return (f"an unknown format (it starts with {head[:8]!r}), not a torch.save zip archive "
+            "or pickle")
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:

@@ -180,6 +180,24 @@ def test_unreadable_pt(tmp_path, damage):
     _one_line_error(lambda: adm_fast.load_checkpoint(path), path, "not a readable")
 
 
+@pytest.mark.parametrize("content, says", [
+    (b"hello world\n", "it is text (it starts with 'hello world\\n'), not a torch.save zip"),
+    ("été, 2024\n".encode() * 8, "it is text (it starts with 'été, 2024"),
+    (b"", "the file is empty (0 bytes)"),
+    (b"PK\x03\x04" + b"\0" * 60, "a damaged zip archive (PytorchStreamReader failed"),
+    (b"\x80\x02}q\x00.", "a damaged pickle ("),
+    (b"\x00\xff\x13" * 30, "an unknown format (it starts with b'\\x00\\xff"),
+])
+def test_an_unreadable_pt_says_what_the_file_is(tmp_path, content, says):
+    """One line that says what the file holds, where torch.load's own message
+    for a text file is a bare number ('101')."""
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    msg = _one_line_error(lambda: ckpt.read_state_dict(path), path,
+                          f"{path} is not a readable PyTorch checkpoint: {says}")
+    assert "\n" not in msg and "If you are seeing" not in msg
+
+
 def _with_meta(tmp_path, **changes):
     model = _model()
     path = tmp_path / "meta.safetensors"

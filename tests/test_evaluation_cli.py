@@ -112,6 +112,9 @@ def test_bad_inputs_are_one_line_errors(files, capsys, tmp_path):
         ([paths["ref"]], "expected REF_BATCH and SAMPLE_BATCH, got 1"),
         ([paths["ref"], paths["sample"], "--inception", tmp_path / "w.pth"],
          "w.pth: no such file (the weights are https://github.com/toshas/torch-fidelity/"),
+        ([paths["ref"], paths["sample"], "--inception", tmp_path / "text.npz"],
+         f"--inception {tmp_path / 'text.npz'} is not a readable PyTorch checkpoint: it is "
+         "text (it starts with 'hello'), not a torch.save zip archive or pickle"),
         ([paths["ref"], paths["sample"], "--batch_size", 0], "--batch_size must be a positive"),
         ([paths["ref"], paths["sample"], "--json", tmp_path / "no" / "m.json"],
          "no such folder for the output"),

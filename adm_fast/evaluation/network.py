@@ -178,8 +178,10 @@ def read_weights(path: Optional[str] = None) -> Dict[str, torch.Tensor]:
                               f"{weights_url()})")
     try:
         state_dict, _ = read_state_dict(path)
-    except CheckpointError as e:
-        raise EvaluationError(f"--inception {path}: {e}") from None
+    except CheckpointError as e:  # its message names the file
+        said = str(e)
+        raise EvaluationError(f"--inception {said if said.startswith(path) else f'{path}: {said}'}"
+                              ) from None
     return state_dict
 
 
