@@ -32,7 +32,7 @@ from .sampling.files import OutputError
 from .sampling.job import Job, prepare
 from .sampling.progress import Progress
 from .sampling.flags import DEFAULTS, PROG, SCRIPT_DEFAULTS, InputError, build_parser
-from .sampling.shards import RunFolder, RunMismatch, file_identity, prepare_out
+from .sampling.shards import RunFolder, RunMismatch, batch_count, file_identity, prepare_out
 from .sampling_api import iter_batches, sample_images, save_samples, write_png
 
 __all__ = ["main", "build_parser", "sample_images", "save_samples"]
@@ -95,8 +95,8 @@ def _sample(args, job: Job, world, folder: RunFolder, progress: Progress) -> Dic
                      f"{job.kwargs['sampler']}, {steps} steps, seed {args['seed']}, "
                      f"{world.world_size} rank(s)")
         if done:
-            progress.log(f"{PROG}: resuming: {len(done)} of {folder.num_batches} batches "
-                         f"were finished in {folder.parts}")
+            progress.log(f"{PROG}: resuming: {len(done)} of {batch_count(folder.num_batches)} "
+                         f"{'was' if len(done) == 1 else 'were'} finished in {folder.parts}")
     remaining = sum(folder.rows(b) for b in todo)
     if world.distributed:  # rank 0's bar counts rank 0's images
         progress.total = sum(folder.rows(b) for b in mine)
@@ -172,8 +172,9 @@ def _execute(args, world, job: Job, backend: str, progress: Progress,
 
 
 def _kept(folder: RunFolder) -> str:
-    return (f"{len(folder.finished())} of {folder.num_batches} finished batches are kept in "
-            f"{folder.parts}: rerun the same command to continue")
+    done = len(folder.finished())
+    return (f"{done} of {batch_count(folder.num_batches)} {'is' if done == 1 else 'are'} finished, "
+            f"kept in {folder.parts}: rerun the same command to continue")
 
 
 def _internal(e: Exception) -> int:

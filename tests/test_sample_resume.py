@@ -71,7 +71,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(ckpt, reference, tmp_path, ca
         stop_after(m, 2, KeyboardInterrupt())
         rc, _, err = run(capsys, *flags(ckpt), "--out", tmp_path)
     assert rc == 130
-    assert f"interrupted; 2 of 3 finished batches are kept in {tmp_path}/{NAME}.parts" in err
+    assert f"interrupted; 2 of 3 batches are finished, kept in {tmp_path}/{NAME}.parts" in err
     parts = tmp_path / f"{NAME}.parts"
     assert sorted(os.listdir(parts)) == ["batch_000000.npz", "batch_000001.npz", "manifest.json"]
     manifest = json.loads((parts / "manifest.json").read_text())
@@ -91,21 +91,23 @@ def test_interrupted_run_resumes_to_the_same_bytes(ckpt, reference, tmp_path, ca
 def test_other_arguments_are_refused(ckpt, tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as m:
         stop_after(m, 1, KeyboardInterrupt())
-        assert run(capsys, *flags(ckpt), "--out", tmp_path)[0] == 130
+        rc, _, err = run(capsys, *flags(ckpt), "--out", tmp_path)
+    assert rc == 130 and "interrupted; 1 of 3 batches is finished, kept in" in err, err
     before = sorted(os.listdir(tmp_path / f"{NAME}.parts"))
     other_model = tmp_path / "other.safetensors"  # the same layout, one weight changed
     model = load_checkpoint(ckpt[0]["cond"])
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] += 1.0
     save_checkpoint(model, other_model)
-    for argv, diff in ((flags(ckpt, seed=10), "args.seed: 9 there, 10 here"),
-                       (flags(ckpt, "--classes", "1,2"), "args.classes: None there, [1, 2] here"),
+    for argv, diff in ((flags(ckpt, seed=10), "(--seed: 9 there, 10 here)"),
+                       (flags(ckpt, "--classes", "1,2"), "(--classes: None there, [1, 2] here)"),
                        (flags(ckpt, "--eta", "0.5", "--use_ddim", "True"),
-                        "args.eta: 0.0 there, 0.5 here"),
-                       (flags(ckpt, model=str(other_model)), "files.model_path.sha256")):
+                        "--eta: 0.0 there, 0.5 here"),
+                       (flags(ckpt, model=str(other_model)), "the --model_path file's sha256")):
         rc, out, err = run(capsys, *argv, "--out", tmp_path)
         assert rc == 2, err
-        assert "holds 1 finished batches of a run with other arguments" in err and diff in err
+        assert "holds 1 finished batch of a run with other arguments" in err and diff in err
+        assert "args." not in err
         assert "Traceback" not in err and not out
     assert sorted(os.listdir(tmp_path / f"{NAME}.parts")) == before  # untouched
 
@@ -171,7 +173,8 @@ def test_disk_full_says_so_and_keeps_the_batches(where, ckpt, reference, tmp_pat
     errors = [ln for ln in err.splitlines() if "error" in ln]
     assert errors == [err.splitlines()[-1]], err  # one line, the last
     assert errors[0].startswith(f"adm-fast sample: error: disk full writing {tmp_path}/{target}; "
-                                f"{kept} of 3 finished batches are kept in"), err
+                                f"{kept} of 3 batches {'is' if kept == 1 else 'are'} "
+                                "finished, kept in"), err
     leftovers = [n for d in (tmp_path, tmp_path / f"{NAME}.parts") for n in os.listdir(d)
                  if ".partial" in n]
     assert not leftovers

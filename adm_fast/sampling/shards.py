@@ -89,10 +89,28 @@ def _flatten(d: Dict, prefix: str = "") -> Dict:
     return flat
 
 
+def _shown(key: str) -> str:
+    """A manifest key as the user knows it: args.seed -> --seed,
+    files.model_path.sha256 -> the --model_path file's sha256."""
+    part = key.split(".")
+    if part[0] == "args" and len(part) == 2:
+        return f"--{part[1]}"
+    if part[0] == "files" and len(part) == 3:
+        return f"the --{part[1]} file's {part[2]}"
+    if part[0] == "files" and len(part) == 2:  # a file given on one side only
+        return f"the --{part[1]} file"
+    return {"device_type": "device type", "adm_fast": "adm_fast version"}.get(key, key)
+
+
 def _differences(stored: Dict, now: Dict) -> List[str]:
     a, b = _flatten(stored), _flatten(now)
-    return [f"{k}: {a.get(k, '(unset)')!r} there, {b.get(k, '(unset)')!r} here"
+    return [f"{_shown(k)}: {a.get(k, '(unset)')!r} there, {b.get(k, '(unset)')!r} here"
             for k in sorted(set(a) | set(b)) if a.get(k, "(unset)") != b.get(k, "(unset)")]
+
+
+def batch_count(n: int, what: str = "") -> str:
+    """'1 batch', '2 finished batches'."""
+    return f"{n} {what + ' ' if what else ''}batch{'' if n == 1 else 'es'}"
 
 
 def _read_header(zf: zipfile.ZipFile, name: str):
@@ -135,7 +153,7 @@ class RunFolder:
         else:
             stray = [n for n in self._names() if n.startswith("batch_")]
             if stray:
-                raise RunMismatch(f"{self.parts} holds {len(stray)} batches but no {MANIFEST}: "
+                raise RunMismatch(f"{self.parts} holds {batch_count(len(stray))} but no {MANIFEST}: "
                                   "not a run this tool can continue; delete the folder or "
                                   "choose another --out")
             try:
@@ -162,7 +180,7 @@ class RunFolder:
         diff = _differences(stored_run, run)
         if diff:
             raise RunMismatch(
-                f"{self.parts} holds {len(self.finished())} finished batches of a run with "
+                f"{self.parts} holds {batch_count(len(self.finished()), 'finished')} of a run with "
                 f"other arguments ({'; '.join(diff)}): rerun with that run's arguments to "
                 f"finish it, choose another --out, or delete {self.parts}")
 
