@@ -148,6 +148,17 @@ def test_inception_score_of_uniform_and_one_hot_predictions():
     assert inception_score(torch.from_numpy(p), split_size=4) == pytest.approx(10 / 3, rel=1e-12)
 
 
+def test_inception_score_takes_0_log_0_as_0_where_the_evaluator_gives_nan():
+    """README's one difference: a probability of exactly 0 gives the evaluator's
+    numpy 0 * -inf = NaN, and so a NaN score; adm_fast's score stays defined."""
+    p = np.eye(4)[np.arange(12) % 4]
+    with np.errstate(divide="ignore", invalid="ignore"):  # evaluator.py's lines
+        kl = p * (np.log(p) - np.log(np.expand_dims(np.mean(p, 0), 0)))
+        evaluator = float(np.mean([np.exp(np.mean(np.sum(kl, 1)))]))
+    assert np.isnan(evaluator)
+    assert inception_score(p) == pytest.approx(4.0, rel=1e-12)
+
+
 def test_inception_score_matches_the_evaluator_formula():
     rng = np.random.default_rng(4)
     p = rng.dirichlet(np.full(13, 0.3), size=37)
