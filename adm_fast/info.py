@@ -112,9 +112,11 @@ def main(argv=None) -> int:
                              "next runs time their candidates again")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.retune:
-        from .ops import autotune
+        from .ops import autotune, ops as all_ops
 
         dropped = autotune.forget()
+        for op in all_ops().values():  # and this process times them again too
+            op._decisions.clear()
         print(f"autotune: dropped {dropped} stored choice{'s' if dropped != 1 else ''} of this "
               "machine; the next runs time their candidates again")
     print(report())

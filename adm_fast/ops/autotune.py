@@ -148,10 +148,7 @@ def pick(op, call: Call, args, candidates: List[Impl],
 
 def forget() -> int:
     """Drop this machine's stored choices (`adm-fast info --retune`): the next
-    calls time their candidates again. Returns how many were dropped."""
+    processes time their candidates again (this one keeps the decisions its
+    ops remember: Op._decisions). Returns how many were dropped."""
     prefix = _machine() + "|"
-    dropped = store.drop(_STATE, _FILE, lambda k: k.startswith(prefix))
-    from .op import ops
-    for op in ops().values():
-        op._decisions.clear()
-    return dropped
+    return store.drop(_STATE, _FILE, lambda k: k.startswith(prefix))
