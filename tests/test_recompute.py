@@ -1,6 +1,8 @@
 """Convs fed by a fused norm keep a recipe instead of their input: same
 gradients (also second order), fewer bytes kept, eager left as it was."""
 
+import sys
+
 import pytest
 import torch
 
@@ -133,3 +135,105 @@ def test_guidance_rebuilds_nothing_in_backward(backend):
     with adm_fast.use_backend(backend), adm_fast.ops.op.observe(counter):
         clf(x.requires_grad_(True), t).float().pow(2).mean().backward()
     assert counter.forwards > forwards  # the weights' gradients read rebuilt inputs
+
+
+def _close(held, saved):
+    # the step's inputs were allocated before: saved (the first conv's x), not held
+    return abs(held - saved) <= 0.01 * saved
+
+
+def _held_step(model, x, t, y, backend):
+    """(bytes the saved-tensor hooks see, bytes the forward left allocated less
+    its output, gradients) of one step."""
+    from adm_fast.benchmarks.saved_bytes import HeldBytes
+
+    model.zero_grad()
+    params = list(model.parameters())
+    with adm_fast.use_backend(backend):
+        model(x, t, y).float().pow(2).mean().backward()  # warm-up: decisions, caches
+        model.zero_grad()
+        with HeldBytes("cpu") as held, SavedBytes(exclude=params) as saved:
+            out = model(x, t, y)
+        seen = saved.nbytes()
+        (out.float() ** 2).mean().backward()
+    return seen, held.nbytes - out.untyped_storage().nbytes(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_nothing_kept_out_of_sight(layout):
+    """What the forward leaves allocated is what the hooks count: a recipe's
+    conv input is freed (the hook that packs it no longer names it), and what
+    runs inside norm_act_conv (a channels_last attention projection's [N, T, C]
+    view of the norm's output, through a matmul) is rebuilt or counted."""
+    model, x, t, y = _unet()
+    if layout == "channels_last":
+        adm_fast.ops.use_preferred_layout(model, "cpu", training=True)
+    saved_r, held_r, grads_r = _held_step(model, x, t, y, FUSED)
+    assert _close(held_r, saved_r), (held_r, saved_r)
+    adm_fast.ops.set_norm_act_recompute(False)
+    try:
+        saved_k, held_k, grads_k = _held_step(model, x, t, y, FUSED)
+    finally:
+        adm_fast.ops.set_norm_act_recompute(True)
+    assert _close(held_k, saved_k), (held_k, saved_k)
+    assert held_r < 0.8 * held_k, (held_r, held_k)
+    for a, b in zip(grads_r, grads_k):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_keeps_the_recipe_where_it_would_take_the_eager_norm(monkeypatch):
+    """Auto times the norm alone; where the eager GroupNorm wins or ties, a conv
+    after it would keep its input. Under auto the recipe takes a kernel anyway
+    (same gradients, the bytes of the kernel path); the eager backend named
+    for the norm stays eager."""
+    gn = adm_fast.ops.GROUP_NORM_ACT
+    model, x, t, y = _unet()
+    adm_fast.ops.use_preferred_layout(model, "cpu", training=True)
+    saved_k, held_k, grads_k = _held_step(model, x, t, y, FUSED)
+    decided = gn.checked_decision
+
+    def eager_decision(args):
+        impl, grad = decided(args)
+        return (gn.impls["eager"] if impl is not None else None), grad
+
+    monkeypatch.setattr(gn, "checked_decision", eager_decision)
+    saved_a, held_a, grads_a = _held_step(model, x, t, y, "auto")
+    assert _close(held_a, saved_a) and saved_a <= saved_k, (held_a, saved_a, saved_k)
+    for a, b in zip(grads_a, grads_k):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    saved_e, _, _ = _held_step(model, x, t, y, {"group_norm_act": "eager"})
+    assert saved_e > 1.3 * saved_a, (saved_e, saved_a)
+
+
+def test_dropout_drops_what_eager_drops_and_keeps_a_bool_mask():
+    """Training with dropout: adm_fast's channels_last model drops the positions
+    guided-diffusion's NCHW model drops at the same seed (torch's dropout draws
+    in memory order), with the same outputs and gradients, keeping the conv's
+    input as a recipe and the mask as bools."""
+    import copy
+
+    nac = sys.modules["adm_fast.ops.norm_act_conv"]
+    h = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    ref = torch.nn.functional.dropout(h.contiguous(), 0.3, training=True)
+    torch.manual_seed(3)
+    assert torch.equal(nac._Dropout(h, 0.3)(h), ref)
+
+    torch.manual_seed(0)
+    model = adm_fast.create_model(image_size=16, num_channels=64, num_res_blocks=1,
+                                  channel_mult="1,2", attention_resolutions="8",
+                                  num_head_channels=32, learn_sigma=True, class_cond=True,
+                                  resblock_updown=True, use_scale_shift_norm=True, dropout=0.3)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    fast = adm_fast.ops.use_preferred_layout(copy.deepcopy(model), "cpu", training=True)
+    _, x, t, y = _unet()
+    results = {}
+    for name, m, backend in (("eager", model, "eager"), ("fused", fast, FUSED)):
+        torch.manual_seed(5)
+        results[name] = _held_step(m, x, t, y, backend)  # the warm-up draws too: same RNG
+    (saved_e, held_e, grads_e), (saved_f, held_f, grads_f) = results["eager"], results["fused"]
+    for a, b in zip(grads_f, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert _close(held_f, saved_f) and _close(held_e, saved_e)
+    assert saved_f < 0.5 * saved_e, (saved_f, saved_e)

@@ -1,5 +1,7 @@
-"""A counter of the bytes autograd holds for backward, for the training
-benchmark (bench_train.py) and its tests."""
+"""Counters of the bytes autograd holds for backward, for the training
+benchmark (bench_train.py) and its tests: what the saved-tensor hooks see
+(SavedBytes), and, to check that nothing escapes them, the memory a forward
+left allocated (HeldBytes)."""
 
 from __future__ import annotations
 
@@ -49,3 +51,40 @@ class SavedBytes:
 
 def _unpack(t):
     return t
+
+
+class HeldBytes:
+    """The bytes allocated while the context is open that are still allocated
+    when it closes: for a forward, what its graph keeps for backward (saved
+    tensors, and whatever a custom autograd Function stashes out of the hooks'
+    sight) plus its outputs, and any cache it filled. On CUDA,
+    memory_allocated's difference; on a CPU, which keeps no such count,
+    torch's profiler's record of every allocation and free in between."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._profiler = None
+        self._base = 0
+        self.nbytes = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.nbytes = torch.cuda.memory_allocated(self.device) - self._base
+            return False
+        self._profiler.__exit__(*exc)
+        if exc[0] is None:
+            # Each allocation counts for the op it ran in, each free too (or for
+            # "[memory]" outside any op): their sum is what stayed allocated.
+            self.nbytes = sum(e.self_cpu_memory_usage for e in self._profiler.events())
+        return False

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .nn import maybe_checkpoint, norm_act, norm_act_conv, normalization, zero_module
+from .nn import maybe_checkpoint, norm_act_conv, normalization, zero_module
 
 
 class TimestepBlock(nn.Module):
@@ -145,10 +145,8 @@ class ResBlock(TimestepBlock):
         else:
             h = h + emb_out[:, :, None, None]
         out_norm, drop, conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
-        if drop.training and drop.p > 0:
-            h = conv(drop(norm_act(out_norm, h, scale, shift)))
-        else:  # dropout is the identity here (eval, or p = 0)
-            h = norm_act_conv(out_norm, h, conv, scale, shift, recompute=recompute)
+        h = norm_act_conv(out_norm, h, conv, scale, shift, recompute=recompute,
+                          dropout=drop.p if drop.training else 0.0)
         return ops.tidy_strides(self.skip_connection(x) + h)
 
 

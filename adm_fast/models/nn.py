@@ -59,10 +59,11 @@ def norm_act(norm: nn.GroupNorm, x: Tensor, scale: Tensor = None, shift: Tensor 
 
 def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor = None,
                   shift: Tensor = None, act: bool = True, between=None,
-                  recompute: bool = True) -> Tensor:
-    """conv(between(norm_act(x))) through the op layer, which may keep a recipe
-    for the conv's input instead of the input (ops.norm_act_conv)."""
-    return ops.norm_act_conv(norm, x, conv, scale, shift, act, between, recompute)
+                  recompute: bool = True, dropout: float = 0.0) -> Tensor:
+    """conv(between(norm_act(x))) (or conv(dropout(norm_act(x))), training)
+    through the op layer, which may keep a recipe for the conv's input instead
+    of the input (ops.norm_act_conv)."""
+    return ops.norm_act_conv(norm, x, conv, scale, shift, act, between, recompute, dropout)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

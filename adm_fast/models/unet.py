@@ -20,8 +20,8 @@ from torch import Tensor
 
 from .blocks import (AttentionBlock, AttentionPool2d, Downsample, ResBlock,
                      TimestepEmbedSequential, Upsample)
-from .nn import (check_dims, convert_torso, norm_act, normalization, param_dtype,
-                 timestep_embedding, zero_module)
+from .nn import (check_dims, convert_torso, norm_act, norm_act_conv, normalization,
+                 param_dtype, timestep_embedding, zero_module)
 
 
 def constructor_config(args: dict) -> dict:
@@ -242,7 +242,8 @@ class UNetModel(_Trunk):
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb)
         h = h.to(param_dtype(self.out))
-        return self.out[2](norm_act(self.out[0], h))
+        # the full-resolution map the out conv reads is kept as a recipe, as in the blocks
+        return norm_act_conv(self.out[0], h, self.out[2])
 
 
 class SuperResModel(UNetModel):
