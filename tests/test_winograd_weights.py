@@ -163,3 +163,23 @@ def test_the_raw_ops_check_their_arguments(bad, message):
         TRANSFORM(torch.randn(4, 8, 3, 2), False)
     with pytest.raises(RuntimeError, match="fp32"):
         TRANSFORM(torch.randn(4, 8, 3, 3).double(), True)
+
+
+@pytest.mark.skipif(not __import__("conftest").CPU_EXT, reason="needs the CPU extension")
+def test_the_cache_compares_bytes_with_one_memcmp():
+    """torch.equal is a parallel region (ms on a busy machine, at every
+    convolution); the extension's memcmp compares the same bits: -0.0 is not
+    0.0, one flipped bit counts, and tensors of other layouts are refused."""
+    import sys
+
+    ext = sys.modules["adm_fast.ops.backends"].CPU.ext
+    a = torch.randn(32, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert ext.bytes_equal(a, a.clone())
+    b = a.clone()
+    b.view(torch.int32)[1, 2, 0, 1] ^= 1
+    assert not ext.bytes_equal(a, b)
+    assert not ext.bytes_equal(torch.zeros(4), -torch.zeros(4))
+    with pytest.raises(RuntimeError, match="one shape, strides and dtype"):
+        ext.bytes_equal(a, a.contiguous())
+    with pytest.raises(RuntimeError, match="dense"):
+        ext.bytes_equal(a[:, ::2], a[:, ::2])

@@ -72,6 +72,20 @@ def _bits(t: Tensor) -> Tensor:
     return t.detach().view(torch.int32)
 
 
+def _same_bytes(weight: Tensor, snap: Tensor) -> bool:
+    """Bit for bit, through the extension's memcmp where the layouts match (a
+    weight and its clone do): torch.equal is a parallel region, costly on a
+    busy machine at every convolution."""
+    from .backends import CPU
+
+    w = weight.detach()
+    if (CPU.ext is not None and w.device.type == "cpu" and w.shape == snap.shape
+            and w.stride() == snap.stride() and w.dtype == snap.dtype
+            and (w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last))):
+        return CPU.ext.bytes_equal(w, snap)
+    return torch.equal(_bits(w), _bits(snap))
+
+
 class WinogradWeights:
     def __init__(self, budget_bytes: int | None = None):
         # None: ADM_FAST_WINOGRAD_CACHE_MB's, read at the first entry (a bad value
@@ -94,7 +108,7 @@ class WinogradWeights:
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), bool(turned))
         with self._lock, torch.inference_mode(False), torch.no_grad():
             e = self._entries.get(key)
-            if e is not None and torch.equal(_bits(weight), _bits(e.snap)):
+            if e is not None and _same_bytes(weight, e.snap):
                 e.changes = 0
                 if e.u is not None:
                     self.hits += 1

@@ -1,9 +1,10 @@
 // The only CPU file that touches tensors: checks (csrc/checks.h), allocation,
 // dtype dispatch, and the CPU kernels of the adm_fast_native ops.
 #include <ATen/ATen.h>
-#include <pybind11/pybind11.h>
+#include <torch/extension.h>  // pybind11 with the at::Tensor type caster
 #include <torch/library.h>
 
+#include <cstring>
 #include <string>
 #include <tuple>
 
@@ -325,4 +326,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   });
   // Whether the Winograd ops run here (their products need AVX2+FMA).
   mod.def("has_avx2_fma", [] { return adm_fast_cpu::has_avx2_fma(); });
+  // Whether two CPU tensors of one layout hold the same bytes: the Winograd
+  // weight cache's check on every call. torch.equal runs it as a parallel
+  // region, and on a machine whose cores are busy each region waits for a
+  // descheduled thread (ms); one memcmp of a weight takes microseconds.
+  mod.def("bytes_equal", [](const at::Tensor& a, const at::Tensor& b) {
+    TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "bytes_equal: CPU tensors only");
+    TORCH_CHECK(a.sizes() == b.sizes() && a.strides() == b.strides() &&
+                    a.scalar_type() == b.scalar_type(),
+                "bytes_equal: the tensors must have one shape, strides and dtype");
+    TORCH_CHECK(a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense(),
+                "bytes_equal: the tensors must be dense");
+    for (auto s : a.strides()) TORCH_CHECK(s >= 0, "bytes_equal: negative strides");
+    const void* pa = a.data_ptr();
+    const void* pb = b.data_ptr();
+    const size_t n = a.nbytes();
+    pybind11::gil_scoped_release released;
+    return std::memcmp(pa, pb, n) == 0;
+  });
 }
