@@ -2,6 +2,8 @@
 on graphs whose saved tensors are known, and one tiny UNet L_hybrid step
 where the fused backends must hold fewer bytes than eager and agree with it."""
 
+import re
+
 import pytest
 import torch
 
@@ -143,3 +145,45 @@ def test_max_batch_search_finds_the_boundary(largest):
 def test_max_batch_search_reports_the_bracket_when_capped():
     lo, hi, capped = bench_train.search_max_batch(lambda b: b <= 100, time_cap=0.0)
     assert (lo, hi, capped) == (0, None, True)
+
+
+# guided-diffusion's image_train.py defaults (adm-fast train's), at a size a
+# test can afford: three levels, attention at the last (8x8).
+SMALL = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
+             attention_resolutions="8")
+
+
+@pytest.mark.skipif(not CPU_EXT, reason="auto fuses GroupNorm on CPU only with the C++ extension")
+def test_user_step_keeps_at_most_half_and_bench_train_reports_it(monkeypatch, capsys):
+    """The figure a user gets: the model built by adm-fast train's own path
+    (build_model: NCHW for eager, channels_last for auto), the training loop's
+    loss, MixedPrecisionTrainer; adm_fast keeps at most half of what
+    guided-diffusion keeps, nothing hides from the hooks (the memory the forward
+    left allocated is what they count), and bench train prints that figure."""
+    flags = bench_train.training_flags(None, SMALL)
+    from adm_fast.train.run import build_model
+    model, _ = build_model("diffusion", flags, torch.device("cpu"), 1000)
+    conv = model.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+    measured = []
+
+    def spy(*args, **kwargs):
+        measured.append(user_saved_ratio(*args, **kwargs))
+        return measured[-1]
+
+    user_saved_ratio = bench_train.user_saved_ratio
+    monkeypatch.setattr(bench_train, "user_saved_ratio", spy)
+    argv = ["--preset", "none", "--set", *[f"{k}={v}" for k, v in SMALL.items()],
+            "--batch", "2", "--repeats", "1", "--min_run_time", "0", "--no_save"]
+    assert bench_train.main(argv) == 0
+    out = capsys.readouterr().out
+    (user,) = measured
+    ratio = user["adm_fast"]["saved"] / user["eager"]["saved"]
+    assert ratio <= 0.5, user
+    for impl in user.values():
+        assert abs(impl["held"] - impl["saved"]) <= 0.01 * impl["saved"], user
+    printed = re.search(r"saved for backward, adm_fast/eager: ([0-9.]+)", out)
+    assert printed and float(printed.group(1)) == pytest.approx(ratio, abs=1e-3), out
+    match = re.search(r"grad max rel diff ([0-9.e+-]+)", out)
+    assert match and float(match.group(1)) < 1e-4, out

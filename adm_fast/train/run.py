@@ -33,6 +33,27 @@ def _build(kind: str, flags: Dict):
     return create_classifier_and_diffusion(**{k: flags[k] for k in keys})
 
 
+def build_model(kind: str, flags: Dict, device, num_classes: int):
+    """(model, diffusion) as a training run builds them from its flags, before
+    MixedPrecisionTrainer takes the model: the weights --seed gives, the
+    checkpointing flags, and the layout of --backend on device. Shared with the
+    benchmarks' measure of what a user's training step keeps for backward."""
+    fp16_key = "use_fp16" if kind == "diffusion" else "classifier_use_fp16"
+    precision = precision_of(flags, fp16_key)
+    # The model is built in fp32 and MixedPrecisionTrainer converts it for fp16,
+    # keeping fp32 masters of the freshly initialised weights.
+    torch.manual_seed(flags["seed"])  # the same initial weights for the same --seed
+    model, diffusion = _build(kind, {**flags, fp16_key: False, "num_classes": num_classes})
+    model.flags = {**getattr(model, "flags", {}), fp16_key: flags[fp16_key]}
+    if flags["use_checkpoint"]:
+        model.set_checkpointing(resblocks=True, attention=bool(flags["checkpoint_attention"]))
+    if flags["backend"] != "eager":  # eager stays guided-diffusion's computation, layout too
+        # the dtype the convolutions will run in: converted or autocast later
+        low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        ops.use_preferred_layout(model, device, training=True, dtype=low)
+    return model, diffusion
+
+
 def _resume(flags: Dict, log_dir: str, world) -> Optional[Dict]:
     """The verified checkpoint to resume from: --resume_checkpoint as given
     (an error if it is damaged), else the newest intact set in log_dir, newer
@@ -129,17 +150,7 @@ def _train(kind, flags, world, log_dir, precision, fp16_key) -> int:
     if resume:
         log.info("resuming from %s at step %d", resume["path"], start)
     classes, num_classes = _labels(kind, flags, resume)
-    # The model is built in fp32 and MixedPrecisionTrainer converts it for fp16,
-    # keeping fp32 masters of the freshly initialised weights.
-    torch.manual_seed(flags["seed"])  # the same initial weights for the same --seed
-    model, diffusion = _build(kind, {**flags, fp16_key: False, "num_classes": num_classes})
-    model.flags = {**getattr(model, "flags", {}), fp16_key: flags[fp16_key]}
-    if flags["use_checkpoint"]:
-        model.set_checkpointing(resblocks=True, attention=bool(flags["checkpoint_attention"]))
-    if flags["backend"] != "eager":  # eager stays guided-diffusion's computation, layout too
-        # the dtype the convolutions will run in: converted or autocast later
-        low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-        ops.use_preferred_layout(model, world.device, training=True, dtype=low)
+    model, diffusion = build_model(kind, flags, world.device, num_classes)
     sampler = create_named_schedule_sampler(flags["schedule_sampler"], diffusion)
     workers = None if flags["num_workers"] < 0 else flags["num_workers"]
     local = gb // world.world_size

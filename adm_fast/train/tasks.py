@@ -44,12 +44,18 @@ class DiffusionTrainLoop(TrainLoop):
         return cond
 
     def losses(self, model, x, cond, t, weights, noise):
-        terms = self.diffusion.training_losses(_fp32_out(model), x, t, model_kwargs=cond,
-                                               noise=noise)
+        loss, terms = diffusion_loss(self.diffusion, model, x, cond, t, weights, noise)
         if isinstance(self.sampler, LossAwareSampler):
             self.sampler.update_with_local_losses(t, terms["loss"].detach())
-        loss = (terms["loss"] * weights).mean()
         return loss, {k: v.detach() * weights for k, v in terms.items()}
+
+
+def diffusion_loss(diffusion, model, x, cond, t, weights, noise):
+    """(the loss a diffusion model's training step differentiates, the per-sample
+    terms): guided-diffusion's training_losses at timesteps t, weighted by the
+    schedule sampler's importance weights. Shared with the benchmarks."""
+    terms = diffusion.training_losses(_fp32_out(model), x, t, model_kwargs=cond, noise=noise)
+    return (terms["loss"] * weights).mean(), terms
 
 
 def _top_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
