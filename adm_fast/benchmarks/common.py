@@ -88,6 +88,9 @@ def context(device: torch.device) -> Dict[str, str]:
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
+        # what else the machine was doing: a CPU row's speed depends on it
+        "loadavg_1min": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "",
+        "cpus": str(os.cpu_count() or ""),
     }
 
 
