@@ -183,3 +183,21 @@ def test_the_cache_compares_bytes_with_one_memcmp():
         ext.bytes_equal(a, a.contiguous())
     with pytest.raises(RuntimeError, match="dense"):
         ext.bytes_equal(a[:, ::2], a[:, ::2])
+
+
+def test_traced_weights_are_transformed_not_kept_nor_compared():
+    # bench sample traces a step on fake tensors after its real loops; every
+    # fake weight has data_ptr 0, so a second fake weight of a shape met its
+    # predecessor's entry and the compare read address 0 (the process died
+    # with SIGSEGV).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cache, real = WinogradWeights(1 << 30), weight()
+    cache.get(real)  # a real entry beside
+    with FakeTensorMode() as mode:
+        for seed in range(3):
+            u = cache.get(mode.from_tensor(weight(seed=seed)))
+            assert u.shape == (16, 1, 8, 16)
+    assert len(cache._entries) == 1 and cache.misses == 1
+    meta = weight().to("meta")
+    assert cache.get(meta).device.type == "meta" and len(cache._entries) == 1

@@ -30,6 +30,7 @@ import weakref
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import native
 
@@ -72,6 +73,14 @@ def _bits(t: Tensor) -> Tensor:
     return t.detach().view(torch.int32)
 
 
+def _has_bytes(t: Tensor) -> bool:
+    """Whether t holds data: a fake tensor (a traced step: bench plan, bench
+    sample's roofline) or a meta one has none, and every fake weight has
+    data_ptr 0, so all of them would share one entry and its compare would
+    read address 0."""
+    return t.device.type != "meta" and not is_fake(t)
+
+
 def _same_bytes(weight: Tensor, snap: Tensor) -> bool:
     """Bit for bit, through the extension's memcmp where the layouts match (a
     weight and its clone do): torch.equal is a parallel region, costly on a
@@ -105,6 +114,8 @@ class WinogradWeights:
         changed twice running: its copy is then refreshed only every 16th
         change, so that each call costs a failing compare (which stops at the
         first differing word) instead of a copy, until it holds still again."""
+        if not _has_bytes(weight):  # traced: nothing to keep, nor to compare
+            return TRANSFORM(weight.detach(), bool(turned))
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), bool(turned))
         with self._lock, torch.inference_mode(False), torch.no_grad():
             e = self._entries.get(key)

@@ -341,6 +341,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     const void* pa = a.data_ptr();
     const void* pb = b.data_ptr();
     const size_t n = a.nbytes();
+    // A fake or meta tensor has no bytes (its data pointer is null): refuse, not read.
+    TORCH_CHECK(n == 0 || (pa != nullptr && pb != nullptr),
+                "bytes_equal: a tensor holds no data (meta or fake)");
     pybind11::gil_scoped_release released;
     return std::memcmp(pa, pb, n) == 0;
   });
