@@ -9,6 +9,7 @@ module that imports no torch), so every --help is instant.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Optional
 
@@ -33,6 +34,30 @@ PARSERS = {
     "evaluate": "adm_fast.evaluation.cli:build_parser",
     "demo": "adm_fast.demo.flags:build_parser",
 }
+
+
+# libgomp (torch's OpenMP on Linux) lets a worker spin 300,000 times after each
+# parallel region before it sleeps. On a core another process wants, that spin
+# takes the time slice the thread with the work needs. Beside two busy
+# processes on 2 cores, a guided step of bench sample's tiny layout took
+# 0.77-1.14 s for eager and 0.57-0.76 s for adm_fast by default, 0.47-0.70 s
+# and 0.35-0.54 s at 1,000-10,000 spins; the demo ran in 105 s instead of 181.
+# Idle, 10,000 spins measured within the noise of the default, where
+# OMP_WAIT_POLICY=PASSIVE (no spin) made both sides 1.6x slower. libgomp reads
+# it once, as torch loads it, so only a command, before importing torch, can
+# choose it; both sides of every comparison run in the one process.
+OPENMP_SPIN = "10000"
+
+
+def openmp_defaults(environ=None) -> Optional[str]:
+    """Set GOMP_SPINCOUNT for this process unless the user chose an OpenMP
+    wait policy or torch is loaded already (too late to matter); returns what
+    was set."""
+    environ = os.environ if environ is None else environ
+    if "torch" in sys.modules or "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ:
+        return None
+    environ["GOMP_SPINCOUNT"] = OPENMP_SPIN
+    return OPENMP_SPIN
 
 
 # Commands whose module parses no flags of its own: their --help (and any stray
@@ -87,6 +112,7 @@ def main(argv=None) -> int:
             getattr(importlib.import_module(module), func)().parse_args(["--help"])
         except SystemExit as e:
             return int(e.code or 0)
+    openmp_defaults()
     module, _, func = COMMANDS[name][0].partition(":")
     return int(getattr(importlib.import_module(module), func or "main")(rest) or 0)
 

@@ -8,9 +8,20 @@ implements; then the devices and versions that matter.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import List
+
+
+def _openmp_wait() -> str:
+    """How idle OpenMP workers wait: what the process was started with (read
+    once, as torch loaded libgomp)."""
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        if key in os.environ:
+            return f"{key}={os.environ[key]}"
+    return ("libgomp's default (300,000 spins; adm-fast sets GOMP_SPINCOUNT=10000 for its "
+            "commands: on a shared machine set it before importing torch)")
 
 
 def _here(backend, devices: List[str]) -> str:
@@ -65,7 +76,7 @@ def report() -> str:
     else:
         lines.append(f"CUDA: torch is built for CUDA {torch.version.cuda}, but no GPU is present "
                      "(torch.cuda.is_available() is False)")
-    lines.append(f"CPU threads: {torch.get_num_threads()}")
+    lines.append(f"CPU threads: {torch.get_num_threads()}; OpenMP waiting: {_openmp_wait()}")
     lines.append("")
     lines.append("backends (auto tries them in this order, after measured preferences):")
     for name, backend in ops.backends().items():

@@ -6,6 +6,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from adm_fast.cli import openmp_defaults  # imports no torch
+
+# The suite's processes wait as adm-fast's commands do (a short OpenMP spin,
+# set before torch loads libgomp): on a machine shared with other work, long
+# spins take the cores the tests need.
+openmp_defaults()
+
 import torch  # noqa: E402  (imports no Triton)
 
 # Tests pick backends explicitly; a user's setting must not leak in. Choices

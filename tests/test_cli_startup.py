@@ -53,3 +53,33 @@ def test_the_op_layer_does_not_import_torch_compile_machinery():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+_SPIN_PROBE = ("import os, sys\nfrom adm_fast import cli\nif sys.argv[1] == 'torch':\n"
+               "    import torch\nprint(cli.openmp_defaults(), os.environ.get('GOMP_SPINCOUNT'))")
+
+
+@pytest.mark.parametrize("env, before, expected", [
+    ({}, "none", "10000 10000"),  # a command sets it before torch loads libgomp
+    ({"GOMP_SPINCOUNT": "77"}, "none", "None 77"),  # the user's choice stands
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "none", "None None"),  # so does a wait policy
+    ({}, "torch", "None None"),  # too late once torch is loaded: left alone
+])
+def test_commands_choose_a_short_openmp_spin_unless_the_user_did(env, before, expected):
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    proc = subprocess.run([sys.executable, "-c", _SPIN_PROBE, before], capture_output=True,
+                          text=True, timeout=300, env={**base, **env})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == expected.split()
+
+
+def test_info_says_how_openmp_workers_wait():
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    proc = subprocess.run([sys.executable, "-m", "adm_fast.cli", "info"], capture_output=True,
+                          text=True, timeout=600, env=base)
+    assert proc.returncode == 0, proc.stderr
+    assert "OpenMP waiting: GOMP_SPINCOUNT=10000" in proc.stdout
