@@ -10,17 +10,40 @@ it loads the network.
 from __future__ import annotations
 
 import contextlib
+import io
+import math
 import os
 import zipfile
+import zlib
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+# The network's features: pool_3 is 2048-d, mixed_6/conv's first 7 channels of
+# 17x17 are 2023-d (network.py). A reference batch's statistics must be these
+# shapes to be compared with a sample's; checking them from the .npy headers
+# refuses a wrong file before anything of its size is allocated.
+STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
+_CHUNK = 1 << 20  # bytes per read when draining a zip member to its CRC check
+_MAX_HEADER = 10000  # numpy's own limit on a .npy header's length (max_header_size)
+
+# What reading a damaged zip member raises: a bad CRC or local header
+# (BadZipFile), a broken deflate stream (zlib.error, EOFError), an unknown
+# compression method (NotImplementedError), an encrypted member (RuntimeError),
+# an offset past the file (OSError: EINVAL from seek).
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+            OSError)
 
 
 class EvaluationError(ValueError):
     """A bad input to the evaluation: one line that names the file or flag."""
+
+
+def _damaged(where: str, e: BaseException) -> EvaluationError:
+    why = " ".join(str(e).split()) or type(e).__name__
+    return EvaluationError(f"{where} is damaged ({why}): the file cannot be read as it was "
+                           "written; write or download it again")
 
 
 def positive_int(value, name: str) -> int:
@@ -53,25 +76,37 @@ class ArrayReader:
 
     def __init__(self, member, shape: Tuple[int, ...], dtype: np.dtype, where: str):
         self._f, self.shape, self.dtype, self._where = member, shape, dtype, where
-        self._row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        # Python ints: a hostile header's shape cannot overflow the byte count.
+        self.row_bytes = math.prod(int(d) for d in shape[1:]) * dtype.itemsize
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def _read(self, size: int) -> bytes:
+        try:
+            return self._f.read(size)
+        except _DAMAGED as e:
+            raise _damaged(self._where, e) from None
+
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        row = self.row_bytes
         for start in range(0, self.shape[0], batch_size):
             n = min(batch_size, self.shape[0] - start)
-            data = self._f.read(n * self._row)
-            if len(data) != n * self._row:
-                read = start + len(data) // self._row
+            data = self._read(n * row)
+            if len(data) != n * row:
+                read = start + len(data) // row
                 raise EvaluationError(f"{self._where} is truncated: {read} of {self.shape[0]} "
                                       "images could be read")
             yield np.frombuffer(data, dtype=self.dtype).reshape((n,) + self.shape[1:])
+        # zipfile checks the CRC once the member's last byte is read: read what
+        # follows the images too, so that a damaged file never passes as whole.
+        while self._read(_CHUNK):
+            pass
 
 
 class _InMemory(ArrayReader):
-    # Fortran-ordered arrays and newer .npy header versions cannot be streamed
-    # row by row; the evaluator loads those whole too.
+    # Fortran-ordered arrays cannot be streamed row by row; the evaluator loads
+    # those whole too (their size is checked against the file's first).
     def __init__(self, array: np.ndarray, where: str):
         self._array = np.ascontiguousarray(array)
         super().__init__(None, self._array.shape, self._array.dtype, where)
@@ -81,6 +116,11 @@ class _InMemory(ArrayReader):
             yield self._array[start:start + batch_size]
 
 
+class _Header:
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+
 def _open_zip(path: str) -> zipfile.ZipFile:
     if not os.path.isfile(path):
         raise EvaluationError(f"{path}: no such file")
@@ -88,6 +128,71 @@ def _open_zip(path: str) -> zipfile.ZipFile:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         raise EvaluationError(f"{path} is not an NPZ file (not a zip archive)") from None
+    except (EOFError, ValueError, OverflowError, NotImplementedError) as e:
+        # A zip whose central directory is damaged past zipfile's own checks.
+        raise _damaged(path, e) from None
+
+
+def _open_member(zf: zipfile.ZipFile, name: str, where: str):
+    try:
+        return zf.open(name)
+    except _DAMAGED + (ValueError, OverflowError) as e:
+        raise _damaged(where, e) from None
+
+
+def _free_memory() -> Optional[int]:
+    """Linux's MemAvailable (free memory and what the page cache would give
+    back), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _npy_header(member, where: str) -> Tuple[Tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from a .npy member's header, reading nothing
+    else: neither a header that promises terabytes of data nor one that claims
+    to be gigabytes long costs anything here."""
+    try:
+        version = np.lib.format.read_magic(member)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise EvaluationError(f"{where} is a .npy of format version "
+                                  f"{'.'.join(map(str, version))}, which numpy does not write")
+        # The length is checked before the header is read (numpy reads it first).
+        length = member.read(2 if version == (1, 0) else 4)
+        size = int.from_bytes(length, "little")
+        if size > _MAX_HEADER:
+            raise EvaluationError(f"{where} has a damaged .npy header ({size} bytes long; "
+                                  f"numpy writes at most {_MAX_HEADER})")
+        header = io.BytesIO(length + member.read(size))
+        # 3.0 differs from 2.0 only by UTF-8 field names of structured dtypes,
+        # which no evaluator array has (and the dtype checks refuse).
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(header)
+    except _DAMAGED as e:
+        raise _damaged(where, e) from None
+    except EvaluationError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        # numpy parses the header's text with ast and tokenize, whose errors
+        # (SyntaxError, TokenError, ValueError, ...) all mean a damaged header.
+        # Its words may end with advice to trust the file (allow_pickle=True);
+        # only the first sentence says what is wrong.
+        why = " ".join(str(e).split()).split(". ")[0]
+        raise EvaluationError(f"{where} has a damaged .npy header ({why})") from None
+    if any(int(d) < 0 for d in shape):
+        raise EvaluationError(f"{where} has a damaged .npy header (shape {list(shape)})")
+    return tuple(int(d) for d in shape), bool(fortran), dtype
+
+
+def _left(zf: zipfile.ZipFile, name: str, member) -> int:
+    """Bytes of the member after what was read of it (its size as the zip says)."""
+    return zf.getinfo(name).file_size - member.tell()
 
 
 def npz_keys(path: str) -> set:
@@ -98,7 +203,8 @@ def npz_keys(path: str) -> set:
 
 @contextlib.contextmanager
 def open_images(path: str) -> Iterator[ArrayReader]:
-    """A reader over the NPZ's arr_0 images, checked to be uint8 NHWC RGB."""
+    """A reader over the NPZ's arr_0 images, checked to be uint8 NHWC RGB, with
+    as many bytes in the file as its header promises."""
     with _open_zip(path) as zf:
         if "arr_0.npy" not in zf.namelist():
             keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
@@ -108,23 +214,59 @@ def open_images(path: str) -> Iterator[ArrayReader]:
                                   "images [N, H, W, 3] (the reference images too: Precision "
                                   "and Recall are computed from them)")
         where = f"{path}: arr_0"
-        with zf.open("arr_0.npy") as member:
-            version = np.lib.format.read_magic(member)
-            readers = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}
-            if version in readers:
-                shape, fortran, dtype = readers[version](member)
-            if version not in readers or fortran:
-                with np.load(path, allow_pickle=False) as f:
-                    reader = _InMemory(f["arr_0"], where)
-            else:
-                reader = ArrayReader(member, tuple(shape), dtype, where)
-            check_images(reader, where)
+        with _open_member(zf, "arr_0.npy", where) as member:
+            shape, fortran, dtype = _npy_header(member, where)
+            check_images(_Header(shape, dtype), where)
+            reader = ArrayReader(member, shape, dtype, where)
+            have, need = _left(zf, "arr_0.npy", member), len(reader) * reader.row_bytes
+            if need > have:
+                raise EvaluationError(f"{where} is truncated: {have // reader.row_bytes} of "
+                                      f"{len(reader)} images could be read (its header "
+                                      f"promises {need} bytes, the file holds {have})")
+            if fortran:
+                free = _free_memory()
+                if free is not None and need > free:
+                    raise EvaluationError(
+                        f"{where} is Fortran-ordered, which is read whole, and {_size(need)}: "
+                        f"more than the {_size(free)} of memory free; save it C-ordered "
+                        "(np.ascontiguousarray) to have it streamed")
+                try:
+                    with np.load(path, allow_pickle=False) as f:
+                        reader = _InMemory(f["arr_0"], where)
+                except _DAMAGED + (ValueError,) as e:
+                    raise _damaged(where, e) from None
             yield reader
 
 
+def _read_stat(zf: zipfile.ZipFile, path: str, key: str) -> np.ndarray:
+    where, name, want = f"{path}: {key}", f"{key}.npy", STAT_SHAPES[key]
+    with _open_member(zf, name, where) as member:
+        shape, fortran, dtype = _npy_header(member, where)
+        if dtype.kind not in "fiu" or dtype.hasobject:
+            raise EvaluationError(f"{where} is of dtype {dtype}: a reference batch's "
+                                  f"statistics are real numbers (float {list(want)})")
+        if shape != want:
+            raise EvaluationError(f"{where} has shape {list(shape)}: expected {list(want)}, "
+                                  "the statistics of the evaluator's InceptionV3 features")
+        need = math.prod(want) * dtype.itemsize
+        try:
+            data = member.read(need)
+            while member.read(_CHUNK):  # to the end, where zipfile checks the CRC
+                pass
+        except _DAMAGED as e:
+            raise _damaged(where, e) from None
+    if len(data) != need:
+        raise EvaluationError(f"{where} is truncated: {len(data)} of {need} bytes could be read")
+    array = np.frombuffer(data, dtype).reshape(want, order="F" if fortran else "C").copy()
+    if not np.isfinite(array).all():
+        raise EvaluationError(f"{where} holds NaN or infinite values")
+    return array
+
+
 def read_stats(path: str) -> Optional[dict]:
-    """mu, sigma, mu_s, sigma_s from the NPZ when it has them (all four), else None."""
+    """mu, sigma, mu_s, sigma_s from the NPZ when it has them (all four), else None.
+    Each is checked (dtype, shape, size, CRC, finite) from its header before its
+    data is read."""
     keys = npz_keys(path)
     have = [k for k in STAT_KEYS if k in keys]
     if not have:
@@ -133,17 +275,88 @@ def read_stats(path: str) -> Optional[dict]:
         missing = [k for k in STAT_KEYS if k not in keys]
         raise EvaluationError(f"{path} has {', '.join(have)} but not {', '.join(missing)}: a "
                               "reference batch holds all four statistics or none")
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in STAT_KEYS}
+    with _open_zip(path) as zf:
+        return {k: _read_stat(zf, path, k) for k in STAT_KEYS}
+
+
+def reference_bytes(shape: Tuple[int, ...]) -> int:
+    """A lower bound on the size of a reference NPZ of `shape` images: arr_0, mu
+    and mu_s (fp32), sigma and sigma_s (fp64)."""
+    return (math.prod(int(d) for d in shape)
+            + sum(math.prod(STAT_SHAPES[k]) * (4 if k.startswith("mu") else 8)
+                  for k in STAT_KEYS))
+
+
+def check_output(path: str, flag: str, overwrite: bool = False, need: int = 0) -> None:
+    """Refuse, before any work, an output that would replace a finished file
+    without `overwrite`, or that cannot be written: its folder missing, not
+    writable (permission, a read-only or full file system: a one-byte file is
+    written beside it, synced and removed), or holding less than `need` free bytes."""
+    from ..sampling.files import describe_os_error, partial_name
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise EvaluationError(f"{folder}: no such folder for the output")
+    if os.path.isdir(path):
+        raise EvaluationError(f"{flag} {path} is a folder: expected a file name")
+    if os.path.lexists(path) and not overwrite:
+        raise EvaluationError(f"{flag} {path} exists: pass --overwrite to replace it")
+    probe = partial_name(os.path.abspath(path))
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0")
+            os.fsync(fd)  # some file systems report a full disk only here
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise EvaluationError(f"{flag}: {describe_os_error(e, path)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    check_room(path, need)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_room(path: str, need: int) -> None:
+    """EvaluationError unless the file system of `path` has `need` bytes free."""
+    import shutil
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the write itself will say why
+    if need > free:
+        raise EvaluationError(f"disk full: {path} needs at least {_size(need)}, {_size(free)} "
+                              f"are free on the device holding {folder}")
+
+
+def write_atomic(path: str, write_file) -> None:
+    """write_file(f) into a temporary beside `path`, synced, then renamed to it:
+    a failure (a full disk) leaves neither a partial file nor a changed `path`,
+    and raises one EvaluationError naming it."""
+    from ..sampling.files import OutputError, atomic_write
+
+    try:
+        atomic_write(path, write_file)
+    except OutputError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def write_reference(path: str, shape: Tuple[int, ...], fill) -> None:
     """Write a reference NPZ. `fill(write)` calls write(batch) for each uint8 batch of
     arr_0 (adding up to `shape`), streamed into the zip member, and returns the dict
     of arrays to store beside it. Through a temporary file, so that a failure
-    leaves no reference behind."""
-    from ..sampling.files import atomic_write
-
+    leaves no reference behind; a disk without room for it is refused before
+    `fill` runs."""
+    check_room(path, reference_bytes(shape))
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
               "fortran_order": False, "shape": tuple(shape)}
 
@@ -165,7 +378,7 @@ def write_reference(path: str, shape: Tuple[int, ...], fill) -> None:
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
 
-    atomic_write(path, write_file)
+    write_atomic(path, write_file)
 
 
 @contextlib.contextmanager

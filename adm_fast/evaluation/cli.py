@@ -1,12 +1,14 @@
 """adm-fast evaluate: guided-diffusion's evaluations/evaluator.py in PyTorch.
 
-    adm-fast evaluate REF_BATCH.npz SAMPLE_BATCH.npz [--json PATH]
-    adm-fast evaluate --save_stats OUT.npz SOURCE [--image_size N]
+    adm-fast evaluate REF_BATCH.npz SAMPLE_BATCH.npz [--json PATH] [--overwrite]
+    adm-fast evaluate --save_stats OUT.npz SOURCE [--image_size N] [--overwrite]
 
 prints `Inception Score`, `FID`, `sFID`, `Precision`, `Recall` as the evaluator
 does (stdout holds only those lines), or writes a reference batch (arr_0 and
 mu, sigma, mu_s, sigma_s) from a folder of images or an NPZ. The network
-(torch-fidelity's InceptionV3) is imported only once the inputs are checked.
+(torch-fidelity's InceptionV3) is imported only once the inputs are checked
+and the output is known to be writable; an existing output is replaced only
+with --overwrite, and always whole (written beside it, then renamed).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import json
 import os
 import sys
 
-from .batches import EvaluationError, open_images, positive_int, read_stats
+from .batches import (EvaluationError, check_output, open_images, positive_int, read_stats,
+                      reference_bytes, write_atomic)
 
 PROG = "adm-fast evaluate"
 ORDER = ("Inception Score", "FID", "sFID", "Precision", "Recall")
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the five numbers as JSON")
     p.add_argument("--save_stats", metavar="PATH",
                    help="write a reference batch NPZ from SOURCE instead of evaluating")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json or --save_stats file (default: refuse, "
+                        "before evaluating)")
     p.add_argument("--image_size", type=int, metavar="N",
                    help="--save_stats from a folder: resize and centre-crop every image to NxN "
                         "as guided-diffusion's data loader does (default: keep the images' "
@@ -68,14 +74,14 @@ def _check(args) -> None:
                                   "batch")
         if args.image_size is not None:
             positive_int(args.image_size, "--image_size")
-        source = args.batches[0]
+        source, need = args.batches[0], 0
         if not os.path.isdir(source):
             if args.image_size is not None:
                 raise EvaluationError("--image_size resizes the images of a folder; an NPZ's "
                                       "arr_0 is used as it is")
-            with open_images(source):
-                pass
-        out_dir = os.path.dirname(os.path.abspath(args.save_stats))
+            with open_images(source) as reader:
+                need = reference_bytes(reader.shape)
+        check_output(args.save_stats, "--save_stats", args.overwrite, need)
     else:
         if len(args.batches) != 2:
             raise EvaluationError(f"expected REF_BATCH and SAMPLE_BATCH, got {len(args.batches)} "
@@ -85,9 +91,8 @@ def _check(args) -> None:
         for path in args.batches:
             with open_images(path):
                 read_stats(path)
-        out_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else None
-    if out_dir is not None and not os.path.isdir(out_dir):
-        raise EvaluationError(f"{out_dir}: no such folder for the output")
+        if args.json:
+            check_output(args.json, "--json", args.overwrite)
 
 
 def _sizes_note(ref: str, sample: str) -> None:
@@ -114,9 +119,8 @@ def _run(args) -> None:
     for name in ORDER:
         print(f"{name}:", metrics[name])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({name: metrics[name] for name in ORDER}, f, indent=2)
-            f.write("\n")
+        text = json.dumps({name: metrics[name] for name in ORDER}, indent=2) + "\n"
+        write_atomic(args.json, lambda f: f.write(text.encode()))
 
 
 def main(argv=None) -> int:
