@@ -286,7 +286,7 @@ def test_start_batch_resumes_exactly_without_decoding_the_skipped(tmp_path, monk
     full = _take(D.load_data(**kw), 7)  # 2 batches per epoch: spans epochs 0..3
     decoded = []
     real = D._decode
-    monkeypatch.setattr(D, "_decode", lambda p: decoded.append(p) or real(p))
+    monkeypatch.setattr(D, "_decode", lambda p, *a: decoded.append(p) or real(p, *a))
     resumed = D.load_data(start_batch=3, **kw)
     tail = _take(resumed, 4)
     _same(tail, full[3:])

@@ -382,37 +382,47 @@ def write_reference(path: str, shape: Tuple[int, ...], fill) -> None:
 
 
 @contextlib.contextmanager
-def _opened(path: str):
-    from PIL import Image
+def _opened(path: str, max_pixels: Optional[int]):
+    from ..image_files import ImageFileError, UnreadableImage, open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path, max_pixels) as im:
             yield im
-    except EvaluationError:
-        raise
-    except (OSError, ValueError, SyntaxError) as e:
+    except UnreadableImage as e:
+        raise EvaluationError(f"{path}: not a readable image ({e.reason})") from None
+    except ImageFileError as e:  # a FIFO or device, or an image past the pixel limit
+        raise EvaluationError(str(e)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # while decoding
+        if isinstance(e, EvaluationError):
+            raise
         raise EvaluationError(f"{path}: not a readable image ({e})") from None
 
 
-def folder_images(folder: str, image_size: Optional[int] = None):
+def folder_images(folder: str, image_size: Optional[int] = None,
+                  max_pixels: Optional[int] = None):
     """(shape, batches(n)) over the images of `folder` (recursively, guided-diffusion's
     order) as uint8 RGB. With image_size, each is resized and centre-cropped to it as
-    guided-diffusion's data loader does; without, all must already share one size."""
-    from ..train.data import DataError, center_crop_arr, list_image_files
+    guided-diffusion's data loader does; without, all must already share one size.
+    Files are listed and opened by adm_fast.image_files: special files (FIFOs,
+    devices) are left out with a warning, and an image of more than max_pixels
+    pixels (None: image_files.MAX_PIXELS) is refused from its header."""
+    from ..image_files import MAX_PIXELS, ImageFileError, list_image_files
+    from ..train.data import center_crop_arr
 
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         files = list_image_files(folder)
-    except DataError as e:
+    except ImageFileError as e:
         raise EvaluationError(str(e)) from None
 
     def load(path: str) -> np.ndarray:
-        with _opened(path) as im:
+        with _opened(path, max_pixels) as im:
             im = im.convert("RGB")
             return center_crop_arr(im, image_size) if image_size else np.asarray(im)
 
     first = load(files[0])
     if image_size is None:
-        _check_sizes(files, (first.shape[1], first.shape[0]))
+        _check_sizes(files, (first.shape[1], first.shape[0]), max_pixels)
 
     def batches(batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(files), batch_size):
@@ -422,10 +432,10 @@ def folder_images(folder: str, image_size: Optional[int] = None):
     return (len(files),) + first.shape, batches
 
 
-def _check_sizes(files, size) -> None:
+def _check_sizes(files, size, max_pixels) -> None:
     # Headers only (PIL decodes lazily): a mixed folder fails before any work.
     for path in files[1:]:
-        with _opened(path) as im:
+        with _opened(path, max_pixels) as im:
             other = im.size
         if other != size:
             raise EvaluationError(

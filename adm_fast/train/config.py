@@ -30,7 +30,8 @@ ADDED = dict(
     preset="", bf16=False, max_steps=0, log_dir="", seed=0, device="", num_workers=-1,
     on_error="stop", backend="auto", checkpoint_attention=True, max_grad_norm=0.0,
     progress=True, random_flip=True, random_crop=False, allow_upscale=False,
-    deterministic_data=False, num_classes=0)
+    deterministic_data=False, num_classes=0,
+    max_image_pixels=8192 * 8192)  # image_files.MAX_PIXELS (not imported: --help loads no PIL)
 ADDED_DIFFUSION = dict(null_class=False, class_dropout_prob=0.0)
 ADDED_CLASSIFIER = dict(ema_rate="", use_checkpoint=False, classifier_channel_mult="")
 
@@ -73,6 +74,8 @@ TRAIN_HELP = {
     "random_crop": "random crops instead of centre crops (the classifier always crops at "
                    "random)",
     "allow_upscale": "resize images smaller than --image_size up instead of refusing them",
+    "max_image_pixels": "refuse (or with --on_error skip, skip) an image of more pixels than "
+                        "this, from its header before decoding (0: no limit but PIL's)",
     "deterministic_data": "read the images in folder order instead of shuffled",
     "num_classes": "class labels the model has (0: the number of classes in --data_dir; "
                    "stored in the checkpoint with the class names)",

@@ -33,14 +33,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .. import image_files
+from ..image_files import IMAGE_EXTENSIONS, MAX_PIXELS
+
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "list_image_files", "class_of", "class_names",
            "center_crop_arr", "random_crop_arr", "ImageFolderDataset", "ImageBatchStream",
            "load_data", "make_image_folder"]
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 _log = logging.getLogger(__name__)
-# What a bad file raises in PIL: not an image, truncated, a broken header, too big.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_LIMIT_HINT = ("raise the limit with max_pixels= (adm-fast train: --max_image_pixels; "
+               "0: no limit but PIL's)")
 # Domain tags keep the item and shuffle seed sequences apart when their numbers coincide.
 _ITEM_TAG, _SHUFFLE_TAG = 1, 2
 
@@ -50,37 +52,13 @@ class DataError(ValueError):
 
 
 def list_image_files(data_dir: Union[str, os.PathLike]) -> List[str]:
-    """Image files under `data_dir`, recursively, in guided-diffusion's order."""
-    root = os.fspath(data_dir)
-    if not os.path.exists(root):
-        raise DataError(f"data directory {root!r} does not exist")
-    if not os.path.isdir(root):
-        raise DataError(f"data directory {root!r} is not a directory")
-    found: List[str] = []
-    _walk(root, found, set())
-    if not found:
-        exts = ", ".join("." + e for e in IMAGE_EXTENSIONS)
-        raise DataError(f"no images in {root!r} (looked recursively for {exts}, any case)")
-    return found
-
-
-def _walk(directory: str, out: List[str], seen: set) -> None:
+    """Image files under `data_dir`, recursively, in guided-diffusion's order;
+    special files (FIFOs, devices, sockets) left out with a warning
+    (adm_fast.image_files.list_image_files, errors as DataError)."""
     try:
-        st = os.stat(directory)
-        names = sorted(os.listdir(directory))
-    except OSError as e:
-        raise DataError(f"cannot read directory {directory!r}: {e.strerror or e}") from e
-    if (st.st_dev, st.st_ino) in seen:  # a symlink cycle would recurse forever
-        return
-    seen.add((st.st_dev, st.st_ino))
-    # Per-level sorting (not one sort of full paths) is guided-diffusion's order,
-    # and the order decides which rank gets which file.
-    for name in names:
-        full = os.path.join(directory, name)
-        if os.path.isdir(full):
-            _walk(full, out, seen)
-        elif "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
-            out.append(full)
+        return image_files.list_image_files(data_dir)
+    except image_files.ImageFileError as e:
+        raise DataError(str(e)) from None
 
 
 def class_of(path: Union[str, os.PathLike]) -> str:
@@ -124,10 +102,8 @@ def random_crop_arr(pil_image: Image.Image, image_size: int, min_crop_frac: floa
     return arr[top:top + image_size, left:left + image_size]
 
 
-def _decode(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+def _decode(path: str, max_pixels: Optional[int]) -> Image.Image:
+    return image_files.read_rgb(path, max_pixels, _LIMIT_HINT)
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -147,7 +123,8 @@ class ImageFolderDataset(Dataset):
     def __init__(self, data_dir_or_files, image_size: int, *, class_cond: bool = False,
                  classes: Optional[Sequence[str]] = None, random_crop: bool = False,
                  random_flip: bool = True, shard: int = 0, num_shards: int = 1,
-                 on_error: str = "stop", allow_upscale: bool = False, seed: int = 0):
+                 on_error: str = "stop", allow_upscale: bool = False, seed: int = 0,
+                 max_pixels: int = MAX_PIXELS):
         super().__init__()
         if isinstance(data_dir_or_files, (str, os.PathLike)):
             all_files = list_image_files(data_dir_or_files)
@@ -157,6 +134,7 @@ class ImageFolderDataset(Dataset):
         self.num_shards = _check_int("num_shards (world_size)", num_shards, 1)
         self.shard = _check_int("shard (rank)", shard, 0)
         self.seed = _check_int("seed", seed, 0)
+        self.max_pixels = _check_int("max_pixels", max_pixels, 0) or None
         if self.shard >= self.num_shards:
             raise DataError(f"shard (rank) {shard} is out of range for num_shards (world_size) "
                             f"{num_shards}")
@@ -229,14 +207,15 @@ class ImageFolderDataset(Dataset):
                 continue
             path = self.files[j]
             try:
-                img = _decode(path)
-            except _DECODE_ERRORS as e:
+                img = _decode(path, self.max_pixels)
+            except image_files.ImageFileError as e:
+                what = (f"{path}: cannot decode the image ({e.reason})"
+                        if isinstance(e, image_files.UnreadableImage) else str(e))
                 if self.on_error == "stop":
-                    raise DataError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); "
-                                    "skip undecodable images with on_error='skip' "
-                                    "(adm-fast train: --on_error skip)") from e
+                    raise DataError(f"{what}; skip undecodable images with on_error='skip' "
+                                    "(adm-fast train: --on_error skip)") from None
                 self._bad[j] = 1
-                _log.warning("skipping undecodable image %s (%s)", path, e)
+                _log.warning("skipping image %s", what)
                 continue
             if min(img.size) < self.image_size and not self.allow_upscale:
                 raise DataError(f"{path}: the image is {img.width}x{img.height}, smaller than "
@@ -331,12 +310,14 @@ def load_data(*, data_dir, batch_size: int, image_size: int, class_cond: bool = 
               rank: int = 0, world_size: int = 1, num_workers: Optional[int] = None,
               on_error: str = "stop", seed: int = 0, start_batch: int = 0,
               classes: Optional[Sequence[str]] = None,
-              allow_upscale: bool = False) -> ImageBatchStream:
+              allow_upscale: bool = False, max_pixels: int = MAX_PIXELS) -> ImageBatchStream:
     """guided-diffusion's load_data as a resumable stream; `batch_size` is per rank.
 
     Each epoch covers the whole folder once in global batches of batch_size x
     world_size (shuffled by (seed, epoch) unless `deterministic`; the last
     partial batch dropped), of which this rank gets items rank::world_size.
+    An image of more than max_pixels pixels (0: no limit but PIL's) is refused
+    from its header, before decoding, as an undecodable one is (on_error).
     """
     if not data_dir:
         raise DataError("load_data: data_dir is empty; give the image folder to train on")
@@ -350,7 +331,8 @@ def load_data(*, data_dir, batch_size: int, image_size: int, class_cond: bool = 
         raise DataError(f"rank {rank} is out of range for world_size {world_size}")
     dataset = ImageFolderDataset(data_dir, image_size, class_cond=class_cond, classes=classes,
                                  random_crop=random_crop, random_flip=random_flip,
-                                 on_error=on_error, seed=seed, allow_upscale=allow_upscale)
+                                 on_error=on_error, seed=seed, allow_upscale=allow_upscale,
+                                 max_pixels=max_pixels)
     if len(dataset) < batch_size * world_size:
         raise DataError(f"{os.fspath(data_dir)}: {len(dataset)} images, fewer than one global "
                         f"batch (batch_size={batch_size} per rank x world_size={world_size}); "

@@ -123,6 +123,9 @@ def run(kind: str, flags: Dict) -> int:
         raise TrainError("--data_dir is required: the image folder to train on")
     # Checked before the rendezvous, so every rank fails fast with the reason.
     world_size, gb = env_world_size(), flags["batch_size"]
+    if flags["max_image_pixels"] < 0:
+        raise TrainError(f"--max_image_pixels must be >= 0 (0: no limit but PIL's), got "
+                         f"{flags['max_image_pixels']}")
     if gb < 1 or gb % world_size:
         raise TrainError(f"--batch_size {gb} (the global batch) is not divisible by the world "
                          f"size {world_size}: use a multiple of {world_size}")
@@ -158,7 +161,8 @@ def _train(kind, flags, world, log_dir, precision, fp16_key) -> int:
                    class_cond=classes is not None, deterministic=flags["deterministic_data"],
                    allow_upscale=flags["allow_upscale"], random_flip=flags["random_flip"],
                    rank=world.rank, world_size=world.world_size, num_workers=workers,
-                   on_error=flags["on_error"], seed=flags["seed"], classes=classes)
+                   on_error=flags["on_error"], seed=flags["seed"], classes=classes,
+                   max_pixels=flags["max_image_pixels"])
     random_crop = True if kind == "classifier" else flags["random_crop"]
     data = load_data(data_dir=flags["data_dir"], random_crop=random_crop, start_batch=start,
                      **data_kw)
