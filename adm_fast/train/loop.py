@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import resource
 import time
@@ -26,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import checkpoint as ckpt
 from . import state as st
+from .config import TrainError
 from .distributed import World, barrier
 from .metrics import Metrics
 from .precision import MixedPrecisionTrainer
@@ -144,6 +146,12 @@ class TrainLoop:
             self.metrics.add_losses(terms, t[sl], self.diffusion.num_timesteps)
             self.after_microbatch(t[sl], terms)
         took = self.mp.optimize(self.opt)
+        if not math.isfinite(self.mp.param_norm):
+            # param_norm is of the weights before this step: the last step (or
+            # the weights resumed) made them non-finite. Nothing of it is saved.
+            raise TrainError(self._non_finite_message(
+                f"the weights are not finite (param norm {self.mp.param_norm}) after step "
+                f"{self.step}"))
         if took:
             for rate, ema in zip(self.ema_rates, self.emas):
                 torch._foreach_lerp_(ema, [p.detach() for p in self.mp.master_params],
@@ -231,7 +239,34 @@ class TrainLoop:
         return self.metrics.dump(self.step, extra, self.world)
 
     # --- checkpoints --------------------------------------------------------
+    def _non_finite_message(self, what: str) -> str:
+        where = ""
+        if self.world.is_main:
+            latest = st.find_latest(self.log_dir)
+            where = (f" (the newest intact checkpoint is {latest})" if latest else
+                     f" ({self.log_dir} holds no intact checkpoint)")
+        return (f"{what}: training stopped before saving anything non-finite{where}; "
+                "lower --lr, or set --max_grad_norm, and resume")
+
+    def check_finite(self) -> None:
+        """TrainError unless the weights, the EMAs and the optimizer's moments are
+        all finite: what a checkpoint would save. One host sync."""
+        named = [(f"weight {n}", p) for n, p in zip(self.mp._names, self.mp.master_params)]
+        for rate, ema in zip(self.ema_rates, self.emas):
+            named += [(f"EMA {rate} of {n}", p) for n, p in zip(self.mp._names, ema)]
+        for n, p in zip(self.mp._names, self.mp.master_params):
+            named += [(f"optimizer {k} of {n}", v) for k, v in self.opt.state.get(p, {}).items()
+                      if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        with torch.no_grad():
+            ok = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+        if not all(ok):
+            bad = [name for (name, _), good in zip(named, ok) if not good]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise TrainError(self._non_finite_message(
+                f"step {self.step}: {bad[0]} holds NaN or infinite values{more}"))
+
     def save(self) -> None:
+        self.check_finite()  # on every rank: they hold the same values and stop together
         rngs = self._gather_rng()
         if self.world.is_main:
             os.makedirs(self.log_dir, exist_ok=True)
@@ -251,6 +286,9 @@ class TrainLoop:
                 "rng": rngs, "world_size": self.world.world_size,
                 "global_batch": self.global_batch, "ema_rates": list(self.ema_rates),
                 "classes": list(self.classes) if self.classes is not None else None,
+                # optimizer state i is parameter param_names[i]: resume checks the
+                # moments' shapes against the weights saved beside them
+                "param_names": list(self.mp._names),
                 "run": {k: v for k, v in self.run_info.items()
                         if isinstance(v, (str, int, float, bool))},
             }, os.path.join(self.log_dir, files[-1]))
@@ -283,10 +321,14 @@ class TrainLoop:
         self.step = resume["step"]
         state = resume["state"]
         if state is None:
-            log.warning("%s has no training state beside it: optimizer, loss scale and RNG "
-                        "start fresh at step %d", resume["path"], self.step)
+            log.warning("%s: RESUMING FROM THE WEIGHTS ONLY (%s): the optimizer moments, loss "
+                        "scale, schedule sampler and RNG start fresh at step %d, so this run "
+                        "will not match one never interrupted", resume["path"],
+                        resume.get("weights_only") or "no training state beside it", self.step)
             torch.manual_seed(self.seed + self.world.rank + self.step)
             return
+        self._check_state_fits(state, os.path.join(os.path.dirname(resume["path"]) or ".",
+                                                   st.state_file(self.step)))
         if state.get("global_batch") not in (None, self.global_batch):
             log.warning("resuming with global batch %d, the run had %s", self.global_batch,
                         state["global_batch"])
@@ -301,3 +343,30 @@ class TrainLoop:
                         "reseeding", len(rngs), self.world.world_size)
             torch.manual_seed(self.seed + self.world.rank + self.step)
         self._anneal_lr()
+
+    def _check_state_fits(self, state: Dict, path: str) -> None:
+        """CheckpointError (one line) unless the optimizer state and the schedule
+        sampler's state have the model's and the sampler's shapes: a state saved
+        for other flags (a damaged one was skipped before this)."""
+        ids = [i for g in state["optimizer"]["param_groups"] for i in g["params"]]
+        params = self.mp.master_params
+        if len(ids) != len(params) or len(state["optimizer"]["param_groups"]) != len(
+                self.opt.param_groups):
+            raise ckpt.CheckpointError(f"{path}: its optimizer state holds {len(ids)} "
+                                       f"parameters, the model these flags build has "
+                                       f"{len(params)}")
+        for i, name, p in zip(ids, self.mp._names, params):
+            for key, v in state["optimizer"]["state"].get(i, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                    raise ckpt.CheckpointError(
+                        f"{path}: optimizer {key} of {name!r} has shape {list(v.shape)}, the "
+                        f"parameter these flags build {list(p.shape)}")
+        saved = state.get("sampler")
+        if saved is not None and hasattr(self.sampler, "state_dict"):
+            own = self.sampler.state_dict()
+            if set(saved) != set(own) or any(tuple(saved[k].shape) != tuple(own[k].shape)
+                                              for k in own):
+                raise ckpt.CheckpointError(
+                    f"{path}: its schedule sampler state does not fit --schedule_sampler "
+                    f"{type(self.sampler).__name__} with {self.diffusion.num_timesteps} "
+                    "timesteps")

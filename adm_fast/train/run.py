@@ -56,23 +56,60 @@ def build_model(kind: str, flags: Dict, device, num_classes: int):
 
 def _resume(flags: Dict, log_dir: str, world) -> Optional[Dict]:
     """The verified checkpoint to resume from: --resume_checkpoint as given
-    (an error if it is damaged), else the newest intact set in log_dir, newer
-    damaged or incomplete ones skipped with a warning. Rank 0 chooses."""
+    (an error if its weights are damaged; its weights alone, said loudly, if
+    only the state beside them is), else the newest intact set in log_dir,
+    newer damaged or incomplete ones skipped with a warning. Rank 0 chooses.
+
+    When log_dir holds a finished save (its state file is there) and no set
+    is intact, the run stops instead of training from step 0 over weights
+    that may be intact: a weights-only resume changes the run (fresh Adam
+    moments, loss scale and RNG), so it is the user's choice, made by naming
+    the weights with --resume_checkpoint, which the message gives."""
     rates = parse_ema_rates(flags["ema_rate"])
     path = flags["resume_checkpoint"]
     if path:
         if not os.path.isfile(path):
             raise TrainError(f"--resume_checkpoint {path} does not exist")
-        return st.load_resume(path, rates)
-    found = None
+        try:
+            return st.load_resume(path, rates)
+        except st.StateError as e:
+            resume = st.load_resume(path, rates, weights_only=True)
+            resume["weights_only"] = str(e)
+            return resume
+    found, refusal = None, None
     if world.is_main:
         found, skipped = st.newest_intact(log_dir, rates)
         for why in skipped:
             log.warning("not resuming from the checkpoint at %s", why)
-    chosen = broadcast_object(world, found["path"] if found else None)
-    if chosen is None or found is not None:
+        if found is None:
+            refusal = _no_intact_set(log_dir, rates)
+    chosen = broadcast_object(world, (found["path"] if found else None, refusal))
+    if chosen[1]:
+        raise TrainError(chosen[1])
+    if chosen[0] is None or found is not None:
         return found
-    return st.load_resume(chosen, rates, require_state=True)  # the other ranks
+    return st.load_resume(chosen[0], rates, require_state=True)  # the other ranks
+
+
+def _no_intact_set(log_dir: str, rates) -> Optional[str]:
+    """Why training must not start from step 0 in log_dir, or None when it may:
+    no save there ever finished (weights without a state file are a save cut
+    short, written again)."""
+    finished = st.finished_steps(log_dir)
+    if not finished:
+        return None
+    steps = ", ".join(map(str, finished))
+    weights = st.newest_weights(log_dir, rates)
+    if weights:
+        return (f"{log_dir} holds no checkpoint to resume exactly: the training state of "
+                f"every finished save (steps {steps}) or its weights are damaged (the "
+                f"warnings above say how); the weights in {weights} are intact. To continue "
+                f"from them with a fresh optimizer, loss scale and RNG, rerun with "
+                f"--resume_checkpoint {weights}; to start over, give another --log_dir. "
+                "Nothing was overwritten")
+    return (f"{log_dir} holds finished saves (steps {steps}), all damaged (the warnings "
+            "above say how): training from step 0 would write over them. Move them away or "
+            "give another --log_dir. Nothing was overwritten")
 
 
 def _labels(kind: str, flags: Dict, resume: Optional[Dict]):
@@ -123,10 +160,13 @@ def run(kind: str, flags: Dict) -> int:
         raise TrainError("--data_dir is required: the image folder to train on")
     # Checked before the rendezvous, so every rank fails fast with the reason.
     world_size, gb = env_world_size(), flags["batch_size"]
+    if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1:
+        raise TrainError(f"--batch_size must be an integer >= 1 (the global batch, split "
+                         f"over the ranks), got {gb!r}")
     if flags["max_image_pixels"] < 0:
         raise TrainError(f"--max_image_pixels must be >= 0 (0: no limit but PIL's), got "
                          f"{flags['max_image_pixels']}")
-    if gb < 1 or gb % world_size:
+    if gb % world_size:
         raise TrainError(f"--batch_size {gb} (the global batch) is not divisible by the world "
                          f"size {world_size}: use a multiple of {world_size}")
     world = setup(flags["device"] or None)
