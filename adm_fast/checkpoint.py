@@ -22,6 +22,18 @@ The safetensors files adm_fast writes carry, as string metadata:
                       sorted by name) followed by each tensor's bytes in that
                       order: verified on load, so an edited header (a dtype or a
                       shape) or damaged data is refused rather than read as garbage
+  adm_fast.metadata_sha256
+                      hex SHA-256 over every other metadata entry, adm_fast.sha256
+                      among them (JSON: [[key, value], ...] sorted by key):
+                      verified whenever the metadata is read, so an edited, added
+                      or removed entry (the config, the diffusion flags, the class
+                      names, the tensors' checksum) is refused
+
+Files written before adm_fast.metadata_sha256 existed carry adm_fast.sha256
+alone: their tensors are verified as before and their metadata is read as it
+is (load and save such a file again to cover it). Files without either (from
+guided-diffusion or elsewhere) are read as they are; their metadata is still
+type- and range-checked, as every file's is.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from . import presets as _presets
+from .defaults import size_problem, size_problems
 from .models import EncoderUNetModel, SuperResModel, UNetModel
 from .models.precision import apply_dtype
 from .presets import Preset
@@ -48,6 +61,7 @@ _CLASSES = {c.__name__: c for c in (UNetModel, SuperResModel, EncoderUNetModel)}
 _KIND = {"UNetModel": "unet", "SuperResModel": "sr", "EncoderUNetModel": "classifier"}
 _META_CLASS, _META_CONFIG, _META_PRESET = "adm_fast.class", "adm_fast.config", "adm_fast.preset"
 _META_FLAGS, _META_SHA = "adm_fast.flags", "adm_fast.sha256"
+_META_DIGEST = "adm_fast.metadata_sha256"
 META_DIFFUSION, META_CLASSES = "adm_fast.diffusion", "adm_fast.classes"
 _SHOW = 3  # keys shown per category in a mismatch error
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
@@ -117,13 +131,30 @@ def _digest(tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def _metadata_digest(meta: Mapping[str, str]) -> str:
+    covered = sorted((k, v) for k, v in meta.items() if k != _META_DIGEST)
+    return hashlib.sha256(json.dumps(covered).encode()).hexdigest()
+
+
+def _check_metadata(meta: Mapping[str, str], path: str) -> None:
+    want = meta.get(_META_DIGEST)
+    if want is not None and _metadata_digest(meta) != want:
+        raise CheckpointError(
+            f"{path}: the metadata does not match the checksum adm_fast wrote "
+            f"({_META_DIGEST}): an entry (the model's config or flags, its diffusion flags, its "
+            "class names...) was edited, added or removed after the file was written")
+
+
 def _read_safetensors(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
+            _check_metadata(meta, path)
             sd = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
     except Exception as e:  # SafetensorError and friends: a damaged or foreign file
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     want = meta.get(_META_SHA)
@@ -136,7 +167,8 @@ def _read_safetensors(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
 
 def read_state_dict(path: Union[str, os.PathLike], device="cpu") -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """(state_dict, metadata) from a .pt or .safetensors file, without running code.
-    A safetensors file with an adm_fast checksum is verified."""
+    A safetensors file with adm_fast's checksums is verified: its metadata
+    (adm_fast.metadata_sha256), then its tensors (adm_fast.sha256)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -191,7 +223,9 @@ def _what_file(path: str, error: BaseException) -> str:
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
-    """A safetensors file's metadata from its header alone ({} for a .pt file)."""
+    """A safetensors file's metadata from its header alone ({} for a .pt file),
+    verified against adm_fast.metadata_sha256 when the file has one (the
+    tensors are verified when they are read: read_state_dict)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -201,14 +235,25 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
+            meta = dict(f.metadata() or {})
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    _check_metadata(meta, path)
+    return meta
+
+
+def _loads(text: str):
+    """json.loads, with JSON nested past the interpreter's recursion limit a
+    ValueError like any other bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _json_meta(meta: Mapping[str, str], key: str, path: str, kind: type):
     try:
-        value = json.loads(meta[key])
+        value = _loads(meta[key])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: metadata {key} is not valid JSON ({e})") from None
     if not isinstance(value, kind):
@@ -242,6 +287,8 @@ def _checked_diffusion(flags: Mapping, where: str, complete: bool = False) -> Di
             raise CheckpointError(f"{where}: diffusion flag {k} must be "
                                   f"{'a positive int' if t is int else 'a ' + t.__name__}, "
                                   f"got {v!r}")
+        if size_problem(k, v):  # diffusion_steps sizes the diffusion's tables
+            raise CheckpointError(f"{where}: diffusion flag {size_problem(k, v)}")
     return out
 
 
@@ -307,7 +354,7 @@ def _describe(meta: Mapping[str, str], shapes) -> Tuple[Optional[str], str]:
     config, cls = None, meta.get(_META_CLASS)
     if cls in _CLASSES and _META_CONFIG in meta:
         try:
-            config = json.loads(meta[_META_CONFIG])
+            config = _loads(meta[_META_CONFIG])
         except ValueError:
             pass
     if not isinstance(config, dict):
@@ -372,7 +419,7 @@ def _mismatch_error(path: str, target: str, diff, shapes, meta: Mapping[str, str
     lines = [f"{path} holds {what}, which does not fit {target}:"]
     if asked and _META_FLAGS in meta:
         try:
-            own = json.loads(meta[_META_FLAGS])
+            own = _loads(meta[_META_FLAGS])
         except ValueError:
             own = {}
         changed = [f"--{k} {v} (the checkpoint's: {own[k]})" for k, v in asked.items()
@@ -437,8 +484,23 @@ _TYPES: Dict[str, Callable[[object], bool]] = {
 }
 
 
-def _model_from_meta(meta: Mapping[str, str], path: str) -> nn.Module:
-    """The model adm_fast.class / adm_fast.config describe (on the current device)."""
+def _least_size(config: Mapping) -> Tuple[int, int]:
+    """(parameters, tensors) a model built from these constructor arguments
+    has at least: the time embedding's second Linear, the label embedding, and
+    in each res block of the encoder its 10 tensors and its second 3x3 conv
+    (width x width x 9). Well below the real count, which only building tells."""
+    base, blocks = config["model_channels"], config["num_res_blocks"]
+    widths = [int(m * base) for m in config["channel_mult"]]
+    params = 16 * base * base + blocks * sum(9 * w * w for w in widths)
+    params += (config.get("num_classes") or 0) * 4 * base
+    return params, 4 + 10 * blocks * len(widths)
+
+
+def _model_from_meta(meta: Mapping[str, str], path: str,
+                     weights: Optional[Mapping[str, Tensor]] = None) -> nn.Module:
+    """The model adm_fast.class / adm_fast.config describe (on the current
+    device); with `weights`, refused before it is built when it needs more
+    parameters or tensors than they hold."""
     name = meta[_META_CLASS]
     if name not in _CLASSES:
         raise CheckpointError(f"{path}: metadata {_META_CLASS} names an unknown model class "
@@ -459,16 +521,32 @@ def _model_from_meta(meta: Mapping[str, str], path: str) -> nn.Module:
     if problems:
         raise CheckpointError(f"{path}: metadata {_META_CONFIG} does not describe a {name}: "
                               f"{'; '.join(problems)}")
+    # Sizes are bounded before anything is built: building on the meta device
+    # allocates nothing, but thousands of blocks still take minutes.
+    too_big = size_problems(config)
+    if too_big:
+        raise CheckpointError(f"{path}: metadata {_META_CONFIG} does not build a {name}: "
+                              f"{'; '.join(too_big)}")
+    if weights is not None:
+        defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
+        least, tensors = _least_size({**defaults, **config})
+        held = sum(t.numel() for t in weights.values())
+        if least > held or tensors > len(weights):
+            raise CheckpointError(
+                f"{path}: metadata {_META_CONFIG} describes a {name} of at least {least:,} "
+                f"parameters in {tensors:,} tensors, but the file holds {held:,} in "
+                f"{len(weights):,}: the metadata does not describe these weights")
     try:
         return cls(**config)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: metadata {_META_CONFIG} does not build a {name}: "
-                              f"{e}") from None
+                              f"{first}") from None
 
 
-def _build(spec, meta: Dict[str, str], path: str):
+def _build(spec, meta: Dict[str, str], path: str, weights: Mapping[str, Tensor]):
     """(model on meta, preset or None) for a preset name/Preset/flags dict, or
-    from the file's own metadata when spec is None."""
+    from the file's own metadata (checked against its weights) when spec is None."""
     with torch.device("meta"):
         if isinstance(spec, Preset):
             return spec.build(device="meta"), spec
@@ -483,10 +561,24 @@ def _build(spec, meta: Dict[str, str], path: str):
             if "kind" not in flags:
                 raise ValueError("a flags dict needs 'kind': 'unet', 'classifier' or 'sr'")
             return create_from_flags(flags.pop("kind"), flags), None
-        model = _model_from_meta(meta, path)
+        model = _model_from_meta(meta, path, weights)
         if _META_FLAGS in meta:
             model.flags = _json_meta(meta, _META_FLAGS, path, dict)
         return model, _presets.PRESETS.get(meta.get(_META_PRESET, ""))
+
+
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_dtypes(sd: Mapping[str, Tensor], path: str) -> None:
+    """A model's weights are floating point; anything else fails in
+    load_state_dict with one traceback line per tensor."""
+    bad = [k for k, v in sd.items() if v.dtype not in _WEIGHT_DTYPES]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: tensor {bad[0]} has dtype "
+                              f"{str(sd[bad[0]].dtype).replace('torch.', '')}{more}; a model's "
+                              "weights are float32, float16, bfloat16 or float64")
 
 
 def load_checkpoint(path: Union[str, os.PathLike], preset=None, device=None,
@@ -506,10 +598,11 @@ def load_checkpoint(path: Union[str, os.PathLike], preset=None, device=None,
         raise CheckpointError(f"load_checkpoint({path!r}): preset must be a name, a Preset or "
                               f"a flags dict, got {type(preset).__name__} {preset!r}")
     sd, meta = read_state_dict(path)
+    _check_dtypes(sd, path)
     shapes = _shapes(sd)
     if preset is None and _META_CLASS not in meta:
         preset = detect_preset(sd, path)
-    model, found = _build(preset, meta, path)
+    model, found = _build(preset, meta, path, sd)
     target = (f"preset {found.name}" if found else
               f"the model described by {'its metadata' if preset is None else 'the flags given'}")
     diff = _diff(shapes, _model_layout(model))
@@ -650,10 +743,11 @@ def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike],
     e.g. an EMA) as safetensors, with what rebuilds it (class, constructor
     arguments, script flags, preset), the diffusion flags it goes with
     (`diffusion`: guided-diffusion's diffusion flags, all of them), its class
-    names (`classes`, label i = classes[i]) and a checksum of its tensors, as
-    metadata. diffusion and classes default to the model's own
-    `.diffusion_flags` / `.class_names` (set by load_checkpoint). The file is
-    written atomically (write_atomic)."""
+    names (`classes`, label i = classes[i]), a checksum of its tensors and one
+    of the metadata itself (see the module's docstring), as metadata.
+    diffusion and classes default to the model's own `.diffusion_flags` /
+    `.class_names` (set by load_checkpoint). The file is written atomically
+    (write_atomic)."""
     path = os.fspath(path)
     cls = type(model).__name__
     if cls not in _CLASSES or not hasattr(model, "config"):
@@ -672,6 +766,7 @@ def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike],
         own = state_dict
     tensors = {k: v.detach().contiguous().cpu() for k, v in own.items()}
     meta[_META_SHA] = _digest(tensors)
+    meta[_META_DIGEST] = _metadata_digest(meta)
     write_atomic(path, lambda f: _write_safetensors(f, tensors, meta))
 
 

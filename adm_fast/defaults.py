@@ -96,6 +96,80 @@ def sr_model_and_diffusion_defaults():
     return res
 
 
+# The sizes a flag or a checkpoint's metadata may ask for: (lowest, highest,
+# the largest any released guided-diffusion model uses). The highest is far
+# above every real config, so that only a typo or an edited file meets it, as
+# one line naming the limit, before anything is built: a file saying
+# num_res_blocks 3000 took a minute and a gigabyte to build its model before
+# its layout error, and diffusion_steps 1e12 asked numpy for 7 TiB. Script
+# flags and constructor arguments (adm_fast.config) share the table where they
+# share a name and meaning.
+SIZE_LIMITS: Dict[str, Tuple[int, int, int]] = {
+    "image_size": (1, 4096, 512),
+    "large_size": (1, 4096, 512),
+    "small_size": (1, 4096, 128),
+    "num_channels": (1, 4096, 256),
+    "model_channels": (1, 4096, 256),
+    "classifier_width": (1, 4096, 128),
+    "num_res_blocks": (0, 32, 4),  # a classifier's depth among them
+    "classifier_depth": (0, 32, 4),
+    "num_heads": (1, 1024, 4),
+    "num_heads_upsample": (1, 1024, 4),  # -1: as num_heads
+    "num_head_channels": (1, 16384, 64),  # -1: from num_heads
+    "num_classes": (1, 100_000, 1000),
+    "out_channels": (1, 100_000, 1000),  # a classifier's logits
+    "in_channels": (1, 64, 3),
+    "diffusion_steps": (1, 100_000, 1000),
+}
+_MINUS_ONE_OK = ("num_heads_upsample", "num_head_channels")
+# channel_mult: at most this many levels, each at most this many channels
+# (multiplier times the base width; the released models reach 4 x 256).
+MAX_LEVELS, MAX_LEVEL_CHANNELS = 16, 16384
+# attention_resolutions: at most this many entries.
+MAX_ATTENTION_ENTRIES = 64
+
+
+def size_problem(name: str, value) -> str:
+    """'' when `value` is within SIZE_LIMITS[name] (or is no integer: the
+    types are checked elsewhere), else what is wrong, with the limit."""
+    if name not in SIZE_LIMITS or isinstance(value, bool) or not isinstance(value, int):
+        return ""
+    low, high, released = SIZE_LIMITS[name]
+    if value == -1 and name in _MINUS_ONE_OK:
+        return ""
+    if value < low:
+        return f"{name} {value} is below {low}" + (" (or -1)" if name in _MINUS_ONE_OK else "")
+    if value > high:
+        return (f"{name} {value} is above adm_fast's limit of {high} (the released models "
+                f"use at most {released})")
+    return ""
+
+
+def size_problems(values, base_channels: str = "model_channels") -> list:
+    """What is out of bounds among `values` (script flags or a model's
+    constructor arguments), one string each; channel_mult is checked when it
+    is a sequence (parsed), against the base width named base_channels."""
+    problems = [p for p in (size_problem(k, v) for k, v in values.items()) if p]
+    mult, base = values.get("channel_mult"), values.get(base_channels)
+    if isinstance(mult, (list, tuple)):
+        if len(mult) > MAX_LEVELS:
+            problems.append(f"channel_mult has {len(mult)} levels, above adm_fast's limit of "
+                            f"{MAX_LEVELS} (the released models use at most 7)")
+        elif isinstance(base, int) and not size_problem(base_channels, base):
+            for m in mult:
+                if isinstance(m, (int, float)) and not isinstance(m, bool) and \
+                        not 1 <= m * base <= MAX_LEVEL_CHANNELS:
+                    problems.append(f"channel_mult {m} gives {base_channels} {base} x {m} "
+                                    f"channels at a level, outside adm_fast's limits of 1 to "
+                                    f"{MAX_LEVEL_CHANNELS}")
+                    break
+    attention = values.get("attention_resolutions")
+    if isinstance(attention, (list, tuple)) and len(attention) > MAX_ATTENTION_ENTRIES:
+        problems.append(f"attention_resolutions has {len(attention)} entries, above adm_fast's "
+                        f"limit of {MAX_ATTENTION_ENTRIES}")
+    return problems
+
+
 # adm_fast's additions to the model constructors (create_model, sr_create_model,
 # create_classifier), with their defaults; tests/test_presets.py checks them
 # against the constructors' signatures.

@@ -16,8 +16,8 @@ from typing import Tuple
 from .defaults import (AUTO_CHANNEL_MULT, FLAG_HELP, MODEL_ADDITIONS, NUM_CLASSES,  # noqa: F401
                        SR_CHANNEL_MULT, add_dict_to_argparser, args_to_dict,
                        classifier_and_diffusion_defaults, classifier_defaults, diffusion_defaults,
-                       model_and_diffusion_defaults, show_default, sr_model_and_diffusion_defaults,
-                       str2bool)
+                       model_and_diffusion_defaults, show_default, size_problems,
+                       sr_model_and_diffusion_defaults, str2bool)
 from .diffusion import create_gaussian_diffusion
 from .models import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -62,7 +62,16 @@ def attention_downsample_rates(attention_resolutions, image_size: int) -> Tuple[
 def _num_classes(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_classes must be a positive integer, got {n!r}")
+    _check_sizes(num_classes=n)
     return n
+
+
+def _check_sizes(base_channels: str = "num_channels", **flags) -> None:
+    """ValueError naming each flag past adm_fast's size limits (defaults.SIZE_LIMITS),
+    raised before anything is built or allocated."""
+    problems = size_problems(flags, base_channels)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _records_flags(kind: str):
@@ -94,15 +103,21 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
     embedding row classifier-free guidance needs, and num_classes (another;
     guided-diffusion fixes it at 1000) sizes the label embedding of a
     class-conditional model."""
+    _check_sizes(image_size=image_size, num_channels=num_channels, num_res_blocks=num_res_blocks,
+                 num_heads=num_heads, num_head_channels=num_head_channels,
+                 num_heads_upsample=num_heads_upsample)
+    mult = parse_channel_mult(channel_mult, image_size)
+    rates = attention_downsample_rates(attention_resolutions, image_size)
+    _check_sizes(num_channels=num_channels, channel_mult=mult, attention_resolutions=rates)
     return UNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=num_channels,
         out_channels=6 if learn_sigma else 3,
         num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_rates(attention_resolutions, image_size),
+        attention_resolutions=rates,
         dropout=dropout,
-        channel_mult=parse_channel_mult(channel_mult, image_size),
+        channel_mult=mult,
         num_classes=_num_classes(num_classes) if class_cond else None,
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
@@ -125,15 +140,20 @@ def create_classifier(image_size, classifier_use_fp16, classifier_width, classif
     adm_fast addition; "" keeps guided-diffusion's choice per image size) lets
     small classifiers exist for sizes guided-diffusion has no table for, and
     num_classes (another) is the number of logits."""
+    _check_sizes(image_size=image_size, classifier_width=classifier_width,
+                 classifier_depth=classifier_depth)
+    mult = parse_channel_mult(classifier_channel_mult, image_size)
+    rates = attention_downsample_rates(classifier_attention_resolutions, image_size)
+    _check_sizes("classifier_width", classifier_width=classifier_width, channel_mult=mult,
+                 attention_resolutions=rates)
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=classifier_width,
         out_channels=_num_classes(num_classes),
         num_res_blocks=classifier_depth,
-        attention_resolutions=attention_downsample_rates(
-            classifier_attention_resolutions, image_size),
-        channel_mult=parse_channel_mult(classifier_channel_mult, image_size),
+        attention_resolutions=rates,
+        channel_mult=mult,
         use_fp16=classifier_use_fp16,
         num_head_channels=64,
         use_scale_shift_norm=classifier_use_scale_shift_norm,
@@ -147,15 +167,20 @@ def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_
                     class_cond, use_checkpoint, attention_resolutions, num_heads,
                     num_head_channels, num_heads_upsample, use_scale_shift_norm, dropout,
                     resblock_updown, use_fp16, null_class=False, num_classes=NUM_CLASSES):
+    _check_sizes(large_size=large_size, num_channels=num_channels, num_res_blocks=num_res_blocks,
+                 num_heads=num_heads, num_head_channels=num_head_channels,
+                 num_heads_upsample=num_heads_upsample)
     if small_size <= 0 or small_size > large_size:
         raise ValueError(f"small_size must be in (0, large_size={large_size}], got {small_size}")
+    rates = attention_downsample_rates(attention_resolutions, large_size)
+    _check_sizes(attention_resolutions=rates)
     return SuperResModel(
         image_size=large_size,
         in_channels=3,
         model_channels=num_channels,
         out_channels=6 if learn_sigma else 3,
         num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_rates(attention_resolutions, large_size),
+        attention_resolutions=rates,
         dropout=dropout,
         channel_mult=parse_channel_mult("", large_size, SR_CHANNEL_MULT, "large size"),
         num_classes=_num_classes(num_classes) if class_cond else None,
@@ -212,6 +237,7 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
                                use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
                                use_new_attention_order, null_class=False,
                                num_classes=NUM_CLASSES):
+    _check_sizes(diffusion_steps=diffusion_steps)  # before the model's memory
     model = create_model(
         image_size, num_channels, num_res_blocks, channel_mult=channel_mult,
         learn_sigma=learn_sigma, class_cond=class_cond, use_checkpoint=use_checkpoint,
@@ -231,6 +257,7 @@ def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_
                                     noise_schedule, timestep_respacing, use_kl, predict_xstart,
                                     rescale_timesteps, rescale_learned_sigmas,
                                     classifier_channel_mult="", num_classes=NUM_CLASSES):
+    _check_sizes(diffusion_steps=diffusion_steps)  # before the model's memory
     classifier = create_classifier(
         image_size, classifier_use_fp16, classifier_width, classifier_depth,
         classifier_attention_resolutions, classifier_use_scale_shift_norm,
@@ -245,6 +272,7 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
                                   predict_xstart, rescale_timesteps, rescale_learned_sigmas,
                                   use_checkpoint, use_scale_shift_norm, resblock_updown,
                                   use_fp16, null_class=False, num_classes=NUM_CLASSES):
+    _check_sizes(diffusion_steps=diffusion_steps)  # before the model's memory
     model = sr_create_model(
         large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma,
         class_cond=class_cond, use_checkpoint=use_checkpoint,

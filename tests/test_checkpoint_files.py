@@ -144,8 +144,9 @@ def test_a_dtype_edited_header_is_refused(tmp_path):
             v["dtype"] = "BF16"  # same size: the safetensors library accepts it
     _rewrite(path, header, data)
     _one_line_error(lambda: adm_fast.load_checkpoint(path), path, "checksum")
-    # Without adm_fast's checksum (a file from elsewhere), it still loads.
+    # Without adm_fast's checksums (a file from elsewhere), it still loads.
     del header["__metadata__"]["adm_fast.sha256"]
+    header["__metadata__"].pop("adm_fast.metadata_sha256", None)
     _rewrite(path, header, data)
     assert adm_fast.load_checkpoint(path).input_blocks[0][0].weight.dtype == torch.float32
 
@@ -199,10 +200,14 @@ def test_an_unreadable_pt_says_what_the_file_is(tmp_path, content, says):
 
 
 def _with_meta(tmp_path, **changes):
+    """A file as adm_fast wrote it before its metadata had a checksum (its
+    tensors' checksum kept), with `changes` (None removes a key): every entry
+    is still checked for what it says."""
     model = _model()
     path = tmp_path / "meta.safetensors"
     adm_fast.save_checkpoint(model, path)
     meta = ckpt.read_metadata(path)
+    meta.pop("adm_fast.metadata_sha256", None)
     meta.update(changes)
     meta = {k: v for k, v in meta.items() if v is not None}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), meta)
@@ -242,6 +247,196 @@ def test_bad_preset_argument(saved):
     _one_line_error(lambda: adm_fast.load_checkpoint(path, preset=123), path, "got int 123")
     _one_line_error(lambda: adm_fast.load_checkpoint(path, preset="nope"), path,
                     "unknown preset 'nope'")
+
+
+# --- the metadata is under the checksum ----------------------------------------
+
+def _edit_metadata(path, edit):
+    """Edit the metadata in the header by hand, the tensors' bytes untouched."""
+    header, data = _header(path)
+    edit(header["__metadata__"])
+    _rewrite(path, header, data)
+
+
+def _set(key, **changes):
+    def edit(meta):
+        meta[key] = json.dumps({**json.loads(meta[key]), **changes})
+    return edit
+
+
+EDITS = {
+    "noise_schedule cosine": _set("adm_fast.diffusion", noise_schedule="cosine"),
+    "predict_xstart true": _set("adm_fast.diffusion", predict_xstart=True),
+    "config image_size 16": _set("adm_fast.config", image_size=16),
+    "flags image_size 16": _set("adm_fast.flags", image_size=16),
+    "classes reordered": lambda m: m.update(
+        {"adm_fast.classes": json.dumps(["eel", "bee", "cat", "dog", "ant"])}),
+    "preset added": lambda m: m.update({"adm_fast.preset": "64x64_diffusion"}),
+    "diffusion removed": lambda m: m.pop("adm_fast.diffusion"),
+    "tensor checksum removed": lambda m: m.pop("adm_fast.sha256"),
+    "an entry added": lambda m: m.update({"note": "mine"}),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_edited_metadata_is_refused(saved, edit):
+    """Every entry that rebuilds or runs the model is under the checksum: an
+    edit is refused wherever the metadata is read."""
+    _, path = saved
+    _edit_metadata(path, EDITS[edit])
+    says = "the metadata does not match the checksum adm_fast wrote (adm_fast.metadata_sha256)"
+    for read in (lambda: adm_fast.load_checkpoint(path), lambda: ckpt.read_state_dict(path),
+                 lambda: ckpt.read_metadata(path), lambda: ckpt.read_diffusion_flags(path),
+                 lambda: ckpt.read_class_names(path)):
+        _one_line_error(read, path, says)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """model000001.safetensors as `adm-fast train` writes it."""
+    from adm_fast.train import make_image_folder, train
+
+    root = tmp_path_factory.mktemp("trained")
+    make_image_folder(root / "data", 8, 8, classes=("ant", "bee"), seed=3)
+    train(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+          attention_resolutions="4", num_head_channels=16, diffusion_steps=50, num_workers=0,
+          progress=False, batch_size=2, max_steps=1, ema_rate="0.9",
+          data_dir=str(root / "data"), log_dir=str(root / "log"))
+    return root / "log" / "model000001.safetensors"
+
+
+@pytest.mark.parametrize("edit", ["noise_schedule cosine", "predict_xstart true",
+                                  "config image_size 16"])
+def test_a_trained_file_with_edited_metadata_is_refused_by_sample(trained, tmp_path, capsys,
+                                                                   edit):
+    """The issue's repro: adm-fast sample took 16x16 images with the wrong
+    schedule from a file whose header was edited after adm-fast train wrote it."""
+    from adm_fast import cli
+
+    path = tmp_path / "model000001.safetensors"
+    path.write_bytes(trained.read_bytes())
+    assert adm_fast.load_checkpoint(path).image_size == 8  # as written, it loads
+    _edit_metadata(path, EDITS[edit])
+    rc = cli.main(["sample", "--no-progress", "--device", "cpu", "--model_path", str(path),
+                   "--num_samples", "1", "--timestep_respacing", "1", "--out", str(tmp_path)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert str(path) in err[0] and "does not match the checksum" in err[0], err
+    assert not list(tmp_path.glob("samples_*"))
+
+
+def test_a_file_from_before_the_metadata_checksum_still_loads(saved):
+    """A file carrying adm_fast.sha256 alone (written before the metadata had a
+    checksum): it loads, its tensors still verified."""
+    model, path = saved
+    header, data = _header(path)
+    header["__metadata__"].pop("adm_fast.metadata_sha256", None)
+    _rewrite(path, header, data)
+    again = adm_fast.load_checkpoint(path)
+    assert again.class_names == ["ant", "bee", "cat", "dog", "eel"]
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    _one_line_error(lambda: adm_fast.load_checkpoint(path), path,
+                    "the tensors do not match the checksum")
+
+
+# --- hostile files: sizes bounded before building, one line each ---------------
+
+def _config(**changes):
+    return json.dumps({**json.loads(CONFIG), **changes})
+
+
+@pytest.mark.parametrize("changes, match", [
+    # a 2.8 MB file whose model took a minute and a gigabyte to build
+    (dict(**{"adm_fast.config": _config(num_res_blocks=3000)}),
+     "does not build a UNetModel: num_res_blocks 3000 is above adm_fast's limit of 32"),
+    # within the limits, but far more than the file holds: refused before building
+    (dict(**{"adm_fast.config": _config(num_res_blocks=30, model_channels=4000,
+                                        channel_mult=[4] * 16)}),
+     "describes a UNetModel of at least 1,106,176,080,000 parameters in 4,804 tensors, but "
+     "the file holds 704,006 in 129: the metadata does not describe these weights"),
+    (dict(**{"adm_fast.config": _config(num_res_blocks=8)}),
+     "describes a UNetModel of at least 385,664 parameters in 164 tensors, but the file holds "
+     "704,006 in 129"),
+    (dict(**{"adm_fast.config": _config(model_channels=10 ** 9)}),
+     "model_channels 1000000000 is above adm_fast's limit of 4096"),
+    (dict(**{"adm_fast.config": _config(model_channels=1e9)}),
+     "model_channels=1000000000.0 (expected int)"),
+    (dict(**{"adm_fast.config": _config(num_classes=-3)}), "num_classes -3 is below 1"),
+    (dict(**{"adm_fast.config": _config(num_classes=10 ** 12)}),
+     "num_classes 1000000000000 is above adm_fast's limit of 100000"),
+    (dict(**{"adm_fast.config": _config(image_size=10 ** 12)}),
+     "image_size 1000000000000 is above adm_fast's limit of 4096"),
+    (dict(**{"adm_fast.config": _config(channel_mult=[1] * 40)}),
+     "channel_mult has 40 levels, above adm_fast's limit of 16"),
+    (dict(**{"adm_fast.config": _config(channel_mult=[1, 1e6])}),
+     "outside adm_fast's limits of 1 to 16384"),
+    (dict(**{"adm_fast.config": _config(attention_resolutions=[2] * 1000)}),
+     "attention_resolutions has 1000 entries"),
+    (dict(**{"adm_fast.config": _config(num_heads=0, num_head_channels=-1)}),
+     "num_heads 0 is below 1"),
+    # 1e12 steps asked numpy for 7.28 TiB when the diffusion was built
+    (dict(**{"adm_fast.diffusion": json.dumps({"diffusion_steps": 10 ** 12})}),
+     "diffusion flag diffusion_steps 1000000000000 is above adm_fast's limit of 100000"),
+    # JSON nested past Python's recursion limit was a RecursionError
+    (dict(**{"adm_fast.config": "[" * 100_000 + "]" * 100_000}),
+     "adm_fast.config is not valid JSON (nested too deeply)"),
+    (dict(**{"adm_fast.diffusion": '{"a": ' * 100_000 + "1" + "}" * 100_000}),
+     "adm_fast.diffusion is not valid JSON (nested too deeply)"),
+    (dict(**{"adm_fast.classes": "[" * 100_000 + "]" * 100_000}),
+     "adm_fast.classes is not valid JSON (nested too deeply)"),
+    (dict(**{"adm_fast.flags": "[" * 100_000 + "]" * 100_000}),
+     "adm_fast.flags is not valid JSON (nested too deeply)"),
+])
+def test_hostile_metadata_is_one_line_before_anything_is_built(tmp_path, changes, match):
+    path = _with_meta(tmp_path, **changes)
+    _one_line_error(lambda: adm_fast.load_checkpoint(path), path, match)
+
+
+def test_the_least_size_is_below_every_preset():
+    """The check of a file's metadata against its weights never refuses a real
+    model: its bound is below every released model's size."""
+    for name in adm_fast.presets.names():
+        model = adm_fast.presets.get(name).build(device="meta")
+        least, tensors = ckpt._least_size(model.config)
+        sd = model.state_dict()
+        assert least <= sum(v.numel() for v in sd.values()) and tensors <= len(sd), name
+    assert ckpt._least_size(_model().config) == (63_104, 24)  # the file: 704,006 in 129
+
+
+def test_nested_metadata_in_a_mismatch_message(tmp_path):
+    """The mismatch error describes the file from its own config and flags:
+    nested past the recursion limit, they are left out, not a RecursionError."""
+    nested = "[" * 100_000 + "]" * 100_000
+    path = _with_meta(tmp_path, **{"adm_fast.config": nested, "adm_fast.flags": nested})
+    with pytest.raises(CheckpointError, match="does not fit the model described by the flags"):
+        adm_fast.load_checkpoint(path, preset={**FLAGS, "kind": "unet", "num_channels": 64})
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_an_integer_tensor_is_one_line_naming_it(tmp_path, fmt):
+    """An int64 tensor in a file without a checksum failed in load_state_dict
+    with 129 lines (one per tensor)."""
+    model = _model()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["input_blocks.0.0.bias"] = torch.arange(32)
+    path = tmp_path / f"ints.{fmt}"
+    if fmt == "pt":
+        torch.save(sd, path)
+        load = lambda: adm_fast.load_checkpoint(path, preset={**FLAGS, "kind": "unet"})  # noqa: E731
+    else:
+        meta = {"adm_fast.class": "UNetModel", "adm_fast.config": CONFIG}
+        save_file(sd, str(path), meta)
+        load = lambda: adm_fast.load_checkpoint(path)  # noqa: E731
+    _one_line_error(load, path, "tensor input_blocks.0.0.bias has dtype int64; a model's "
+                    "weights are float32, float16, bfloat16 or float64")
+    sd["out.2.bias"] = torch.zeros(6, dtype=torch.bool)
+    torch.save(sd, tmp_path / "two.pt")
+    _one_line_error(lambda: adm_fast.load_checkpoint(tmp_path / "two.pt",
+                                                     preset={**FLAGS, "kind": "unet"}),
+                    tmp_path / "two.pt", "has dtype int64 (and 1 more)")
 
 
 # --- what a mismatch says ------------------------------------------------------

@@ -8,6 +8,8 @@ from typing import Callable, List, Sequence, Set, Union
 
 import numpy as np
 
+from ..defaults import size_problem
+
 SCHEDULES = ("linear", "cosine")
 
 
@@ -17,6 +19,10 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     cos²((t + 0.008)/1.008 · π/2)."""
     if num_diffusion_timesteps < 1:
         raise ValueError(f"diffusion steps must be >= 1, got {num_diffusion_timesteps}")
+    # Before the tables are allocated (about 20 float64 arrays of this length).
+    too_many = size_problem("diffusion_steps", num_diffusion_timesteps)
+    if too_many:
+        raise ValueError(too_many)
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps,
