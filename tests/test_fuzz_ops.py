@@ -82,6 +82,7 @@ def _run(op, backend, args, grad_names):
 def _refused(op, args):
     """The clear error op.check gives for arguments no backend accepts, or None."""
     try:
+        op.check_devices(args)
         op.check(*args)
     except (TypeError, ValueError) as e:
         assert str(e).startswith(op.name + ":"), e
@@ -204,8 +205,125 @@ def _cases(seed, n):
 @pytest.mark.parametrize("chunk", range(4))
 def test_random_calls_match_the_reference_or_are_refused_clearly(chunk):
     n = 40 * SCALE
-    for label, op, (args, grad, dtype) in _cases(1000 + chunk, n):
+    for i, (label, op, (args, grad, dtype)) in enumerate(_cases(1000 + chunk, n)):
         _check_call(op, args, grad, dtype, label)
+        tensors = [j for j, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        if i % 4 == chunk and len(tensors) > 1:  # one of them on meta: refused everywhere
+            j = tensors[1 + i % (len(tensors) - 1)]
+            mixed = tuple(a.to("meta") if k == j else a for k, a in enumerate(args))
+            assert _refused(op, mixed) is ValueError, label
+            _check_call(op, mixed, set(), dtype, label + "-meta")
+
+
+# --- every raw op and every public op: tensors on one device (issue 26, S1) ----
+#
+# The dispatcher sends a call with any meta tensor among its arguments to the
+# op's Meta kernel, the fake: a CPU x beside a meta model_out got the fake's
+# empty outputs back (uninitialised memory, different every call) instead of
+# the kernel's device check. Every op must refuse the mix, and still answer
+# all-meta calls and FakeTensorMode's tracing (adm-fast bench plan).
+
+def _r(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def _raw_calls():
+    """{name: (op, valid CPU arguments)} for every adm_fast_native and
+    adm_fast op (the latter on the cpu backend)."""
+    g = torch.Generator().manual_seed(26)
+    cl = torch.channels_last
+    x = _r(g, 2, 8, 4, 4)
+    gn = (x, 2, _r(g, 8), _r(g, 8), _r(g, 2, 8), _r(g, 2, 8), 1e-5, True)
+    stats = (_r(g, 2, 2), _r(g, 2, 2).abs() + 0.5)
+    sx, out = _r(g, 2, 3, 4, 4), _r(g, 2, 6, 4, 4)
+    noise, grad = _r(g, 2, 3, 4, 4), _r(g, 2, 3, 4, 4)
+    coefs8, coefs7 = torch.rand(8, 2, generator=g), torch.rand(7, 2, generator=g)
+    cx, w, b = _r(g, 1, 8, 5, 5).contiguous(memory_format=cl), _r(g, 4, 8, 3, 3), _r(g, 4)
+    native, public = torch.ops.adm_fast_native, torch.ops.adm_fast
+    return {
+        "adm_fast_native::group_norm_act_fwd": (native.group_norm_act_fwd, gn),
+        "adm_fast_native::group_norm_act_bwd": (
+            native.group_norm_act_bwd, (_r(g, 2, 8, 4, 4),) + gn[:6] + stats + (True, True)),
+        "adm_fast_native::ddpm_step": (native.ddpm_step,
+                                       (sx, out, noise, coefs8, grad, 0, 1, True)),
+        "adm_fast_native::ddim_step": (native.ddim_step,
+                                       (sx, out, noise, coefs7, grad, 0, True, 0.5)),
+        "adm_fast_native::conv3x3_winograd": (native.conv3x3_winograd, (cx, w, b)),
+        "adm_fast_native::conv3x3_winograd_u": (native.conv3x3_winograd_u,
+                                                (cx, _r(g, 16, 1, 8, 16), 4, b)),
+        "adm_fast_native::conv3x3_winograd_weight_grad": (
+            native.conv3x3_winograd_weight_grad,
+            (cx, _r(g, 1, 4, 5, 5).contiguous(memory_format=cl))),
+        "adm_fast_native::conv3x3_winograd_weight": (native.conv3x3_winograd_weight, (w, False)),
+        "adm_fast::group_norm_act": (public.group_norm_act, gn + ("cpu",)),
+        "adm_fast::ddpm_step": (public.ddpm_step, (sx, out, noise, coefs8, grad, "eps",
+                                                   "learned_range", True, "cpu")),
+        "adm_fast::ddim_step": (public.ddim_step, (sx, out, noise, coefs7, grad, "eps", True, 0.5,
+                                                   "cpu")),
+        "adm_fast::conv3x3": (public.conv3x3, (cx, w, b, "cpu")),
+        "adm_fast::qkv_attention": (public.qkv_attention, (_r(g, 2, 3 * 2 * 8, 9), 2, True,
+                                                           "triton")),
+    }
+
+
+_RAW = _raw_calls()
+_MIXES = [(name, i) for name, (_, args) in _RAW.items()
+          for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+          and sum(isinstance(b, torch.Tensor) for b in args) > 1]
+
+
+def _avx2_fma() -> bool:
+    from adm_fast.ops.backends import CPU
+    return CPU.ext is not None and CPU.ext.has_avx2_fma()
+
+
+def _on(args, device, only=None):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) and only in (None, i) else a
+                 for i, a in enumerate(args))
+
+
+@pytest.mark.parametrize("name, index", _MIXES, ids=[f"{n}-arg{i}" for n, i in _MIXES])
+def test_a_meta_tensor_among_cpu_ones_is_refused_by_every_raw_op(name, index):
+    op, args = _RAW[name]
+    mixed = _on(args, "meta", only=index)
+    for _ in range(2):  # a second call too: a kept decision must not skip the check
+        with pytest.raises((RuntimeError, ValueError),
+                           match=rf"^{name}: \w+ is on (meta but \w+ is on cpu|cpu but \w+ is "
+                                 rf"on meta) \(all tensor arguments must be on one device\)"):
+            op(*mixed)
+
+
+@pytest.mark.parametrize("name", sorted(_RAW))
+def test_all_meta_and_fake_tensor_calls_of_every_raw_op_still_trace(name):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op, args = _RAW[name]
+    outs = op(*_on(args, "meta"))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    assert all(o.device.type == "meta" for o in outs), name
+    with FakeTensorMode() as mode:
+        fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        traced = op(*fake)
+    traced = traced if isinstance(traced, tuple) else (traced,)
+    assert [o.shape for o in traced] == [o.shape for o in outs], name
+    if CPU_EXT and not name.endswith("qkv_attention") and (
+            "winograd" not in name or name.endswith("conv3x3_winograd") or _avx2_fma()):
+        # the real call: the same shapes (the Winograd transform's ops need AVX2+FMA)
+        real = op(*args)
+        real = real if isinstance(real, tuple) else (real,)
+        assert [o.shape for o in real] == [o.shape for o in outs], name
+
+
+@pytest.mark.parametrize("op_name", ["group_norm_act", "ddpm_step", "ddim_step", "conv3x3"])
+@pytest.mark.parametrize("backend", ["auto", "eager"] + (["cpu"] if CPU_EXT else []))
+def test_the_public_ops_refuse_a_meta_tensor_among_cpu_ones(op_name, backend):
+    _, args = _RAW[f"adm_fast::{op_name}"]
+    args = args[:-1]
+    op = ops.ops()[op_name]
+    for i in [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)][1:]:
+        with ops.use_backend(backend), pytest.raises(ValueError, match=rf"^{op_name}: \w+ is "
+                                                     rf"on meta but x is on cpu"):
+            op(*_on(args, "meta", only=i))
 
 
 _MALFORMED = r'''

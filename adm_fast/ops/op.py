@@ -33,6 +33,7 @@ from torch import Tensor
 from . import backend as _backend
 from . import autotune, dispatch, verify
 from .impl import Call, Impl, holds_values
+from .native import one_device
 
 _TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "int": int, "float": float,
           "bool": bool, "str": str}
@@ -94,6 +95,7 @@ def ops_of_backend(name: str) -> Tuple[str, ...]:
 def explain(op_name: str, *args) -> str:
     """Which backend `op_name` would use for these arguments, and why not the others."""
     op = _OPS[op_name]
+    op.check_devices(args)
     op.check(*args)
     call = op.describe(args)
     name = _backend.current_backend(op_name)
@@ -177,6 +179,12 @@ class Op:
         self.impls.pop(backend_name, None)
         _backend.bump()
 
+    def check_devices(self, args, label: str = "") -> None:
+        """Refuse tensor arguments on more than one device (meta included):
+        no implementation runs such a call, and the custom op's fake, which
+        the dispatcher picks for any meta argument, must not answer it."""
+        one_device(label or self.name, [n for _, n in self.args], args, error=ValueError)
+
     def describe(self, args) -> Call:
         tensors = {self.args[i][1]: args[i] for i in self.tensor_pos if args[i] is not None}
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
@@ -201,11 +209,13 @@ class Op:
         checked and decided: it is traced once, and the key's Python work would
         be traced with it."""
         if torch.compiler.is_compiling():
+            self.check_devices(args)
             self.check(*args)
             return self.decide(args)
         key = self._key(args)
         decision = self._decisions.get(key)
         if decision is None:
+            self.check_devices(args)
             self.check(*args)
             unverified = verify.unverified()
             decision = self.decide(args)
@@ -336,8 +346,15 @@ class Op:
         body = _sourceless(run, f"<adm_fast::{self.name}>")
         body.__signature__ = inspect.Signature(params, return_annotation=ret)
         op = torch.library.triton_op(f"adm_fast::{self.name}", body, mutates_args=())
-        op.register_fake(lambda *args: self.fake(*args[:-1]) if n > 1
-                         else self.fake(*args[:-1])[0])
+
+        def fake(*args):
+            # the dispatcher's answer for any meta argument: a CPU x beside a
+            # meta weight must be refused here, or it returns empty memory
+            self.check_devices(args[:-1], f"adm_fast::{self.name}")
+            outs = self.fake(*args[:-1])
+            return outs if n > 1 else outs[0]
+
+        op.register_fake(fake)
 
         def setup(ctx, inputs, output):
             output = output if isinstance(output, tuple) else (output,)
@@ -356,6 +373,7 @@ class Op:
             kernels = ", ".join(k for k, v in self.impls.items() if v.kind == "kernel")
             raise ValueError(f"adm_fast::{self.name}: backend {backend!r} has no kernels for "
                              f"this op (kernel backends: {kernels})")
+        self.check_devices(args, f"adm_fast::{self.name}")
         self.check(*args)
         call = self.describe(args)
         if any(t.numel() == 0 for t in call.tensors.values()):
