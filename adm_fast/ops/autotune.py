@@ -47,7 +47,11 @@ def _machine() -> str:
             f"|kernels={store.module_build('adm_fast._C_cpu')}")
 
 
-def _table() -> Dict[str, str]:
+def _valid(v) -> bool:
+    return isinstance(v, str)  # a backend's name; anything else is timed again
+
+
+def _table() -> Dict[str, object]:
     return store.table(_STATE, _FILE)
 
 
@@ -56,7 +60,7 @@ def _record(k: str, choice: str) -> str:
     the same torchrun job, timing at the same moment) stored one first: then
     that one. So every process on the machine, and every later run, makes the
     same choice, and a resumed run gives the bytes an uninterrupted one would."""
-    return store.record(_STATE, _FILE, k, choice, valid=lambda v: isinstance(v, str))
+    return store.record(_STATE, _FILE, k, choice, valid=_valid)
 
 
 def key(op, call: Call) -> str:
@@ -132,11 +136,10 @@ def pick(op, call: Call, args, candidates: List[Impl],
     default: the static order's choice, which holds without a clear win."""
     if len(candidates) < 2 or not active(call):
         return None
-    table = _table()
     k = key(op, call)
     by_name = {impl.backend: impl for impl in candidates}
-    stored = table.get(k)
-    if isinstance(stored, str) and stored in by_name:  # else absent, damaged or refused
+    stored = store.lookup(_STATE, _FILE, k, _valid)
+    if stored in by_name:  # else absent, damaged or refused
         return by_name[stored]
     fallback = default.backend if default is not None and default.backend in by_name \
         else candidates[0].backend
@@ -151,4 +154,4 @@ def forget() -> int:
     processes time their candidates again (this one keeps the decisions its
     ops remember: Op._decisions). Returns how many were dropped."""
     prefix = _machine() + "|"
-    return store.drop(_STATE, _FILE, lambda k: k.startswith(prefix))
+    return store.drop(_STATE, _FILE, lambda k: k.startswith(prefix), _valid)

@@ -9,8 +9,12 @@ follow one rule: the first value stored for a key wins, in this process and in
 every process that shares the folder (the ranks of one job, a resumed run),
 so all of them make the same choices and a resumed run gives the same bytes.
 
-A damaged table or an entry that is not what its table stores is ignored: the
-value is measured again and replaces it, never a crash.
+A damaged table (unreadable, not JSON, nested past what the parser takes) or
+an entry that is not what its table stores (a list where a name belongs) is
+ignored, with one warning line per file in a process, and the value measured
+again replaces it, never a crash. Entries this process does not look up stay
+as they are (another version of adm_fast may read them), unless they cannot
+be written back (nested too deep for the JSON writer): then they are dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import importlib.util
 import json
 import os
 import platform
-from typing import Callable, Dict, MutableMapping
+import warnings
+from typing import Callable, Dict, MutableMapping, Set
 
 try:
     import fcntl
@@ -27,6 +32,11 @@ except ImportError:  # not POSIX: the read-merge-write below is then unlocked
     fcntl = None
 
 _IDS: Dict[str, str] = {}
+_WARNED: Set[str] = set()  # files already reported damaged in this process
+
+
+class CacheWarning(RuntimeWarning):
+    """A table in $ADM_FAST_CACHE was damaged: what it held is measured again."""
 
 
 def path(filename: str) -> str:
@@ -35,23 +45,75 @@ def path(filename: str) -> str:
     return os.path.join(root, filename)
 
 
+def _damaged(file: str, why: str) -> None:
+    if file in _WARNED:
+        return
+    _WARNED.add(file)
+    # Line 0 of the file itself: the warning is this one line, naming the file
+    # (warnings.warn would print a line of adm_fast's source under it).
+    warnings.warn_explicit(f"adm_fast: {why}; ignored, measured again", CacheWarning, file, 0)
+
+
 def _read(file: str) -> Dict:
+    """The table in file: {} when absent or damaged."""
     try:
         with open(file, encoding="utf-8") as f:
             table = json.load(f)
-        return table if isinstance(table, dict) else {}
-    except (OSError, ValueError):
-        return {}  # absent or damaged: measure again
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        _damaged(file, f"this table cannot be read ({type(e).__name__}: {str(e)[:100]})")
+        return {}
+    if not isinstance(table, dict):
+        _damaged(file, f"this table is {_json_type(table)}, not a JSON object")
+        return {}
+    return table
+
+
+def _write(file: str, table: Dict, valid: Callable[[object], bool]) -> None:
+    """table into file through a temporary file and a rename; without the
+    entries `valid` refuses where they are nested too deep to be written."""
+    tmp = f"{file}.tmp{os.getpid()}"
+    try:
+        text = json.dumps(table, indent=0, sort_keys=True)
+    except RecursionError:
+        text = json.dumps({k: v for k, v in table.items() if valid(v)}, indent=0,
+                          sort_keys=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, file)
 
 
 def table(state: MutableMapping, filename: str) -> Dict:
     """The table as this process knows it, read once per cache folder; state
     holds it ({"table": ..., "path": ...}; setting both to None forgets it, as
-    a new process would)."""
+    a new process would). Its values may be anything: read them through
+    `lookup`, or test them."""
     file = path(filename)
     if state.get("path") != file or state.get("table") is None:  # the folder may change (tests do)
         state.update(table=_read(file), path=file)
     return state["table"]
+
+
+def lookup(state: MutableMapping, filename: str, key: str, valid: Callable[[object], bool]):
+    """The value stored for key, or None: absent, or not what the table stores
+    (then one warning line for the file: it is measured again)."""
+    known = table(state, filename)
+    if key not in known:
+        return None
+    value = known[key]
+    if valid(value):
+        return value
+    _damaged(path(filename),
+             f"an entry is damaged (not what this table stores: {_json_type(value)})")
+    return None
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def record(state: MutableMapping, filename: str, key: str, value,
@@ -69,10 +131,7 @@ def record(state: MutableMapping, filename: str, key: str, value,
             merged = {**known, **_read(file)}
             if not valid(merged.get(key)):
                 merged[key] = value
-            tmp = f"{file}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(merged, f, indent=0, sort_keys=True)
-            os.replace(tmp, file)
+            _write(file, merged, valid)
         known.update(merged)
     except OSError:
         if not valid(known.get(key)):  # a read-only home: it holds for this process
@@ -108,7 +167,8 @@ def module_build(module: str) -> str:
     return _IDS[module]
 
 
-def drop(state: MutableMapping, filename: str, matches: Callable[[str], bool]) -> int:
+def drop(state: MutableMapping, filename: str, matches: Callable[[str], bool],
+         valid: Callable[[object], bool]) -> int:
     """Remove the entries whose key matches, in the file and in this process's
     view of it; how many the file held."""
     known, file = table(state, filename), path(filename)
@@ -120,10 +180,7 @@ def drop(state: MutableMapping, filename: str, matches: Callable[[str], bool]) -
             current = _read(file)
             kept = {k: v for k, v in current.items() if not matches(k)}
             dropped = len(current) - len(kept)
-            tmp = f"{file}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(kept, f, indent=0, sort_keys=True)
-            os.replace(tmp, file)
+            _write(file, kept, valid)
     for k in [k for k in known if matches(k)]:
         del known[k]
     return dropped

@@ -179,17 +179,18 @@ _TEXT = ("op", "impl", "call", "what", "device", "threads", "torch", "build")
 
 
 def _valid(v) -> bool:
-    """A verdict as _verdict writes it; anything else is checked again."""
+    """A verdict as _verdict writes it (flat: numbers, text, a bool); anything
+    else is checked again."""
     num = (int, float)
-    return (isinstance(v, dict) and isinstance(v.get("ok"), bool)
+    return (isinstance(v, dict) and all(isinstance(x, (str, int, float)) for x in v.values())
+            and isinstance(v.get("ok"), bool)
             and isinstance(v.get("error"), num) and isinstance(v.get("allowed"), num)
             and not isinstance(v.get("error"), bool) and not isinstance(v.get("allowed"), bool)
             and all(isinstance(v.get(name), str) for name in _TEXT))
 
 
 def _stored(k: str) -> Optional[dict]:
-    v = store.table(_STATE, _FILE).get(k)
-    return v if _valid(v) else None  # absent or damaged: checked again
+    return store.lookup(_STATE, _FILE, k, _valid)  # None: absent or damaged, checked again
 
 
 # --- the decision ----------------------------------------------------------------
