@@ -105,7 +105,8 @@ inline void check_step(const char* op, const Tensor& x, const Tensor& model_out,
 }
 
 inline void check_eps(const char* op, double eps) {
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  // adm_fast/ops/group_norm_act.py checks the same rule, for every backend.
+  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, op, ": eps must be a finite number > 0, got ", eps);
 }
 
 // group_norm_act_bwd's five outputs from the kernels' dx and fp32 [N, C]

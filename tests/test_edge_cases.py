@@ -46,6 +46,9 @@ def test_native_group_norm_with_a_short_weight_raises_instead_of_crashing():
     (dict(num_groups=7), "num_groups=7 must divide the 64 channels"),
     (dict(x=torch.randn(2, 64, 4, 4).to(torch.int32)), "x must be fp32, fp16 or bf16"),
     (dict(x=torch.randn(2, 64, 4, 8)[..., ::2]), "NCHW-contiguous or channels-last"),
+    # the op layer's rule (ops/group_norm_act.py), not a second one
+    (dict(eps=0.0), "eps must be a finite number > 0, got 0"),
+    (dict(eps=float("inf")), "eps must be a finite number > 0, got inf"),
 ])
 def test_native_group_norm_checks_each_argument(bad, match):
     args = dict(x=torch.randn(2, 64, 4, 4), num_groups=32, weight=torch.ones(64),

@@ -63,6 +63,11 @@ def test_group_norm_statistics_in_fp32(dtype):
     (dict(weight=torch.zeros(32)), ValueError, r"weight must have shape \(64,\)"),
     (dict(weight=torch.zeros(64, device="meta")), ValueError, "weight is on meta but x is on cpu"),
     (dict(x=torch.zeros(64)), ValueError, r"must be \[N, C, \*spatial\]"),
+    # one rule for every backend (the CPU kernel refused inf after the op took it)
+    (dict(eps=float("inf")), ValueError, "eps must be a finite number > 0, got inf"),
+    (dict(eps=float("nan")), ValueError, "eps must be a finite number > 0, got nan"),
+    (dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+    (dict(eps=-1e-5), ValueError, "eps must be a finite number > 0"),
 ])
 def test_group_norm_act_bad_inputs(kw, err, match):
     args = dict(x=torch.randn(2, 64, 4, 4), num_groups=32, weight=torch.ones(64),

@@ -25,6 +25,16 @@ through `.data` leaves as it was): a sampling loop makes it once.
 Guidance asks autograd for ∇x alone: the weights' gradient is then skipped,
 as torch's own convolution skips it (Op: engine_needs).
 
+Non-finite inputs: Winograd's transforms add and subtract the inputs of a
+tile (and the products of its 16 frequencies), so an output that eager's
+convolution gives as ±inf (an inf in its window) may come out NaN here (one
+inf in a 6x6 map, 4 output channels: 26 of its 36 outputs). Which outputs
+are finite is eager's: an inf or NaN reaches exactly the outputs whose
+windows hold it, as in the direct sum (tests/test_nonfinite_inputs.py).
+Giving eager's signs would take a scan of every input for inf before each
+convolution, a pass over the map that a sampling step does not otherwise
+make, to change one non-finite value into another.
+
 Auto times it against oneDNN per call signature, since which is faster depends
 on the shape and the CPU: on an AVX2 EPYC, with the transform kept, it ran
 1.25–2.3× oneDNN over ADM's shapes from 4 to 64 px and 32 to 256 channels
@@ -168,7 +178,9 @@ for _impl in (Eager(), Cpu()):
 
 
 def conv3x3(x: Tensor, weight: Tensor, bias=None) -> Tensor:
-    """F.conv2d(x, weight, bias, padding=1) for a [O, C, 3, 3] weight."""
+    """F.conv2d(x, weight, bias, padding=1) for a [O, C, 3, 3] weight. On the
+    cpu backend (Winograd) an output eager gives as ±inf may be NaN (module
+    docstring); which outputs are finite is eager's."""
     return CONV3X3(x, weight, bias)
 
 

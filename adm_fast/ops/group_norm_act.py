@@ -111,8 +111,12 @@ class GroupNormAct(Op):
                 raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
             if t.device != x.device:
                 raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+        # One rule for every backend (csrc/checks.h check_eps is the same): an
+        # infinite eps normalises every value to 0, and with eps = 0 a constant
+        # group is 0/0. (A chained comparison: math.isfinite overflows on a huge int.)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
+                or not 0 < eps < math.inf:
+            raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
 
     def reference(self, *args):
         return reference(*args)

@@ -69,8 +69,13 @@ def sdpa(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
     [N, C, T] view of a channels_last map) gives them as views, and the output
     comes back in that layout; NCHW qkv is copied to it and back."""
     n, width, t = qkv.shape
+    if t == 1:
+        # One token: the softmax of one score is 1, and SDPA returns v as it is
+        # where eager's NaN or inf score gives NaN; eager's arithmetic is
+        # as cheap here (one product per head) and gives eager's values.
+        return reference(qkv, num_heads, legacy)
     c = width // (3 * num_heads)
-    if qkv.stride(1) == 1 and t > 1:  # [N, T, 3HC] in memory
+    if qkv.stride(1) == 1:  # [N, T, 3HC] in memory
         rows = qkv.transpose(1, 2)
         parts = (rows.unflatten(-1, (num_heads, 3, c)).unbind(-2) if legacy
                  else rows.unflatten(-1, (3, num_heads, c)).unbind(-3))
@@ -201,5 +206,8 @@ def qkv_attention(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
     qkv) or the new (qkv, heads) channel order; tokens contiguous, or the
     channels_last_1d view of a channels_last map (channels contiguous).
     Returns [N, H·C, T] in qkv's dtype (triton and sdpa: in qkv's layout).
+    Non-finite inputs: eager and sdpa give NaN or ±inf at the same outputs
+    (tests/test_nonfinite_inputs.py; sdpa takes eager's arithmetic at T = 1,
+    where torch's SDPA would return v for a NaN score).
     """
     return QKV_ATTENTION(qkv, num_heads, bool(legacy))

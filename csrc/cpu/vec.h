@@ -57,10 +57,25 @@ static inline float exp_in_range(float x) {
   return exp_reduced(f) * scale;
 }
 
-// exp(x), x clamped to [-87, 88]. Selects, not fmin/fmax (library calls), so
-// loops over it vectorise.
+// exp(x) as torch's: overflow to inf past FLT_MAX (x > 88.72), subnormal
+// results below FLT_MIN, 0 below -103.97, NaN for NaN. The same reduction as
+// exp_in_range, 2^n applied as two normal factors 2^⌊n/2⌋·2^⌈n/2⌉ (each
+// product by a power of two is exact until the last one overflows or goes
+// subnormal, rounding once), so over exp_in_range's range the bytes are its.
+// x is clamped to [-104, 89], where e^x is already 0 and inf in fp32 (a
+// clamp at 88 gave 1.65e38 for inf: the sample's noise term went finite).
+// Selects, not fmin/fmax (library calls), so loops over it vectorise.
 static inline float vexp(float x) {
-  return exp_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
+  x = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float f = (x - n * 0.693145751953125f) - n * 1.428606820309417e-6f;
+  const int32_t ni = static_cast<int32_t>(n), lo = ni >> 1;  // n in [-150, 128]
+  const uint32_t b1 = static_cast<uint32_t>(lo + 127) << 23;
+  const uint32_t b2 = static_cast<uint32_t>(ni - lo + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &b1, sizeof(s1));
+  std::memcpy(&s2, &b2, sizeof(s2));
+  return exp_reduced(f) * s1 * s2;
 }
 
 // 1/(1 + e^-h), from e = e^-|h| (never overflows): r = 1/(1 + e) for h >= 0,
