@@ -12,13 +12,16 @@ rerun of the same command continues from there, and an interrupted run
 resumed gives the same bytes as one never interrupted (batch b is sampled
 from its own seed, derived from --seed and b). Under torchrun the ranks
 share the batches (rank r takes every world-th missing one) and rank 0
-writes the final files in batch order.
+writes the final files in batch order. A finished OUT/samples_NxHxWx3.npz
+is never replaced without --overwrite: the same command again says it is
+done, another one that would write that name is refused (see sampling/shards.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -32,7 +35,8 @@ from .sampling.files import OutputError
 from .sampling.job import Job, prepare
 from .sampling.progress import Progress
 from .sampling.flags import DEFAULTS, PROG, SCRIPT_DEFAULTS, InputError, build_parser
-from .sampling.shards import RunFolder, RunMismatch, batch_count, file_identity, prepare_out
+from .sampling.shards import (RunBusy, RunFolder, RunMismatch, batch_count, file_identity,
+                              prepare_out)
 from .sampling_api import iter_batches, sample_images, save_samples, write_png
 
 __all__ = ["main", "build_parser", "sample_images", "save_samples"]
@@ -42,7 +46,7 @@ __all__ = ["main", "build_parser", "sample_images", "save_samples"]
 # of a collective's timeout is not enough.
 _SYNC_TIMEOUT_S = 7 * 24 * 3600.0
 _NOT_IN_MANIFEST = {"out", "progress", "device", "model_path", "classifier_path",
-                    "base_samples"}
+                    "base_samples", "overwrite"}
 
 
 def _error(message: str) -> None:
@@ -60,34 +64,39 @@ def _run_record(args: Dict, job: Job, device: torch.device, backend: str) -> Dic
             "adm_fast": __version__}
 
 
-def _open_folder(args, job: Job, world, backend: str, log) -> RunFolder:
+def _open_folder(args, job: Job, world, backend: str, log):
     """Rank 0 checks --out and opens the run folder; every rank learns the
-    outcome (an InputError on all ranks when it failed)."""
+    outcome (an InputError on all ranks when it failed). Returns (folder,
+    done): done when --out already holds this run's finished samples."""
     from .train import distributed
 
     size = job.model.image_size
     n, bs = args["num_samples"], args["batch_size"]
-    folder = RunFolder(args["out"], f"samples_{n}x{size}x{size}x3", n, bs, size, job.labelled)
-    problem = None
+    folder = RunFolder(args["out"], f"samples_{n}x{size}x{size}x3", n, bs, size, job.labelled,
+                       overwrite=args["overwrite"])
+    problem = done = None
     if world.is_main:
         try:
             prepare_out(args["out"])
             info = {"world_size": world.world_size, "model_path": args["model_path"],
                     "classifier_path": args["classifier_path"]}
-            folder.open(_run_record(args, job, world.device, backend), info, log)
-        except (OutputError, RunMismatch) as e:
+            done = folder.open(_run_record(args, job, world.device, backend), info, log,
+                               write_png)
+        except (OutputError, RunMismatch, RunBusy) as e:
+            folder.close()
             problem = str(e)
-    problem = distributed.broadcast_object(world, problem)
+    problem, done = distributed.broadcast_object(world, (problem, done))
     if problem:
         raise InputError(problem)
-    return folder
+    return folder, done
 
 
 def _sample(args, job: Job, world, folder: RunFolder, progress: Progress) -> Dict:
     """Sample this rank's missing batches into the folder; (images, seconds, batches)."""
     done = folder.finished()
-    todo = sorted(set(range(folder.num_batches)) - done)
-    mine = todo[world.rank::world.world_size]
+    # One batch index at a time, never a list: --num_samples 1e9 --batch_size 1
+    # would otherwise hold a billion of them before the first batch.
+    mine = itertools.islice(folder.missing(done), world.rank, None, world.world_size)
     n = args["num_samples"]
     if world.is_main:
         steps = job.steps
@@ -97,22 +106,33 @@ def _sample(args, job: Job, world, folder: RunFolder, progress: Progress) -> Dic
         if done:
             progress.log(f"{PROG}: resuming: {len(done)} of {batch_count(folder.num_batches)} "
                          f"{'was' if len(done) == 1 else 'were'} finished in {folder.parts}")
-    remaining = sum(folder.rows(b) for b in todo)
+    remaining = n - sum(folder.rows(b) for b in done)
     if world.distributed:  # rank 0's bar counts rank 0's images
-        progress.total = sum(folder.rows(b) for b in mine)
+        progress.total = _rank_images(folder, done, world.rank, world.world_size)
     else:
         progress.total, progress.initial = n, n - remaining
     batches = iter_batches(job.model, job.diffusion, num_samples=n,
                            batch_size=args["batch_size"], batches=mine, seed=args["seed"],
                            device=world.device, progress=progress, **job.kwargs)
-    start = time.perf_counter()
+    start, count = time.perf_counter(), 0
     with progress:
         for b, images, labels in batches:
             folder.write(b, images, labels)
+            count += 1
     if world.device.type == "cuda":
         torch.cuda.synchronize(world.device)
-    return dict(images=remaining, seconds=time.perf_counter() - start,
-                batches=len(mine))
+    return dict(images=remaining, seconds=time.perf_counter() - start, batches=count)
+
+
+def _rank_images(folder: RunFolder, done, rank: int, world_size: int) -> int:
+    """The images rank `rank` samples: every world_size-th missing batch from
+    its rank on, each of batch_size images but the last batch (counted, not listed)."""
+    missing = folder.num_batches - len(done)
+    mine = len(range(rank, missing, world_size))
+    last = folder.num_batches - 1
+    short = folder.batch_size - folder.rows(last)
+    takes_last = last not in done and missing and (missing - 1) % world_size == rank
+    return mine * folder.batch_size - (short if takes_last else 0)
 
 
 def _report(args, job: Job, world, stats: Dict, seconds: float, backend: str) -> None:
@@ -143,7 +163,7 @@ def _setup(args, explicit: Dict, world):
                 use_preferred_layout(model, world.device)
     progress = Progress(args["progress"] and world.is_main, total=0, steps=job.steps)
     log = progress.log if world.is_main else (lambda message: None)
-    return job, backend, progress, _open_folder(args, job, world, backend, log)
+    return (job, backend, progress, *_open_folder(args, job, world, backend, log))
 
 
 def _execute(args, world, job: Job, backend: str, progress: Progress,
@@ -203,19 +223,25 @@ def main(argv=None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    world = None
+    world = folder = None
     try:
         try:
+            _check_device(args["device"])
             world = distributed.setup(args["device"], timeout_s=_SYNC_TIMEOUT_S)
             if not world.distributed and args["device"]:
                 # setup() puts a single process on cuda:LOCAL_RANK; honour "cuda:1"
                 world = dataclasses.replace(world, device=torch.device(args["device"]))
-            job, backend, progress, folder = _setup(args, explicit, world)
+            job, backend, progress, folder, done = _setup(args, explicit, world)
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             _error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
             return 2
         except Exception as e:  # noqa: BLE001  one line, not a traceback
             return _internal(e)
+        if done:
+            if world.is_main:
+                print(f"{folder.npz} holds this run's {args['num_samples']} samples already "
+                      "(the same arguments): nothing to sample; --overwrite samples them again")
+            return 0
         try:
             return _execute(args, world, job, backend, progress, folder)
         except BackendNotSupported as e:
@@ -225,13 +251,44 @@ def main(argv=None) -> int:
             _error(str(e))
             return 1
         except Exception as e:  # noqa: BLE001
+            if _is_out_of_memory(e):
+                _error(_out_of_memory(args, world, folder, e))
+                return 1
             return _internal(e)
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
     finally:
+        if folder is not None:
+            folder.close()
         if world is not None:
             distributed.cleanup(world)
+
+
+def _check_device(name) -> None:
+    if not name:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "meta":
+        raise InputError("--device meta holds shapes, not values: samples need a device that "
+                         "computes (cpu, cuda, cuda:1, ...)")
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    # torch's CPU allocator says so in a plain RuntimeError
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def _out_of_memory(args, world, folder: RunFolder, e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    message = (f"out of memory sampling a batch of {args['batch_size']} on {world.device} "
+               f"({first}): lower --batch_size")
+    # another --batch_size is another run: it takes over a folder with no batch finished
+    return f"{message}; {_kept(folder)}" if folder.finished() else message
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ from torch import Tensor, nn
 
 from .diffusion import classifier_cond_fn, classifier_free_guidance
 from .models import SuperResModel
-from .sampling.base_samples import check_low_res, load_base_samples
+from .sampling.base_samples import check_labels, check_low_res, load_base_samples
 from .sampling.classes import check_classes
-from .sampling.files import atomic_write, npz_members, write_npz
+from .sampling.files import OutputExists, atomic_write, npz_members, write_npz
 from .sampling.grid import GRID_MAX_IMAGES, image_grid
 from .sampling.progress import Progress
-from .sampling.flags import SAMPLERS
+from .sampling.flags import MAX_BATCH_SIZE, SAMPLERS
 
 
 __all__ = ["SAMPLERS", "GRID_MAX_IMAGES", "batch_seed", "check_low_res", "image_grid",
@@ -116,9 +116,15 @@ class _Plan:
         return math.ceil(self.num_samples / self.batch_size)
 
 
+def _finite(name: str, value) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
 def _check_sampler(sampler: str, eta: float, steps: Optional[int], cuda_graph: bool) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    _finite("eta", eta)
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"eta is DDIM's; the {sampler} sampler does not take it")
     if steps is not None and sampler != "dpm++":
@@ -134,7 +140,12 @@ def _plan(model, diffusion, *, num_samples, batch_size, classifier=None, classif
           cuda_graph=False) -> _Plan:
     num_samples = _whole("num_samples", num_samples, 1)
     batch_size = _whole("batch_size", batch_size, 1)
+    if batch_size > MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size {batch_size} is over the limit of {MAX_BATCH_SIZE} "
+                         "images a batch (each batch is sampled whole, in memory at once)")
     _check_sampler(sampler, eta, steps, cuda_graph)
+    _finite("classifier_scale", classifier_scale)
+    _finite("cfg_scale", cfg_scale)
     device = torch.device(device if device is not None else next(model.parameters()).device)
     num_classes = getattr(model, "num_classes", None)
     class_cond = num_classes is not None
@@ -145,6 +156,8 @@ def _plan(model, diffusion, *, num_samples, batch_size, classifier=None, classif
                          "low_res samples are for super-resolution models only")
     if is_sr:
         check_low_res(low_res, low_res_labels, image_size, class_cond)
+        if class_cond:
+            check_labels(low_res_labels, num_classes, "low_res_labels")
     if classifier is not None and classifier.image_size != image_size:
         raise ValueError(f"the classifier is for {classifier.image_size}x{classifier.image_size} "
                          f"images but the model samples {image_size}x{image_size}")
@@ -201,9 +214,16 @@ def _sample_batch(plan: _Plan, b: int, progress: Optional[Progress]):
     return images, labels
 
 
-def _run(plan: _Plan, order: Sequence[int], seed: Optional[int], progress: Optional[Progress]):
+def _check_batch(plan: _Plan, b) -> None:
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or \
+            not 0 <= b < plan.num_batches:
+        raise ValueError(f"batch index {b!r} is not in 0..{plan.num_batches - 1}")
+
+
+def _run(plan: _Plan, order: Iterable[int], seed: Optional[int], progress: Optional[Progress]):
     cuda = [plan.device] if plan.device.type == "cuda" else []
     for b in order:
+        _check_batch(plan, b)  # an iterator's indices are checked as they come
         rng = torch.random.fork_rng(devices=cuda) if seed is not None else \
             contextlib.nullcontext()
         with rng:
@@ -224,11 +244,16 @@ def iter_batches(model: nn.Module, diffusion, *, num_samples: int, batch_size: i
     plan = _plan(model, diffusion, num_samples=num_samples, batch_size=batch_size, **options)
     if seed is not None:
         seed = _whole("seed", seed, 0)
-    order = list(range(plan.num_batches)) if batches is None else list(batches)
-    for b in order:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or \
-                not 0 <= b < plan.num_batches:
-            raise ValueError(f"batch index {b!r} is not in 0..{plan.num_batches - 1}")
+    # Never a list of every batch: num_samples 1e9 with batch_size 1 would hold a
+    # billion indices before the first batch. A sequence given is checked whole
+    # here, an iterator as it is consumed.
+    order = range(plan.num_batches) if batches is None else batches
+    if isinstance(order, Sequence) and not isinstance(order, range):
+        for b in order:
+            _check_batch(plan, b)
+    elif isinstance(order, range) and len(order):
+        for b in (order[0], order[-1]):
+            _check_batch(plan, b)
     return _run(plan, order, seed, progress)
 
 
@@ -310,17 +335,24 @@ def write_png(images: np.ndarray, path: str) -> Optional[str]:
 
 
 def save_samples(images: np.ndarray, labels: Optional[np.ndarray], out_dir: str,
-                 png: bool = True) -> Dict[str, str]:
+                 png: bool = True, overwrite: bool = False) -> Dict[str, str]:
     """Write samples_{N}x{H}x{W}x3.npz as guided-diffusion does (arr_0 the uint8
     images, arr_1 the labels when there are any; the same arrays always give
     the same bytes) and, with png and Pillow installed, a .png grid of the
     first images, each written atomically. Returns {"npz": path, "png": path}.
-    Raises sampling.files.OutputError (naming the file: disk full, ...)."""
+    An .npz already there is kept (sampling.files.OutputExists, nothing
+    written) unless overwrite=True. Raises sampling.files.OutputError (naming
+    the file: disk full, ...)."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, "samples_" + "x".join(str(s) for s in images.shape))
     arrays = (images,) if labels is None else (images, labels)
     written = {"npz": stem + ".npz"}
-    atomic_write(written["npz"], lambda f: write_npz(f, npz_members(*arrays)))
+    try:
+        atomic_write(written["npz"], lambda f: write_npz(f, npz_members(*arrays)),
+                     replace=overwrite)
+    except OutputExists:
+        raise OutputExists(f"{written['npz']} is already there: pass overwrite=True to "
+                           "replace it, or another out_dir") from None
     if png and write_png(images, stem + ".png"):
         written["png"] = stem + ".png"
     return written

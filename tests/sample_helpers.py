@@ -66,10 +66,13 @@ def make_checkpoints(d):
 
 
 def with_metadata(src, dst, **extra):
-    """A copy of an adm_fast safetensors file with more metadata keys."""
+    """A copy of an adm_fast safetensors file with more metadata keys, as a file
+    written before the metadata had its own checksum (which would refuse the
+    edit): its tensors still verified, its metadata read as it is."""
     from safetensors.torch import save_file
 
     sd, meta = read_state_dict(src)
+    meta.pop("adm_fast.metadata_sha256", None)
     save_file(sd, str(dst), metadata={**meta, **extra})
     return str(dst)
 
@@ -87,6 +90,8 @@ def _bad_files(d, paths):
     open(paths["base_empty"], "wb").close()
     paths["base_npy"] = str(d / "base.npy")
     np.save(paths["base_npy"], np.zeros((3, 32, 32, 3), np.uint8))
+    paths["base_label_big"] = str(d / "base_label_big.npz")  # the sr model has 1000 classes
+    np.savez(paths["base_label_big"], np.zeros((3, 32, 32, 3), np.uint8), np.array([5, 1000, 9]))
     paths["base_f32"] = str(d / "base_f32.npz")
     np.savez(paths["base_f32"], np.zeros((3, 32, 32, 3), np.float32))
     for name, value in (("diff_type", '{"diffusion_steps": "100"}'),

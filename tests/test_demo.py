@@ -64,6 +64,30 @@ def test_reduced_demo(tmp_path, capsys):
     assert results["num_samples"] == 20 and results["steps"] == 5
 
 
+@pytest.mark.parametrize("extra", [[], ["--train"]])
+def test_a_finished_demo_is_kept_unless_overwrite(extra, tmp_path, capsys, monkeypatch):
+    """Refused before anything is trained or sampled; --overwrite runs again."""
+    out_dir = tmp_path / "demo"
+    out_dir.mkdir()
+    (out_dir / "results.json").write_text('{"rows": []}\n')
+    (out_dir / "scale_0.png").write_bytes(b"a grid")
+    monkeypatch.setattr(experiment, "load_models", _never)
+    monkeypatch.setattr(train, "train_all", _never)
+    assert cli.main(["--out", str(out_dir), *extra, *REDUCED]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"adm-fast demo: error: --out {out_dir} holds a finished demo "
+                   f"({out_dir}/results.json): pass --overwrite to run it again there, or "
+                   "choose another --out\n")
+    assert sorted(os.listdir(out_dir)) == ["results.json", "scale_0.png"]
+    assert (out_dir / "results.json").read_text() == '{"rows": []}\n'
+    with pytest.raises(AssertionError, match="started"):  # --overwrite goes on to the work
+        cli.main(["--out", str(out_dir), "--overwrite", *extra, *REDUCED])
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("started")
+
+
 def test_same_seed_same_samples_and_guidance_changes_them(models):
     diffusion = experiment.make_diffusion(4)
     y = experiment.demo_labels(10)

@@ -272,6 +272,26 @@ BAD = {
                                       "--classes", "1"], "takes its labels from --base_samples"),
     "negative seed": (["--model_path", "{cond}", "--seed", "-1"],
                       "must be a non-negative integer, got -1"),
+    # refused at the flag check: no run folder, nothing to block a later run
+    "eta nan": (["--model_path", "{cond}", "--use_ddim", "True", "--eta", "nan"],
+                "--eta must be a finite number, got nan"),
+    "eta inf": (["--model_path", "{cond}", "--use_ddim", "True", "--eta", "inf"],
+                "--eta must be a finite number, got inf"),
+    "cfg_scale nan": (["--model_path", "{cfg}", "--cfg_scale", "nan"],
+                      "--cfg_scale must be a finite number, got nan"),
+    "classifier_scale inf": (["--model_path", "{cond}", "--classifier_path", "{clf}",
+                              "--classifier_scale", "inf"],
+                             "--classifier_scale must be a finite number, got inf"),
+    "batch_size over the limit": (["--model_path", "{cond}", "--batch_size", "65537"],
+                                  "--batch_size 65537 is over the limit of 65536 images a batch"),
+    "device meta": (["--model_path", "{cond}", "--device", "meta"],
+                    "--device meta holds shapes, not values"),
+    "device not a device": (["--model_path", "{cond}", "--device", "gpu0"],
+                            "--device 'gpu0' is not a device (cpu, cuda, cuda:1, ...)"),
+    "base samples labels out of range": (["--model_path", "{sr}", "--base_samples",
+                                          "{base_label_big}"],
+                                         "base_label_big.npz: arr_1 holds label 1000, out of "
+                                         "range: the model has 1000 classes (0-999)"),
 }
 
 
@@ -284,7 +304,7 @@ def test_bad_input(case, ckpt, tmp_path, capsys):
     if "--num_samples" not in args:
         args += ["--num_samples", "1"]
     rc, out, err = run(capsys, *args, "--timestep_respacing", 2, "--out", out_dir)
-    assert rc == 2
+    assert rc == 2, err
     assert err.startswith("adm-fast sample: error: ") and expected in err, err
     assert "Traceback" not in err
     assert not out_dir.exists()

@@ -26,27 +26,30 @@ ARGS = ["sample", "--model_path", str(MODEL), "--num_samples", str(N), "--batch_
         str(BATCH), "--timestep_respacing", "6", "--seed", "5", "--device", "cpu",
         "--no-progress"]
 # Run inside the child: kill this process at the named point (before/after
-# renaming a file to a name matching a pattern, or inside the folder's removal).
+# renaming a file to a name matching a pattern, by os.replace or, for a file
+# that must not replace another, os.link; or inside the folder's removal).
 WRAPPER = r"""
 import fnmatch, os, shutil, signal, sys
 point, argv = sys.argv[1], sys.argv[2:]
 when, _, pattern = point.partition(":")
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
-real_replace, real_rmtree = os.replace, shutil.rmtree
-def replace(src, dst):
-    hit = fnmatch.fnmatch(os.path.basename(dst), pattern)
-    if hit and when == "before":
-        die()
-    real_replace(src, dst)
-    if hit and when == "after":
-        die()
+real_replace, real_link, real_rmtree = os.replace, os.link, shutil.rmtree
+def killing(real):
+    def rename(src, dst, *a, **k):
+        hit = fnmatch.fnmatch(os.path.basename(dst), pattern)
+        if hit and when == "before":
+            die()
+        real(src, dst, *a, **k)
+        if hit and when == "after":
+            die()
+    return rename
 def rmtree(path, *a, **k):
     if when == "rmtree":
         os.remove(os.path.join(path, sorted(os.listdir(path))[0]))  # halfway through
         die()
     real_rmtree(path, *a, **k)
-os.replace, shutil.rmtree = replace, rmtree
+os.replace, os.link, shutil.rmtree = killing(real_replace), killing(real_link), rmtree
 from adm_fast.cli import main
 sys.exit(main(argv))
 """
@@ -133,16 +136,43 @@ def test_killed_while_writing_a_shard_and_at_each_step_of_the_assembly(reference
          and f"{NAME}.npz" not in f),
         # the .npz in place, no .png yet
         (f"after:{NAME}.npz", lambda f: f"{NAME}.npz" in f and f"{NAME}.png" not in f),
-        # both in place, the folder renamed away and half deleted
+        # both in place, the folder renamed away and half deleted: by a rerun that
+        # found the .npz finished, wrote the .png from it and sampled nothing
         ("rmtree", lambda f: {f"{NAME}.npz", f"{NAME}.png"} <= f and parts not in f),
     ]
     for point, state in steps:
         proc = _run(tmp_path, point)
         assert proc.returncode == -signal.SIGKILL, (point, proc.stderr)
         assert state(_files(tmp_path)), (point, sorted(_files(tmp_path)))
+        if point == "rmtree":
+            assert "which a killed run left unwritten" in proc.stderr, proc.stderr
+            assert f"{N} images of 16x16" not in proc.stderr, proc.stderr  # no sampling
     for ext, data in reference.items():  # the files in place are already the right ones
         assert (tmp_path / f"{NAME}.{ext}").read_bytes() == data
-    proc = _run(tmp_path)  # cleans the half-deleted folder; a fresh run, the same bytes
+    proc = _run(tmp_path)  # cleans the half-deleted folder, and is done at once
     assert proc.returncode == 0, proc.stderr
     assert "left by a killed run" in proc.stderr
+    assert "nothing to sample" in proc.stdout and "sampled" not in proc.stdout, proc.stdout
+    _finished_cleanly(tmp_path, reference)
+
+
+def test_two_processes_with_the_same_arguments_into_one_folder(reference, tmp_path):
+    """Started together: the one that does not sample says another process is
+    sampling there (or, started after it finished, that the run is done); no
+    "No such file ... batch_... rerun the same command", and the result is
+    the reference's."""
+    procs = [subprocess.Popen([sys.executable, "-m", "adm_fast.cli", *ARGS, "--out",
+                               str(tmp_path)], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    results = [(rc, out, err) for out, err, rc in results]
+    assert any(rc == 0 and "sampled" in out for rc, out, _ in results), results
+    for rc, out, err in results:
+        assert "No such file" not in err and "Traceback" not in err, err
+        if rc != 0:
+            assert rc == 2 and err.strip().splitlines()[-1].startswith(
+                f"adm-fast sample: error: another process is sampling into "
+                f"{tmp_path}/{NAME}.parts now"), err
+        elif "sampled" not in out:
+            assert "nothing to sample" in out, out
     _finished_cleanly(tmp_path, reference)

@@ -146,11 +146,11 @@ def _never(*args, **kwargs):
 def _disk_full_when(monkeypatch, condition):
     real = shards.write_npz
 
-    def write_npz(f, members):
+    def write_npz(f, members, **kwargs):
         if condition(members):
             f.write(b"some bytes first")
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(f, members)
+        real(f, members, **kwargs)
 
     monkeypatch.setattr(shards, "write_npz", write_npz)
 

@@ -13,9 +13,11 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..ops import current_backend
+from ..sampling.files import OutputError, atomic_write
 from . import digits, experiment
 from .flags import PROG, DemoError, build_parser  # noqa: F401  (build_parser: the CLI's --help)
 
+RESULTS = "results.json"  # written last: its presence marks a finished demo
 
 
 def _cell(value: Optional[float], fmt: str) -> str:
@@ -73,8 +75,20 @@ def _where(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def _check_out(args) -> None:
+    """A finished demo in --out is kept unless --overwrite: checked before
+    anything is trained or sampled."""
+    results = os.path.join(args.out, RESULTS)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DemoError(f"--out {args.out} is a file, not a folder")
+    if os.path.lexists(results) and not args.overwrite:
+        raise DemoError(f"--out {args.out} holds a finished demo ({results}): pass --overwrite "
+                        "to run it again there, or choose another --out")
+
+
 def run(args) -> int:
     device = _device(args.device)
+    _check_out(args)
     weights = _weights_dir(args)
     eager = experiment.load_models(weights, device)
     fast = experiment.engine_models(eager, device)
@@ -123,8 +137,11 @@ def run(args) -> int:
                    weights=weights,
                    rows=[vars(r) for r in rows], grids=grids, seconds=total,
                    heldout=dict(fidelity=ref_fid, diversity=ref_div))
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+    text = json.dumps(results, indent=1)
+    try:  # atomically: a killed run leaves no half a results.json that looks finished
+        atomic_write(os.path.join(args.out, RESULTS), lambda f: f.write(text.encode()))
+    except OutputError as e:
+        raise DemoError(str(e)) from None
     return 0
 
 

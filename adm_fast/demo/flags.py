@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "one, else cpu)")
     p.add_argument("--weights", default="",
                    help="folder with diffusion/classifier/clean.safetensors (default: shipped)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again into an --out that holds a finished demo (results.json), "
+                        "replacing its grids and results")
     p.add_argument("--train", action="store_true",
                    help="retrain all three models into OUT/weights first, then sample with them")
     return p

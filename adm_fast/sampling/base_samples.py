@@ -35,6 +35,21 @@ def check_low_res(low_res: np.ndarray, low_res_labels, image_size: int, class_co
                              f"got labels of shape {np.shape(low_res_labels)}")
 
 
+def check_labels(labels, num_classes: int, where: str) -> None:
+    """Every label a class of the model (0 .. num_classes-1): one out of range
+    would index past its class embedding."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{where} must be integers, got {labels.dtype}")
+    low, high = labels.min(), labels.max()
+    if low < 0 or high >= num_classes:
+        bad = int(low if low < 0 else high)
+        raise ValueError(f"{where} holds label {bad}, out of range: the model has "
+                         f"{num_classes} classes (0-{num_classes - 1})")
+
+
 def _kind_problem(path: str) -> Optional[str]:
     """Why `path` cannot be an .npz, judged from its first bytes (None: it may be)."""
     size = os.path.getsize(path)

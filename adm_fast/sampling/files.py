@@ -92,16 +92,27 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+class OutputExists(OutputError):
+    """atomic_write(..., replace=False) found `path` already there."""
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None], replace: bool = True) -> None:
     """write(f) into a temporary, flush it to disk, rename it to `path`.
-    OSError (a full disk, no permission) becomes one OutputError naming `path`."""
+    OSError (a full disk, no permission) becomes one OutputError naming `path`.
+    replace=False: a file already at `path` (or one that appears there while
+    this one is written) is kept and OutputExists raised; the new file goes."""
     tmp = partial_name(path)
     try:
+        if not replace and os.path.lexists(path):  # before the work, not only after it
+            raise OutputExists(f"{path} is already there")
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # else a crash after the rename could still lose the data
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _rename_no_clobber(tmp, path)
         fsync_dir(os.path.dirname(path))
     except OSError as e:
         raise OutputError(describe_os_error(e, path)) from None
@@ -110,13 +121,34 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.remove(tmp)
 
 
+def _rename_no_clobber(tmp: str, path: str) -> None:
+    """Rename tmp to path unless path exists, in one step where the file system
+    allows it: a hard link fails on an existing name, a rename would replace it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExists(f"{path} is already there") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                           errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):  # no hard links here (FAT, some FUSE): check, then rename
+            raise OutputExists(f"{path} is already there") from None
+        os.replace(tmp, path)
+
+
 Member = Tuple[str, np.dtype, Tuple[int, ...], Iterable[np.ndarray]]
 
 
-def write_npz(f: BinaryIO, members: Sequence[Member]) -> None:
+def write_npz(f: BinaryIO, members: Sequence[Member], comment: bytes = b"") -> None:
     """An uncompressed .npz of `members`: (name, dtype, shape, chunks), where
-    the chunks, concatenated along the first axis, make the array."""
+    the chunks, concatenated along the first axis, make the array. `comment`
+    goes into the zip's archive comment (at most 65,535 bytes), which np.load
+    does not read."""
+    if len(comment) > 0xFFFF:
+        raise ValueError(f"a zip comment holds at most 65535 bytes, got {len(comment)}")
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.comment = comment
         for name, dtype, shape, chunks in members:
             dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)

@@ -16,6 +16,9 @@ PROG = "adm-fast sample"
 BACKENDS = ("auto", "eager", "cpu", "triton", "cuda", "sdpa")
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+# Each batch is sampled whole (x_T and every activation at once): a batch past
+# this is a typo or a memory bomb (guided-diffusion's largest runs used 256).
+MAX_BATCH_SIZE = 65536
 SCRIPT_DEFAULTS = dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False,
                        model_path="", classifier_path="", classifier_scale=1.0, base_samples="")
 
@@ -90,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "resumed run or any number of ranks give the same images (default 0)")
     a.add_argument("--out", default=".", help="folder for samples_NxHxWx3.npz and .png, and "
                    "the finished batches of an unfinished run (default .)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="sample again and replace a finished samples_NxHxWx3.npz (and .png) "
+                   "in --out; without it, the same command says the run is done and another "
+                   "one that would write that file is refused")
     a.add_argument("--backend", choices=BACKENDS, help="adm_fast op backend "
                    "(default: $ADM_FAST_BACKEND, else auto)")
     a.add_argument("--device", help="default: cuda if available, else cpu")

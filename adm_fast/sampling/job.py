@@ -4,14 +4,16 @@ sample_images arguments, with every problem an InputError before sampling."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Optional
 
 import torch
 
 from ..checkpoint import load_checkpoint
 from ..diffusion import create_gaussian_diffusion
-from .base_samples import check_low_res, load_base_samples
+from .base_samples import check_labels, check_low_res, load_base_samples
 from .classes import check_classes
+from .flags import MAX_BATCH_SIZE
 from .resolve import CONSTRUCT, InputError, Source, resolve
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -38,6 +40,14 @@ def _check_flags(args, explicit: Dict, device: torch.device) -> str:
     for name in ("num_samples", "batch_size"):
         if args[name] < 1:
             raise InputError(f"--{name} must be at least 1, got {args[name]}")
+    if args["batch_size"] > MAX_BATCH_SIZE:
+        raise InputError(f"--batch_size {args['batch_size']} is over the limit of "
+                         f"{MAX_BATCH_SIZE} images a batch (each batch is sampled whole, "
+                         "in memory at once)")
+    for name in ("eta", "cfg_scale", "classifier_scale"):
+        value = args.get(name)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{name} must be a finite number, got {value}")
     sampler = args["sampler"] or ("ddim" if args["use_ddim"] else "ddpm")
     if args["use_ddim"] and sampler != "ddim":
         raise InputError(f"--use_ddim True asks for DDIM but --sampler is {sampler}")
@@ -141,6 +151,12 @@ def prepare(args, explicit: Dict, device: torch.device, world_size: int) -> Job:
     if src.kind == "sr":
         labels = labels if model.num_classes is not None else None
         check_low_res(low_res, labels, model.image_size, model.num_classes is not None)
+        if labels is not None:
+            try:
+                check_labels(labels, model.num_classes, f"--base_samples {args['base_samples']}: "
+                             "arr_1")
+            except ValueError as e:
+                raise InputError(str(e)) from None
     if args["cfg_scale"] is not None and getattr(model, "null_label", None) is None:
         raise InputError(f"--cfg_scale needs a model with a null class (built with "
                          f"null_class=True, trained with label dropout); "
