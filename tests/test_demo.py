@@ -134,7 +134,9 @@ def test_shipped_files_say_what_they_were_trained_with():
         diffusion, classes = train.trained_with(part)
         assert read_diffusion_flags(path) == diffusion
         assert read_class_names(path) == classes == [str(d) for d in range(10)]
-        assert "adm_fast.sha256" in read_metadata(path)  # read_state_dict verifies it
+        meta = read_metadata(path)  # verifies adm_fast.metadata_sha256
+        assert "adm_fast.sha256" in meta  # read_state_dict verifies it
+        assert "adm_fast.metadata_sha256" in meta  # an edited header is refused
     cosine = {"noise_schedule": "cosine", "learn_sigma": True, "diffusion_steps": 1000}
     for part in ("diffusion", "classifier"):  # guidance needs both on one schedule
         assert cosine.items() <= train.trained_with(part)[0].items()

@@ -19,7 +19,8 @@ from typing import Dict, Optional
 import torch
 
 from .. import presets as _presets
-from ..checkpoint import CheckpointError, detect_preset, diffusion_flags_of, read_state_dict
+from ..checkpoint import (CheckpointError, detect_preset, diffusion_flags_of, read_metadata,
+                          read_state_dict)
 from ..script_util import create_classifier, create_model, sr_create_model
 from .flags import DEFAULTS, SCRIPT_DEFAULTS, InputError  # noqa: F401  (this module's vocabulary)
 
@@ -57,9 +58,10 @@ def inspect_checkpoint(path: str, what: str):
     if _file_kind(path) == "safetensors":
         from safetensors import SafetensorError, safe_open
 
+        # the metadata as every reader takes it: under adm_fast.metadata_sha256
+        meta = read_metadata(path)
         try:
             with safe_open(path, framework="pt") as f:
-                meta = dict(f.metadata() or {})
                 sd = {k: torch.empty(f.get_slice(k).get_shape(), device="meta")
                       for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
