@@ -237,3 +237,21 @@ def test_dropout_drops_what_eager_drops_and_keeps_a_bool_mask():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert _close(held_f, saved_f) and _close(held_e, saved_e)
     assert saved_f < 0.5 * saved_e, (saved_f, saved_e)
+
+
+def test_a_fake_or_meta_tensor_shares_memory_only_with_its_views():
+    """Fake and meta tensors have no data (every data pointer is 0): whether a
+    saved tensor is a view of the conv input is told by the storage object,
+    not by a pointer that all of them share (they all matched before)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from adm_fast.ops.norm_act_conv import _shares_memory
+
+    def pair(make):
+        a, b = make(), make()
+        return _shares_memory(a[1:], a), _shares_memory(b, a), _shares_memory(a.t(), a)
+
+    with FakeTensorMode():
+        assert pair(lambda: torch.empty(4, 4)) == (True, False, True)
+    assert pair(lambda: torch.empty(4, 4, device="meta")) == (True, False, True)
+    assert pair(lambda: torch.empty(4, 4)) == (True, False, True)

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from . import backend as _backend
 from . import dispatch, verify
@@ -137,8 +138,15 @@ def _outer_hooks():
 
 
 def _shares_memory(t: Tensor, made: Tensor) -> bool:
-    return (t.device == made.device and t.untyped_storage().data_ptr()
-            == made.untyped_storage().data_ptr() and made.untyped_storage().nbytes() > 0)
+    if t.device != made.device:
+        return False
+    mine, theirs = t.untyped_storage(), made.untyped_storage()
+    if theirs.nbytes() == 0:
+        return False
+    if t.device.type == "meta" or is_fake(t) or is_fake(made):
+        # no data, so every data pointer is 0: a view shares its base's storage object
+        return mine._cdata == theirs._cdata
+    return mine.data_ptr() == theirs.data_ptr()
 
 
 # (group_norm_act's decision key) -> the kernel implementation a recipe uses
