@@ -186,6 +186,35 @@ def test_cpu_fp32(shape, mode, channels_last):
 
 
 @pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_cpu_bytes_do_not_depend_on_the_thread_count(channels_last):
+    """The NHWC kernel runs one of three schedules (one thread below 32K values;
+    whole samples per task when they share out evenly among the threads; else
+    chunks of rows across samples): the same arithmetic per sample, so the
+    same bytes, fwd and bwd, whatever the thread count and batch."""
+    torch.manual_seed(0)
+    shapes = [(n, c, hw, hw) for n in (1, 2, 3, 4, 8) for c, hw in ((64, 4), (128, 16))]
+    shapes += [(5, 96, 7, 7), (2, 256, 32, 32)]
+    before = torch.get_num_threads()
+    try:
+        for shape in shapes:
+            inp = make_inputs(shape, "adagn", torch.float32, channels_last, device="cpu")
+            dy = torch.randn(shape)
+            runs = []
+            for threads in (1, 2, 3, 4):
+                torch.set_num_threads(threads)
+                out, grads = run("cpu", inp, dy)
+                runs.append((threads, out, grads))
+            _, out1, grads1 = runs[0]
+            for threads, out, grads in runs[1:]:
+                assert torch.equal(out, out1), (shape, threads)
+                for k in grads:
+                    assert torch.equal(grads[k], grads1[k]), (shape, threads, k)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
 def test_cpu_backend_leaves_strided_x_to_eager():
     x = torch.randn(2, 64, 8, 16)[..., ::2]
     w, b = torch.ones(64), torch.zeros(64)

@@ -7,6 +7,7 @@
 
 #include "../step_codes.h"
 #include "kernels.h"
+#include "parallel.h"
 #include "vec.h"
 
 // No fused multiply-adds here (setup.py compiles csrc/cpu with
@@ -124,7 +125,7 @@ DdimFn ddim_pick(int mean, bool clip, bool grad, bool noise) {
 template <typename F>
 void over_samples(int64_t B, int64_t CHW, F&& fn) {
   const int64_t chunks = (CHW + kGrain - 1) / kGrain;
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / chunks, start = (i % chunks) * kGrain;
       fn(n, start, std::min(kGrain, CHW - start));

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "parallel.h"
 #include "vec.h"
 
 namespace adm_fast_cpu {
@@ -158,7 +159,7 @@ void group_norm_act_fwd(const T* x, T* y, float* mean, float* rstd, const float*
                         const float* bias, const float* scale, const float* shift, int64_t N,
                         int64_t C, int64_t HW, int64_t G, double eps, bool act) {
   const int64_t cg = C / G, m = cg * HW;
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf, ybuf;
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, c0 = (ng % G) * cg;
@@ -186,7 +187,7 @@ void group_norm_act_bwd(const T* dy, const T* x, const float* mean, const float*
                         const float* shift, T* dx, float* dscale, float* dshift, float* t1,
                         float* t2, int64_t N, int64_t C, int64_t HW, int64_t G, bool act) {
   const int64_t cg = C / G, m = cg * HW;
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf, dybuf, dxbuf;
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, c0 = (ng % G) * cg;

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "parallel.h"
 #include "vec.h"
 
 namespace adm_fast_cpu {
@@ -140,7 +141,7 @@ void grad_tile(const float* dy, const Map& g, int64_t O, int64_t t, float* Yh, i
 // (the padding) and `scratch` floats per thread.
 template <typename Fn>
 void over_tiles(int64_t nt, int64_t C, int64_t scratch, const Fn& fn) {
-  at::parallel_for(0, nt, 8, [&](int64_t begin, int64_t end) {
+  parallel_for(0, nt, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> zero(C, 0.0f), r(scratch);
     for (int64_t k = begin; k < end; ++k) fn(k, zero.data(), r.data());
   });
@@ -202,11 +203,11 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
     float* V = scratch(0, 16 * T * C);
     float* M = scratch(1, 16 * T * O);
     winograd_f23_transform_input(x, V, N, H, W, C, 0, T, T * C);
-    at::parallel_for(0, 16, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, 16, 1, [&](int64_t begin, int64_t end) {
       for (int64_t xi = begin; xi < end; ++xi)
         small_gemm_strips(V + xi * T * C, U + xi * su, M + xi * T * O, T, C, O);
     });
-    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
       std::vector<float> s(8 * O), out(4 * O);
       for (int64_t t = begin; t < end; ++t)
         output_tile(M + t * O, T * O, bias, g, O, t, y, s.data(), out.data());
@@ -219,7 +220,7 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
   const int64_t per_thread = (T + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
   const int64_t tb = std::max<int64_t>(6, std::min<int64_t>(48, (per_thread + 5) / 6 * 6));
   const int64_t blocks = (T + tb - 1) / tb;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     float* V = scratch(2, 16 * tb * C);
     float* M = scratch(3, 16 * tb * O);
     std::vector<float> zero(C, 0.0f), r(16 * C), s(8 * O), out(4 * O);
@@ -251,7 +252,7 @@ void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C, int64_t
   // By strips, then input channels: each of U's 16 rows takes one full
   // 64-byte line per step, in order (16 write streams). By input channels
   // across all strips it was 256 streams at 256 channels and 1.8x slower.
-  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
     float k[9 * 16];
     double t[12 * 16];
     for (int64_t s = begin; s < end; ++s) {
@@ -300,7 +301,7 @@ void winograd_f23_weight_grad(const float* dUt, float* dw, int64_t O, int64_t C)
   // rows then columns, along the contiguous input channels of dUt [16][O][C],
   // into dw in channels-last order [O][3][3][C]. (A half is exact: each value
   // rounds twice, a few ulp of the largest term.)
-  at::parallel_for(0, O, 4, [&](int64_t begin, int64_t end) {
+  parallel_for(0, O, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> r(12 * C);  // r[ky][b] = Σ_a Gᵀ[ky][a]·dU[a][b]
     for (int64_t o = begin; o < end; ++o) {
       const float* d = dUt + o * C;
