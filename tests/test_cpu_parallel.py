@@ -131,3 +131,21 @@ def test_a_forked_child_runs_the_kernels():
         assert _same([torch.from_numpy(a) for a in got], want)
     finally:
         torch.set_num_threads(before)
+
+
+def test_openmp_instead_gives_the_same_bytes(tmp_path):
+    """ADM_FAST_CPU_POOL=0 (read once per process) runs the kernels on OpenMP's
+    regions: the same bytes as the pool's."""
+    import os
+    import subprocess
+    import sys
+
+    want = _run(_inputs())
+    out = tmp_path / "openmp.pt"
+    code = ("import sys, torch; sys.path.insert(0, 'tests'); "
+            "from test_cpu_parallel import _inputs, _run; torch.set_num_threads(2); "
+            f"torch.save(_run(_inputs()), {str(out)!r})")
+    env = dict(os.environ, ADM_FAST_CPU_POOL="0")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert _same(torch.load(out, weights_only=True), want)

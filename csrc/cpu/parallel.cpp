@@ -15,8 +15,10 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 
 namespace adm_fast_cpu {
@@ -160,9 +162,22 @@ const bool g_registered = [] {
 
 }  // namespace
 
+// ADM_FAST_CPU_POOL=0: OpenMP's regions instead (at::parallel_for), read once.
+bool pool_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("ADM_FAST_CPU_POOL");
+    return !(v && std::string(v) == "0");
+  }();
+  return enabled;
+}
+
 void parallel_for(int64_t begin, int64_t end, int64_t grain,
                   c10::function_ref<void(int64_t, int64_t)> fn) {
   if (begin >= end) return;
+  if (!pool_enabled()) {
+    at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(b, e); });
+    return;
+  }
   const int64_t range = end - begin;
   const int threads = at::get_num_threads();
   if (threads <= 1 || range <= std::max<int64_t>(grain, 1) || t_in_task ||

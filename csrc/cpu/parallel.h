@@ -19,7 +19,8 @@
 // at most `grain`, inside a task of this pool, inside an ATen parallel region,
 // or while another thread is using the pool. A chunk's result must not depend
 // on which thread runs it (no thread index is given), so the bytes do not
-// depend on the schedule.
+// depend on the schedule. ADM_FAST_CPU_POOL=0 runs them on OpenMP's regions
+// (at::parallel_for) instead, the same bytes.
 #pragma once
 
 #include <c10/util/FunctionRef.h>
