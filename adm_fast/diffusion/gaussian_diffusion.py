@@ -274,6 +274,8 @@ class GaussianDiffusion(SamplingLoops):
         mean = out if mean_type == "x_prev" else self.q_posterior_mean_variance(x0, x, t)[0]
         return {"mean": mean, "variance": variance, "log_variance": log_var, "pred_xstart": x0}
 
+    # Unused here (the step math is sm.pred_xstart), kept under guided-diffusion's
+    # name: code written against its GaussianDiffusion calls it.
     def _predict_xstart_from_eps(self, x_t, t, eps):
         return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
                 - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps)

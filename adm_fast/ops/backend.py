@@ -24,7 +24,7 @@ Setting = Union[str, Mapping[str, str]]
 
 class Backend:
     """Where a family of implementations can run. Subclasses override the
-    methods; `ops` lists the ops it has an implementation of."""
+    methods; what it runs per op is declared by the ops' Impl classes."""
 
     name: str = ""
     priority: int = 0  # higher is tried first by auto, after measured preferences

@@ -90,5 +90,5 @@ def ddpm_step(x: Tensor, model_out: Tensor, noise: Tensor, coefs: Tensor,
     """One DDPM step. x, noise, grad: [B, C, H, W]; model_out: [B, C or 2C, H, W]
     (2C when the variance is learned); coefs: [8, B] fp32 (module docstring).
     grad is the already-scaled guidance gradient s·∇x log p(y|x_t), or None.
-    Returns (x_{t-1}, pred_xstart), typed as step_math.out_dtypes says."""
+    Returns (x_{t-1}, pred_xstart), typed as DdpmStep.out_dtypes says."""
     return DDPM_STEP(x, model_out, noise, coefs, grad, mean_type, var_type, bool(clip))

@@ -167,6 +167,3 @@ class Impl:
         raise NotImplementedError
 
 
-def contiguous_reasons(call: Call, names) -> List[str]:
-    return [f"{n} is not contiguous" for n in names
-            if n in call.tensors and not call.tensors[n].is_contiguous()]
