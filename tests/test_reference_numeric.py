@@ -46,8 +46,8 @@ def test_load_checkpoint_pt_and_safetensors(name, tmp_path):
 @pytest.mark.parametrize("name", NUMERIC_CASES)
 def test_checkpointing_changes_nothing(name):
     """use_checkpoint (res and attention blocks) gives the same outputs, grads
-    and double-backward grads (a gradient penalty on the input). Double backward
-    runs on the eager backend: the fused ones (Triton, SDPA) are first-order."""
+    and double-backward grads (a gradient penalty on the input), on the eager
+    backend: this compares checkpointing, not backends (tests/test_double_backward.py)."""
     case = load_case(name)
     kind = case["flags"]["kind"]
     kw = {} if kind == "classifier" else case_inputs(case)

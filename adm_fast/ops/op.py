@@ -18,7 +18,9 @@ have a backward — how to call it. Each call then goes:
 
 Gradients: the spec's `kernel_backward`, or, for ops without one and under
 create_graph=True (double backward), the eager reference differentiated on the
-saved inputs, so every backend supports double backward.
+saved inputs, so every kernel implementation supports double backward; a
+composite one has torch's autograd (sdpa's attention: first-order, as torch's
+fused SDPA kernels are).
 """
 
 from __future__ import annotations
@@ -317,8 +319,14 @@ class Op:
             return (None,) * len(self.args)
         create = torch.is_grad_enabled()  # double backward: keep the graph to the inputs
         with torch.enable_grad():
-            args = [a.detach().requires_grad_(needs[i]) if i in self.tensor_pos
-                    and a is not None and not create else a for i, a in enumerate(args)]
+            # Each input a node of its own: detached for a first-order backward; for
+            # double backward a view, which keeps the graph to the input but not its
+            # ancestry, so that the gradient for an input derived from another one
+            # (shift = s * 0.5) is the partial one: autograd adds the path between
+            # them itself (the input itself gave the total twice: 8-20% off).
+            args = [(a.view_as(a) if create else a.detach().requires_grad_(needs[i]))
+                    if i in self.tensor_pos and a is not None else a
+                    for i, a in enumerate(args)]
             outs = self.reference(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]

@@ -150,8 +150,9 @@ class Eager(Impl):
 
 
 class Sdpa(Impl):
-    # First-order backward only, like the other fused backends (double backward:
-    # use_backend("eager")).
+    # First-order backward only: torch's fused SDPA kernels have no derivative of
+    # their backward. Double backward: any other backend (a kernel's backward is
+    # then the reference's, differentiated; ops/op.py).
     backend, kind = "sdpa", "composite"
     # torch's fp32 SDPA backward on CPU is less exact than the eager path's: its
     # gradients' largest error against fp64 ran to 10.8x the eager path's
