@@ -1,6 +1,6 @@
 """adm_fast's build.
 
-The Triton kernels live in kernels/ and install as adm_fast.kernels. csrc/ holds
+The Triton kernels live in adm_fast/kernels/. csrc/ holds
 two optional extensions, built with torch's BuildExtension and ninja:
   adm_fast._C_cpu   fused C++ CPU kernels; built on every install
                     (ADM_FAST_CPU=0 skips it)
@@ -116,8 +116,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["adm_fast", "adm_fast.*"]) + ["adm_fast.kernels"],
-    package_dir={"adm_fast.kernels": "kernels"},
+    packages=find_packages(include=["adm_fast", "adm_fast.*"]),
     package_data={"adm_fast.demo": ["weights/*.safetensors", "heldout_digits.npz"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -5,8 +5,8 @@ cycle is still a cycle, only a hidden one), and fail naming each cycle.
 
     python .ci/check_imports.py          # exit 1 and the cycles, or a one-line OK
 
-The package is read as source (nothing is imported), with kernels/ as
-adm_fast.kernels, as setup.py installs it. `from pkg import name` is an edge to
+The package is read as source (nothing is imported); a file's path is its
+import path. `from pkg import name` is an edge to
 pkg.name when that is a module, else to pkg.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"adm_fast": ROOT / "adm_fast", "adm_fast.kernels": ROOT / "kernels"}
+PACKAGES = {"adm_fast": ROOT / "adm_fast"}
 
 
 def modules() -> Dict[str, Path]:

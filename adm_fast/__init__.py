@@ -21,6 +21,7 @@ _WHERE = {
         "classifier_free_guidance", "create_gaussian_diffusion",
         "create_named_schedule_sampler")},
     **{name: "adm_fast.models" for name in ("EncoderUNetModel", "SuperResModel", "UNetModel")},
+    **{name: "adm_fast.sampling.api" for name in ("sample_images", "save_samples")},
     "explain": "adm_fast.ops", "use_backend": "adm_fast.ops", "patch": "adm_fast.patch",
     "PRESETS": "adm_fast.presets", "Preset": "adm_fast.presets",
     **{name: "adm_fast.script_util" for name in (
@@ -32,7 +33,7 @@ _WHERE = {
 # modules reached by their dotted name (adm_fast.checkpoint.read_class_names),
 # as README shows them
 _SUBMODULES = ("checkpoint", "diffusion", "evaluation", "models", "ops", "presets",
-               "sampling_api", "train")
+               "sampling", "train")
 
 __all__ = list(_SUBMODULES) + list(_WHERE)
 

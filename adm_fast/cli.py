@@ -18,7 +18,7 @@ COMMANDS = {
     "train": ("adm_fast.train.cli", "train a diffusion model (guided-diffusion's flags)"),
     "train-classifier": ("adm_fast.train.cli:main_classifier",
                          "train a noisy classifier (guided-diffusion's flags)"),
-    "sample": ("adm_fast.sample", "sample images, guided or not (guided-diffusion's flags)"),
+    "sample": ("adm_fast.sampling.cli", "sample images, guided or not (guided-diffusion's flags)"),
     "evaluate": ("adm_fast.evaluation.cli", "Inception Score, FID, sFID, Precision and Recall "
                  "of a sample batch, as guided-diffusion's evaluator"),
     "demo": ("adm_fast.demo.cli", "guided sampling on the shipped digits model: the "

@@ -126,7 +126,7 @@ def test_works_without_extensions():
 
 def test_step_codes_header_is_generated_from_the_python_table():
     """The C++/CUDA kernels read the mean/variance codes from csrc/step_codes.h,
-    generated from kernels/step_codes.py (the one definition)."""
+    generated from adm_fast/kernels/step_codes.py (the one definition)."""
     from adm_fast.kernels import step_codes
 
     assert (ROOT / "csrc" / "step_codes.h").read_text() == step_codes.header(), \

@@ -161,7 +161,7 @@ def test_sample_cli_on_shipped_weights_gives_digits(tmp_path, capsys, models):
     files. The judge read 19 of 20 as asked (0.95; 0.90 at 30 steps); with the
     files as they were before they said so (labels from 1000, linear schedule),
     none (0.0)."""
-    from adm_fast.sample import _parse
+    from adm_fast.sampling.cli import _parse
     from adm_fast.sampling.job import prepare
 
     classifier = os.path.join(experiment.WEIGHTS_DIR, "classifier.safetensors")

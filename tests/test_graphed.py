@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import adm_fast
-from adm_fast.sampling_api import sample_images
+from adm_fast.sampling.api import sample_images
 
 from conftest import DEVICE
 

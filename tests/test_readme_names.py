@@ -22,7 +22,7 @@ def _readme_names():
 
 def test_readme_finds_the_names_it_should():
     names = _readme_names()
-    for want in ("checkpoint.read_diffusion_flags", "sampling_api.sample_images",
+    for want in ("checkpoint.read_diffusion_flags", "sampling.sample_images",
                  "evaluation.Evaluator", "load_checkpoint"):
         assert want in names, names
     assert not any(n.startswith(("demo.", "kernels.")) for n in names), names  # python -m

@@ -11,7 +11,7 @@ import torch
 
 import adm_fast
 from adm_fast import cli
-from adm_fast.sampling_api import batch_seed, iter_batches, sample_images, to_uint8_nhwc
+from adm_fast.sampling.api import batch_seed, iter_batches, sample_images, to_uint8_nhwc
 from sample_helpers import CLOSING, make_checkpoints, npz, run, with_metadata  # noqa: F401
 
 @pytest.fixture(scope="module")
@@ -420,7 +420,7 @@ def test_grid_is_enlarged_to_a_readable_size(size, zoom):
 def test_png_of_16px_samples(ckpt, tmp_path):
     from PIL import Image
 
-    from adm_fast.sampling_api import save_samples
+    from adm_fast.sampling.api import save_samples
 
     images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
     written = save_samples(images, None, str(tmp_path))
@@ -433,7 +433,7 @@ def test_messages_never_land_inside_a_bar(ckpt, tmp_path, capsys, monkeypatch):
     ends it; the step bar leaves nothing behind."""
     import warnings
 
-    from adm_fast import sampling_api
+    from adm_fast.sampling import api as sampling_api
 
     real = sampling_api.to_uint8_nhwc
 

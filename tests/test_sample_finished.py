@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import adm_fast
-from adm_fast import sample as sample_cli
+from adm_fast.sampling import cli as sample_cli
 from adm_fast.diffusion import NonFiniteSampleError
 from adm_fast.sampling import files, shards
-from adm_fast.sampling_api import iter_batches, sample_images, save_samples
+from adm_fast.sampling.api import iter_batches, sample_images, save_samples
 from sample_helpers import make_checkpoints, npz, run
 
 NAME = "samples_5x8x8x3"

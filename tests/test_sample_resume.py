@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adm_fast import load_checkpoint, save_checkpoint
-from adm_fast import sample as sample_cli
+from adm_fast.sampling import cli as sample_cli
 from adm_fast.sampling import files, shards
 from sample_helpers import CLOSING, make_checkpoints, npz, run
 

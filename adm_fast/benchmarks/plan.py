@@ -12,7 +12,7 @@ UNet, the classifier's forward and its backward to x_t, the fused update —
 after one untraced warm-up step. The same step runs again as guided-diffusion
 computes it (the eager backend, NCHW), and once more as a CUDA graph would
 replay it. Then every Triton launch captured is compiled for sm_<arch>
-(kernels/aot.py). Printed: which implementation each op took, launches by
+(adm_fast/kernels/aot.py). Printed: which implementation each op took, launches by
 kind, what could stall or slow the GPU (host syncs, CPU tensors, layout
 copies, NCHW convolutions) and the roofline's prediction (roofline.py); with
 --json, all of it as JSON.

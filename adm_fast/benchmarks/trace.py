@@ -11,7 +11,7 @@ with these stand-ins, all stated in the plan:
     runs a backward, so guidance's `torch.autograd.grad` is walked here in
     Python instead (`python_grad`): the same backward nodes, called in a
     dependency order, with the same saved-tensor hooks;
-  * Triton launches are captured, not run (kernels/aot.py), with torch's
+  * Triton launches are captured, not run (adm_fast/kernels/aot.py), with torch's
     wrap_triton routing switched off so the launchers call the kernels
     directly, as they do outside torch.compile.
   * cuDNN's memory format for a convolution's outputs and SDPA's kernel

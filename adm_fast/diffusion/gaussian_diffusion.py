@@ -50,7 +50,7 @@ class LossType(enum.Enum):
 
 
 # The step ops' names for the model's parametrisation (their kernel codes:
-# kernels/step_codes.py).
+# adm_fast/kernels/step_codes.py).
 _MEAN = {ModelMeanType.EPSILON: "eps", ModelMeanType.START_X: "x_start",
          ModelMeanType.PREVIOUS_X: "x_prev"}
 _VAR = {ModelVarType.LEARNED: "learned", ModelVarType.LEARNED_RANGE: "learned_range",

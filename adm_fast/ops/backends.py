@@ -2,7 +2,7 @@
 
   eager   guided-diffusion's arithmetic, the reference; everywhere
   sdpa    torch's scaled_dot_product_attention; everywhere
-  triton  Triton kernels (kernels/): CUDA tensors, or CPU tensors in Triton's
+  triton  Triton kernels (adm_fast/kernels/): CUDA tensors, or CPU tensors in Triton's
           interpreter when TRITON_INTERPRET=1 was set before adm_fast was imported
   cpu     fused C++ kernels (csrc/cpu, the adm_fast._C_cpu extension)
   cuda    hand-written CUDA kernels (csrc/cuda, the adm_fast._C_cuda extension)

@@ -3,9 +3,9 @@ most of a UNet's arithmetic.
 
 The eager reference is guided-diffusion's computation, F.conv2d (oneDNN on a
 CPU, near the FMA peak here). The cpu implementation is Winograd's
-F(2×2, 3×3) (csrc/cpu/winograd.cpp): 16 products per 2×2 output tile and
+F(2×2, 3×3) (csrc/cpu/conv3x3_winograd.cpp): 16 products per 2×2 output tile and
 channel pair instead of 36, between transforms that only add, by blocks of
-tiles kept in cache, with its own AVX2+FMA product (csrc/cpu/small_gemm.cpp;
+tiles kept in cache, with its own AVX2+FMA product (csrc/cpu/conv3x3_gemm.cpp;
 a CPU without them gets torch's convolution from the same op).
 Its rounding differs from a direct convolution's: against an fp64
 convolution its max error ran from 0.35× to 2× oneDNN's, 1–6e-7 of the

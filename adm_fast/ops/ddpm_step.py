@@ -11,7 +11,7 @@ rows are (see GaussianDiffusion.step_coefs):
   7     nonzero  0 at t = 0 (no noise on the last step), else 1
 
 Implementations: eager (the reference: step_math, guided-diffusion's order of
-operations), triton (kernels/diffusion_step.py), cpu (csrc/cpu/diffusion_step.cpp),
+operations), triton (adm_fast/kernels/diffusion_step.py), cpu (csrc/cpu/diffusion_step.cpp),
 cuda (csrc/cuda/diffusion_step.cu). Gradients, when asked for, come from the
 reference under autograd.
 """
@@ -30,7 +30,7 @@ from .step_op import StepOp, check_args, promote
 ROWS = 8
 SIGNATURE = ("Tensor x, Tensor model_out, Tensor noise, Tensor coefs, Tensor? grad, "
              "str mean_type, str var_type, bool clip")
-# The native kernels take the types as codes (kernels/step_codes.py).
+# The native kernels take the types as codes (adm_fast/kernels/step_codes.py).
 NATIVE_SIGNATURE = ("Tensor x, Tensor model_out, Tensor noise, Tensor coefs, Tensor? grad, "
                     "int mean_type, int var_type, bool clip")
 

@@ -10,7 +10,7 @@ dtype; the scale-shift and SiLU then run in x's dtype.
 The fused kernels return (y, mean, rstd); their backward keeps only x, the
 per-(sample, group) mean and 1/std and the small vectors, and recomputes the
 normalised and activated values. Implementations: eager (the reference),
-triton (kernels/group_norm_act.py), cpu (csrc/cpu/group_norm_act.cpp), cuda
+triton (adm_fast/kernels/group_norm_act.py), cpu (csrc/cpu/group_norm_act.cpp), cuda
 (csrc/cuda/group_norm_act.cu).
 """
 

@@ -8,7 +8,7 @@ attention projections (conv1x1) and SDPA take it without copies; the guiding
 classifier, differentiated for its input at every step, gains too (a guided
 step 1.42x eager, against 1.33x with an NCHW classifier). CPU, training:
 channels_last too, where conv3x3's Winograd backward runs (∇x and the
-weights' gradient, csrc/cpu/winograd.cpp): the 64x64 UNet's training step
+weights' gradient, csrc/cpu/conv3x3_winograd.cpp): the 64x64 UNet's training step
 2325 ms channels_last, 3147 NCHW, 3386 eager, on an AVX2 EPYC; before that
 backward, oneDNN's NCHW weight gradient had the edge (2854 ms NCHW, 2900
 channels_last).

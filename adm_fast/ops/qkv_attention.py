@@ -12,7 +12,7 @@ softmax runs in fp32 and is cast back, the products run in qkv's dtype.
 
 Implementations: eager (the reference), sdpa (torch's
 scaled_dot_product_attention with the layout copies it needs), triton
-(kernels/qkv_attention.py: reads q, k, v in place, online softmax; returns
+(adm_fast/kernels/qkv_attention.py: reads q, k, v in place, online softmax; returns
 (out, lse) and its backward keeps only qkv, out and the per-row logsumexp,
 so training memory does not grow with T²).
 """
@@ -58,7 +58,7 @@ def reference(qkv: Tensor, num_heads: int, legacy: bool = True) -> Tensor:
 def channels_contiguous(qkv: Tensor) -> bool:
     """qkv is the [N, C, T] view of a channels_last map ([N, T, 3HC] in memory,
     what conv1x1 gives for channels_last input) rather than [N, 3HC, T] with
-    tokens contiguous. The kernels (kernels/qkv_attention.py, the same test)
+    tokens contiguous. The kernels (adm_fast/kernels/qkv_attention.py, the same test)
     write the output in that layout then."""
     return qkv.stride(1) == 1 and qkv.stride(2) != 1
 

@@ -2,7 +2,7 @@
 implementations (each step's spec, ddpm_step.py and ddim_step.py, gives its
 reference, its output-dtype rule and how its native kernel is called).
 
-Implementations: eager (the reference), triton (kernels/diffusion_step.py),
+Implementations: eager (the reference), triton (adm_fast/kernels/diffusion_step.py),
 cpu and cuda (csrc/*/diffusion_step.*). The kernels compute in fp32 from fp32
 coefficients and write fp32, cast where the step's dtype rule says otherwise
 (exact: only where x_0 is the model output itself), in x's layout (triton and

@@ -219,7 +219,7 @@ Tensor conv_from_u(const char* op, const Tensor& x, const Tensor& u, const Tenso
 }
 
 // y = conv2d(x, weight, bias, padding=1) for channels-last fp32 x [N, C, H, W]
-// and weight [O, C, 3, 3], by Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp).
+// and weight [O, C, 3, 3], by Winograd F(2x2, 3x3) (csrc/cpu/conv3x3_winograd.cpp).
 Tensor conv3x3_winograd_op(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias) {
   check_conv_x(kConvOp, x);
   check_conv_weight(kConvOp, weight, x.size(1));

@@ -51,7 +51,7 @@ void ddim_step(const float* x, const float* model_out, const float* noise, const
 // fp32 x [N, H, W, C] -> y [N, H, W, O], from U = G·w·Gᵀ in strips of 16
 // output channels, [16][S = ceil(O/16)][C][16] (zero past O), the layout the
 // products read (winograd_f23_weight, from w[o·so + c·sc + ky·sy + kx·sx]: any
-// layout of [O, C, 3, 3]); bias [O] or nullptr. csrc/cpu/winograd.cpp. Needs
+// layout of [O, C, 3, 3]); bias [O] or nullptr. csrc/cpu/conv3x3_winograd.cpp. Needs
 // has_avx2_fma().
 inline int64_t winograd_strips(int64_t O) { return (O + 15) / 16; }
 void winograd_f23_weight(const float* w, float* U, int64_t O, int64_t C, int64_t so,
@@ -72,7 +72,7 @@ void winograd_f23_conv(const float* x, const float* U, const float* bias, float*
 
 // c = a·b, fp32, a [M, K] and c [M, N] row-major, b in strips of 16 columns
 // [ceil(N/16)][K][16] (zero past N), one thread, AVX2+FMA
-// (csrc/cpu/small_gemm.cpp); has_avx2_fma(): whether this CPU runs it.
+// (csrc/cpu/conv3x3_gemm.cpp); has_avx2_fma(): whether this CPU runs it.
 bool has_avx2_fma();
 void small_gemm_strips(const float* a, const float* b, float* c, int64_t M, int64_t K,
                        int64_t N);

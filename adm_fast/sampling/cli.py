@@ -29,15 +29,15 @@ from typing import Dict
 
 import torch
 
-from .diffusion import NonFiniteSampleError
-from .ops import BackendNotSupported, current_backend, use_backend, use_preferred_layout
-from .sampling.files import OutputError
-from .sampling.job import Job, prepare
-from .sampling.progress import Progress
-from .sampling.flags import DEFAULTS, PROG, SCRIPT_DEFAULTS, InputError, build_parser
-from .sampling.shards import (RunBusy, RunFolder, RunMismatch, batch_count, file_identity,
+from ..diffusion import NonFiniteSampleError
+from ..ops import BackendNotSupported, current_backend, use_backend, use_preferred_layout
+from .files import OutputError
+from .job import Job, prepare
+from .progress import Progress
+from .flags import DEFAULTS, PROG, SCRIPT_DEFAULTS, InputError, build_parser
+from .shards import (RunBusy, RunFolder, RunMismatch, batch_count, file_identity,
                               prepare_out)
-from .sampling_api import iter_batches, sample_images, save_samples, write_png
+from .api import iter_batches, sample_images, save_samples, write_png
 
 __all__ = ["main", "build_parser", "sample_images", "save_samples"]
 
@@ -55,7 +55,7 @@ def _error(message: str) -> None:
 
 def _run_record(args: Dict, job: Job, device: torch.device, backend: str) -> Dict:
     """What determines the bytes of the samples (the manifest's "run")."""
-    from . import __version__
+    from .. import __version__
 
     return {"args": {k: v for k, v in sorted(args.items()) if k not in _NOT_IN_MANIFEST},
             "files": {k: file_identity(args[k])
@@ -68,7 +68,7 @@ def _open_folder(args, job: Job, world, backend: str, log):
     """Rank 0 checks --out and opens the run folder; every rank learns the
     outcome (an InputError on all ranks when it failed). Returns (folder,
     done): done when --out already holds this run's finished samples."""
-    from .train import distributed
+    from ..train import distributed
 
     size = job.model.image_size
     n, bs = args["num_samples"], args["batch_size"]
@@ -168,7 +168,7 @@ def _setup(args, explicit: Dict, world):
 
 def _execute(args, world, job: Job, backend: str, progress: Progress,
              folder: RunFolder) -> int:
-    from .train import distributed
+    from ..train import distributed
 
     start = time.perf_counter()
     try:
@@ -214,7 +214,7 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
-    from .train import distributed
+    from ..train import distributed
 
     try:
         args, explicit = _parse(argv)

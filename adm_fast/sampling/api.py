@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .diffusion import classifier_cond_fn, classifier_free_guidance
-from .models import SuperResModel
-from .sampling.base_samples import check_labels, check_low_res, load_base_samples
-from .sampling.classes import check_classes
-from .sampling.files import OutputExists, atomic_write, npz_members, write_npz
-from .sampling.grid import GRID_MAX_IMAGES, image_grid
-from .sampling.progress import Progress
-from .sampling.flags import MAX_BATCH_SIZE, SAMPLERS
+from ..diffusion import classifier_cond_fn, classifier_free_guidance
+from ..models import SuperResModel
+from .base_samples import check_labels, check_low_res, load_base_samples
+from .classes import check_classes
+from .files import OutputExists, atomic_write, npz_members, write_npz
+from .grid import GRID_MAX_IMAGES, image_grid
+from .progress import Progress
+from .flags import MAX_BATCH_SIZE, SAMPLERS
 
 
 __all__ = ["SAMPLERS", "GRID_MAX_IMAGES", "batch_seed", "check_low_res", "image_grid",
