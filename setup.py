@@ -74,7 +74,8 @@ except ImportError as e:  # the extensions need torch at build time
 # -ffp-contract=off: the step kernels must round as the eager step does (no FMA).
 # -fno-trapping-math: lets GCC turn the selects of the clamps and the SiLU into
 # vector blends (with trapping math it keeps them as branches and leaves the
-# loop scalar: SiLU ran 20x slower on an AVX2 EPYC); results are unchanged.
+# loop scalar, the SiLU many times slower: docs/performance.md); results are
+# unchanged.
 CXX_FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
              "-ffp-contract=off"]
 ext_modules = []

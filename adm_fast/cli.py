@@ -38,14 +38,12 @@ PARSERS = {
 
 # libgomp (torch's OpenMP on Linux) lets a worker spin 300,000 times after each
 # parallel region before it sleeps. On a core another process wants, that spin
-# takes the time slice the thread with the work needs. Beside two busy
-# processes on 2 cores, a guided step of bench sample's tiny layout took
-# 0.77-1.14 s for eager and 0.57-0.76 s for adm_fast by default, 0.47-0.70 s
-# and 0.35-0.54 s at 1,000-10,000 spins; the demo ran in 105 s instead of 181.
-# Idle, 10,000 spins measured within the noise of the default, where
-# OMP_WAIT_POLICY=PASSIVE (no spin) made both sides 1.6x slower. libgomp reads
-# it once, as torch loads it, so only a command, before importing torch, can
-# choose it; both sides of every comparison run in the one process.
+# takes the time slice the thread with the work needs. Beside busy processes,
+# 10,000 spins made guided steps (eager's and adm_fast's alike) and the demo
+# markedly faster than the default; idle, they are within its noise, while no
+# spin at all (OMP_WAIT_POLICY=PASSIVE) slows both sides (docs/performance.md).
+# libgomp reads it once, as torch loads it, so only a command, before importing
+# torch, can choose it; both sides of every comparison run in the one process.
 OPENMP_SPIN = "10000"
 
 

@@ -100,10 +100,10 @@ def sr_model_and_diffusion_defaults():
 # the largest any released guided-diffusion model uses). The highest is far
 # above every real config, so that only a typo or an edited file meets it, as
 # one line naming the limit, before anything is built: a file saying
-# num_res_blocks 3000 took a minute and a gigabyte to build its model before
-# its layout error, and diffusion_steps 1e12 asked numpy for 7 TiB. Script
-# flags and constructor arguments (adm_fast.config) share the table where they
-# share a name and meaning.
+# num_res_blocks 3000 spent a long time and much memory building its model
+# before its layout error (docs/performance.md), and diffusion_steps 1e12
+# asked numpy for 7 TiB. Script flags and constructor arguments
+# (adm_fast.config) share the table where they share a name and meaning.
 SIZE_LIMITS: Dict[str, Tuple[int, int, int]] = {
     "image_size": (1, 4096, 512),
     "large_size": (1, 4096, 512),

@@ -1,6 +1,6 @@
 """Image folders, listed and opened so that no file in them can hang or flood
-the process. Shared by training (train/data.py) and evaluation's folders
-(evaluation/batches.py).
+the process, and guided-diffusion's resize-and-crop. Shared by training
+(train/data.py) and evaluation's folders (evaluation/batches.py).
 
 What a folder may hold besides images, and what happens to it:
   - a special file named like an image (a FIFO, a device, a socket): opening a
@@ -29,10 +29,12 @@ import stat
 import warnings
 from typing import Iterator, List, Optional, Union
 
+import numpy as np
 from PIL import Image
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageFileError", "NotARegularFile",
-           "ImageTooLarge", "UnreadableImage", "list_image_files", "open_image", "read_rgb"]
+           "ImageTooLarge", "UnreadableImage", "list_image_files", "open_image", "read_rgb",
+           "fit_short_side", "center_crop_arr"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 # 8192x8192: far above any image ADM trains or evaluates on (ImageNet's largest
@@ -200,3 +202,20 @@ def _formats() -> List[str]:
 def _reason(e: BaseException) -> str:
     text = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def fit_short_side(img: Image.Image, short: int) -> Image.Image:
+    """`img` resized so that its shorter side is `short`, as guided-diffusion does."""
+    # Halving with BOX first is what guided-diffusion does for quality; the
+    # arithmetic (floor halving, Python round of each side) fixes output sizes.
+    while min(img.size) >= 2 * short:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.Resampling.BOX)
+    scale = short / min(img.size)
+    return img.resize(tuple(round(d * scale) for d in img.size), resample=Image.Resampling.BICUBIC)
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """Resize the shorter side to `image_size` and take the central square, [S, S, C] uint8."""
+    arr = np.asarray(fit_short_side(pil_image, image_size))
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]

@@ -11,14 +11,13 @@ weights are copied or reloaded, and guided-diffusion is never imported.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple, Type
 
 from torch import nn
 
-from .models import blocks, nn as adm_nn, unet
+from .models import blocks, fused, nn as adm_nn, unet
 
 # name -> (adm_fast class, attributes its forward needs)
-_BLOCKS: Dict[str, Tuple[Type[nn.Module], Tuple[str, ...]]] = {
+_BLOCKS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "GroupNorm32": (adm_nn.GroupNorm32, ("num_groups", "weight", "bias", "eps")),
     "ResBlock": (blocks.ResBlock, ("in_layers", "emb_layers", "out_layers", "skip_connection",
                                    "h_upd", "x_upd", "updown", "use_scale_shift_norm",
@@ -66,7 +65,7 @@ class NormActSequential(nn.Sequential):
     """A Sequential that starts with GroupNorm then SiLU: both in one fused op."""
 
     def forward(self, x):
-        x = adm_nn.norm_act(self[0], x)
+        x = fused.norm_act(self[0], x)
         for layer in list(self)[2:]:
             x = layer(x)
         return x
@@ -92,7 +91,7 @@ def patch(module: nn.Module) -> nn.Module:
     already run on the op layer and are returned unchanged. `model.patched`
     lists what was changed.
     """
-    changed: List[str] = []
+    changed: list[str] = []
     for name, m in list(module.named_modules()):
         before = type(m).__name__
         if _retype(m):

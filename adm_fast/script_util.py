@@ -103,32 +103,14 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
     embedding row classifier-free guidance needs, and num_classes (another;
     guided-diffusion fixes it at 1000) sizes the label embedding of a
     class-conditional model."""
+    flags = dict(locals())
     _check_sizes(image_size=image_size, num_channels=num_channels, num_res_blocks=num_res_blocks,
                  num_heads=num_heads, num_head_channels=num_head_channels,
                  num_heads_upsample=num_heads_upsample)
     mult = parse_channel_mult(channel_mult, image_size)
     rates = attention_downsample_rates(attention_resolutions, image_size)
     _check_sizes(num_channels=num_channels, channel_mult=mult, attention_resolutions=rates)
-    return UNetModel(
-        image_size=image_size,
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=6 if learn_sigma else 3,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=rates,
-        dropout=dropout,
-        channel_mult=mult,
-        num_classes=_num_classes(num_classes) if class_cond else None,
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_new_attention_order=use_new_attention_order,
-        null_class=null_class,
-    )
+    return _unet(UNetModel, flags, image_size, mult, rates)
 
 
 @_records_flags("classifier")
@@ -167,6 +149,7 @@ def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_
                     class_cond, use_checkpoint, attention_resolutions, num_heads,
                     num_head_channels, num_heads_upsample, use_scale_shift_norm, dropout,
                     resblock_updown, use_fp16, null_class=False, num_classes=NUM_CLASSES):
+    flags = dict(locals())
     _check_sizes(large_size=large_size, num_channels=num_channels, num_res_blocks=num_res_blocks,
                  num_heads=num_heads, num_head_channels=num_head_channels,
                  num_heads_upsample=num_heads_upsample)
@@ -174,25 +157,24 @@ def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_
         raise ValueError(f"small_size must be in (0, large_size={large_size}], got {small_size}")
     rates = attention_downsample_rates(attention_resolutions, large_size)
     _check_sizes(attention_resolutions=rates)
-    return SuperResModel(
-        image_size=large_size,
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=6 if learn_sigma else 3,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=rates,
-        dropout=dropout,
-        channel_mult=parse_channel_mult("", large_size, SR_CHANNEL_MULT, "large size"),
-        num_classes=_num_classes(num_classes) if class_cond else None,
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        null_class=null_class,
-    )
+    return _unet(SuperResModel, flags, large_size,
+                 parse_channel_mult("", large_size, SR_CHANNEL_MULT, "large size"), rates)
+
+
+# The script flags UNetModel (and SuperResModel) take under their own name.
+_UNET_AS_IS = ("num_res_blocks", "dropout", "use_checkpoint", "use_fp16", "num_heads",
+               "num_head_channels", "num_heads_upsample", "use_scale_shift_norm",
+               "resblock_updown", "use_new_attention_order", "null_class")
+
+
+def _unet(cls, flags: dict, image_size: int, channel_mult, rates):
+    """A UNetModel or SuperResModel from its checked script flags, with its
+    channel multipliers and attention downsample rates parsed."""
+    return cls(image_size=image_size, in_channels=3, model_channels=flags["num_channels"],
+               out_channels=6 if flags["learn_sigma"] else 3, attention_resolutions=rates,
+               channel_mult=channel_mult,
+               num_classes=_num_classes(flags["num_classes"]) if flags["class_cond"] else None,
+               **{k: flags[k] for k in _UNET_AS_IS if k in flags})
 
 
 def create_from_flags(kind: str, flags: dict):
@@ -221,11 +203,16 @@ def create_from_flags(kind: str, flags: dict):
     return fn(**{k: merged[k] for k in keys})
 
 
-def _diffusion(steps, learn_sigma, noise_schedule, use_kl, predict_xstart, rescale_timesteps,
-               rescale_learned_sigmas, timestep_respacing, **_):
+def _flags_of(fn, flags: dict) -> dict:
+    """The flags among `flags` that `fn` takes."""
+    return {k: flags[k] for k in inspect.signature(fn).parameters if k in flags}
+
+
+def _diffusion(diffusion_steps, learn_sigma, noise_schedule, use_kl, predict_xstart,
+               rescale_timesteps, rescale_learned_sigmas, timestep_respacing, **_):
     return create_gaussian_diffusion(
-        steps=steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
-        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
+        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule,
+        use_kl=use_kl, predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing)
 
 
@@ -237,17 +224,9 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
                                use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
                                use_new_attention_order, null_class=False,
                                num_classes=NUM_CLASSES):
+    flags = dict(locals())
     _check_sizes(diffusion_steps=diffusion_steps)  # before the model's memory
-    model = create_model(
-        image_size, num_channels, num_res_blocks, channel_mult=channel_mult,
-        learn_sigma=learn_sigma, class_cond=class_cond, use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions, num_heads=num_heads,
-        num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout,
-        resblock_updown=resblock_updown, use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order, null_class=null_class,
-        num_classes=num_classes)
-    return model, _diffusion(diffusion_steps, **locals())
+    return create_model(**_flags_of(create_model, flags)), _diffusion(**flags)
 
 
 def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_width,
@@ -257,12 +236,9 @@ def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_
                                     noise_schedule, timestep_respacing, use_kl, predict_xstart,
                                     rescale_timesteps, rescale_learned_sigmas,
                                     classifier_channel_mult="", num_classes=NUM_CLASSES):
+    flags = dict(locals())
     _check_sizes(diffusion_steps=diffusion_steps)  # before the model's memory
-    classifier = create_classifier(
-        image_size, classifier_use_fp16, classifier_width, classifier_depth,
-        classifier_attention_resolutions, classifier_use_scale_shift_norm,
-        classifier_resblock_updown, classifier_pool, classifier_channel_mult, num_classes)
-    return classifier, _diffusion(diffusion_steps, **locals())
+    return create_classifier(**_flags_of(create_classifier, flags)), _diffusion(**flags)
 
 
 def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigma, num_channels,
@@ -272,13 +248,6 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
                                   predict_xstart, rescale_timesteps, rescale_learned_sigmas,
                                   use_checkpoint, use_scale_shift_norm, resblock_updown,
                                   use_fp16, null_class=False, num_classes=NUM_CLASSES):
+    flags = dict(locals())
     _check_sizes(diffusion_steps=diffusion_steps)  # before the model's memory
-    model = sr_create_model(
-        large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma,
-        class_cond=class_cond, use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions, num_heads=num_heads,
-        num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout,
-        resblock_updown=resblock_updown, use_fp16=use_fp16, null_class=null_class,
-        num_classes=num_classes)
-    return model, _diffusion(diffusion_steps, **locals())
+    return sr_create_model(**_flags_of(sr_create_model, flags)), _diffusion(**flags)

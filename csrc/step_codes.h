@@ -14,4 +14,23 @@ constexpr int kVarLearnedRange = 1;
 constexpr int kVarFixed = 2;
 constexpr int kVarTypes = 3;
 
+constexpr int kDdpmA = 0;
+constexpr int kDdpmB = 1;
+constexpr int kDdpmC1 = 2;
+constexpr int kDdpmC2 = 3;
+constexpr int kDdpmLo = 4;
+constexpr int kDdpmHi = 5;
+constexpr int kDdpmVar = 6;
+constexpr int kDdpmNonzero = 7;
+constexpr int kDdpmRows = 8;
+
+constexpr int kDdimA = 0;
+constexpr int kDdimB = 1;
+constexpr int kDdimRecip = 2;
+constexpr int kDdimRecipm1 = 3;
+constexpr int kDdimAlphaBar = 4;
+constexpr int kDdimAlphaBarPrev = 5;
+constexpr int kDdimNonzero = 6;
+constexpr int kDdimRows = 7;
+
 }  // namespace adm_fast

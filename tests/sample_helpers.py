@@ -7,6 +7,7 @@ import torch
 
 import adm_fast
 from adm_fast import cli
+from adm_fast.sampling import shards
 from adm_fast.checkpoint import read_state_dict
 
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
@@ -110,3 +111,18 @@ def run(capsys, *args):
 def npz(path):
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
+
+
+def stop_after(monkeypatch, batches, exc):
+    """Make the run fail (exc) when it is about to write its batches+1-th shard;
+    returns the batch indices it was asked to write, in order."""
+    real, calls = shards.RunFolder.write, []
+
+    def write(self, b, images, labels):
+        calls.append(b)
+        if len(calls) > batches:
+            raise exc
+        real(self, b, images, labels)
+
+    monkeypatch.setattr(shards.RunFolder, "write", write)
+    return calls

@@ -9,7 +9,7 @@ import torch
 
 from adm_fast.benchmarks import train as bench_train
 from adm_fast.benchmarks.saved_bytes import SavedBytes
-from conftest import CPU_EXT
+from helpers import CPU_EXT
 
 
 def test_counts_saved_input_and_excludes_parameter():

@@ -8,7 +8,7 @@ import torch
 
 import adm_fast
 from adm_fast import presets
-from conftest import build_case, load_case, rel_err, run_case
+from helpers import build_case, load_case, rel_err, run_case
 
 UNET = "unet_cond_scaleshift_legacyattn"
 

@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 import adm_fast
+import adm_fast.io
 from adm_fast import checkpoint as ckpt
 from adm_fast.checkpoint import CheckpointError, DiskFullError
-from conftest import load_case
+from adm_fast.checkpoint.build import CONFIG_SCHEMA, MODEL_CLASSES, least_size
+from helpers import load_case
 
 DEMO = Path(adm_fast.__file__).parent / "demo" / "weights" / "diffusion.safetensors"
 FLAGS = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
@@ -400,10 +402,63 @@ def test_the_least_size_is_below_every_preset():
     model: its bound is below every released model's size."""
     for name in adm_fast.presets.names():
         model = adm_fast.presets.get(name).build(device="meta")
-        least, tensors = ckpt._least_size(model.config)
+        least, tensors = least_size(model.config)
         sd = model.state_dict()
         assert least <= sum(v.numel() for v in sd.values()) and tensors <= len(sd), name
-    assert ckpt._least_size(_model().config) == (63_104, 24)  # the file: 704,006 in 129
+    assert least_size(_model().config) == (63_104, 24)  # the file: 704,006 in 129
+
+
+def test_the_config_schema_covers_every_constructor_argument():
+    """Each argument adm_fast.config may hold is typed in the schema: a new
+    constructor argument without a type there would be refused in every file."""
+    import inspect
+
+    for name, cls in MODEL_CLASSES.items():
+        init = (adm_fast.UNetModel if cls is adm_fast.SuperResModel else cls).__init__
+        params = set(inspect.signature(init).parameters) - {"self"}
+        assert set(CONFIG_SCHEMA[name]) == params, name
+
+
+def test_sample_opens_each_checkpoint_once(tmp_path, monkeypatch):
+    """adm-fast sample reads each checkpoint file once: what it reads to tell
+    the model apart (tensors and metadata, both verified, and the file's
+    identity for the run record) is what the model is built and loaded from."""
+    import collections
+
+    import safetensors
+
+    from adm_fast import cli
+
+    flags = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                 attention_resolutions="4", learn_sigma=True, use_scale_shift_norm=True)
+    model = tmp_path / "model.pt"  # guided-diffusion's format: no metadata
+    torch.save(adm_fast.create_model(**flags).state_dict(), model)
+    classifier = tmp_path / "classifier.safetensors"
+    adm_fast.save_checkpoint(adm_fast.create_classifier(
+        image_size=8, classifier_use_fp16=False, classifier_width=32, classifier_depth=1,
+        classifier_attention_resolutions="4", classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True, classifier_pool="attention",
+        classifier_channel_mult="1,2"), classifier,
+        diffusion={**adm_fast.diffusion_defaults(), "diffusion_steps": 50})
+    watched = {str(model), str(classifier)}
+    opened = collections.Counter()
+
+    def counting(real):
+        def open_(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) in watched:
+                opened[os.path.basename(file)] += 1
+            return real(file, *args, **kwargs)
+        return open_
+
+    monkeypatch.setattr(builtins, "open", counting(builtins.open))
+    monkeypatch.setattr(safetensors, "safe_open", counting(safetensors.safe_open))
+    argv = ["sample", "--no-progress", "--device", "cpu", "--model_path", str(model),
+            "--classifier_path", str(classifier), "--num_samples", "1",
+            "--timestep_respacing", "2", "--out", str(tmp_path / "out")]
+    for k, v in flags.items():
+        argv += [f"--{k}", str(v)]
+    assert cli.main(argv) == 0
+    assert opened == {"model.pt": 1, "classifier.safetensors": 1}, opened
 
 
 def test_nested_metadata_in_a_mismatch_message(tmp_path):
@@ -481,7 +536,7 @@ def test_sample_cli_reports_the_mismatch_in_a_few_lines():
 # --- writes that fail ------------------------------------------------------------
 
 def _full_disk(monkeypatch, after=100):
-    """open() in adm_fast.checkpoint gives files that fail with ENOSPC after `after` bytes."""
+    """open() in adm_fast.io gives files that fail with ENOSPC after `after` bytes."""
     class Full:
         def __init__(self, f):
             self.f, self.n = f, 0
@@ -501,7 +556,7 @@ def _full_disk(monkeypatch, after=100):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(ckpt, "open", lambda *a, **k: Full(builtins.open(*a, **k)),
+    monkeypatch.setattr(adm_fast.io, "open", lambda *a, **k: Full(builtins.open(*a, **k)),
                         raising=False)
 
 

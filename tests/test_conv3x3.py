@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from adm_fast import ops
 from adm_fast.ops.conv3x3 import NATIVE, NATIVE_WEIGHT_GRAD
-from conftest import rel_err
+from helpers import rel_err
 
 SHAPES = [  # N, C, H, W, O: ADM res-block convs, then odd sizes and channel counts;
     # the kernel takes maps whose V and M exceed 4 MiB by blocks of tiles (the
@@ -137,8 +137,14 @@ def test_weights_in_any_layout(layout):
     assert rel_err(y, ref) <= 4 * max(rel_err(F.conv2d(x, w, b, padding=1), ref), 2 ** -23)
 
 
-def test_model_convs_go_through_the_op_under_auto_only():
-    from adm_fast.ops.conv3x3 import CONV3X3, conv, is_conv3x3
+def test_model_convs_go_through_the_op_under_auto_or_a_per_op_setting():
+    """A model's 3x3 convs take the conv3x3 op under auto or a setting that
+    names conv3x3; a backend chosen for every op leaves them to the module,
+    unlike the other ops (adm_fast.models.fused.apply_conv says why: conv3x3
+    has no triton, cuda or sdpa implementation, and such a setting names the
+    fused ops)."""
+    from adm_fast.models.fused import apply_conv, is_conv3x3
+    from adm_fast.ops.conv3x3 import CONV3X3
     from torch import nn
     c3, strided = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
     assert is_conv3x3(c3) and not is_conv3x3(strided) and not is_conv3x3(nn.Conv2d(8, 8, 1))
@@ -149,13 +155,17 @@ def test_model_convs_go_through_the_op_under_auto_only():
     CONV3X3._decisions.clear()
     try:
         with torch.no_grad():
-            with ops.use_backend("eager"):
-                assert torch.equal(conv(c3, x), c3(x))
+            for every_op in ("eager", "cpu"):
+                with ops.use_backend(every_op):
+                    assert torch.equal(apply_conv(c3, x), c3(x))
             assert not seen
             with ops.use_backend("auto"):
-                assert rel_err(conv(c3, x), c3(x)) <= 1e-6
-                assert torch.equal(conv(strided, x), strided(x))
+                assert rel_err(apply_conv(c3, x), c3(x)) <= 1e-6
+                assert torch.equal(apply_conv(strided, x), strided(x))
             assert len(seen) == 1
+            with ops.use_backend({"conv3x3": "eager"}):
+                assert torch.equal(apply_conv(c3, x), c3(x))
+            assert len(seen) == 2
     finally:
         del CONV3X3.decide
         CONV3X3._decisions.clear()

@@ -12,7 +12,7 @@ import torch
 
 from adm_fast import ops
 from adm_fast.ops import use_backend
-from conftest import CPU_EXT
+from helpers import CPU_EXT
 
 pytestmark = pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
 

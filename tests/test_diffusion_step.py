@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adm_fast import ops
+from helpers import CPU_EXT, DEVICE, REF, assert_lowp_close, launched_pointers, poisoned, rel_err
 
 X = torch.randn(2, 3, 4, 4)
 
@@ -60,8 +61,6 @@ def test_steps_are_registered_and_explained():
 import adm_fast  # noqa: E402
 from adm_fast.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType  # noqa: E402
 from adm_fast.diffusion import get_named_beta_schedule  # noqa: E402
-from conftest import (CPU_EXT, DEVICE, REF, assert_lowp_close, launched_pointers,  # noqa: E402
-                      poisoned, rel_err)
 
 STEPS_ON_TRITON = {"ddpm_step": "triton", "ddim_step": "triton"}
 FUSED = ["triton"] + (["cpu"] if CPU_EXT and DEVICE == "cpu" else []) + (

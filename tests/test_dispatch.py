@@ -5,7 +5,7 @@ import torch
 
 import adm_fast
 from adm_fast import ops
-from conftest import CPU_EXT
+from helpers import CPU_EXT
 
 
 class Fp64Only(ops.Impl):
@@ -82,9 +82,8 @@ def test_use_backend_nests_and_env(monkeypatch):
     monkeypatch.setenv("ADM_FAST_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="unknown adm_fast backend 'cuda-magic'; known: auto, .*eager"):
         ops.current_backend()
-    with pytest.raises(ValueError, match="unknown adm_fast backend"):
-        with adm_fast.use_backend("nope"):
-            pass
+    with pytest.raises(ValueError, match="unknown adm_fast backend"), adm_fast.use_backend("nope"):
+        pass
 
 
 def test_measured_preferences_order_auto():
@@ -143,3 +142,28 @@ def test_layouts_are_checked_as_declared_and_info_says_them():
         for backend, impl in op.impls.items():
             assert impl.layouts_accepted() in lines[backend], (name, backend)
     assert "NCHW-contiguous" not in text
+
+
+def test_the_op_layer_reads_its_registry():
+    """What the op layer lists comes from the registry: each op's eager
+    implementation is its reference, the triton backend imports the modules
+    its implementations name, the per-op benchmarks and the AOT launch list
+    follow the ops' spec files."""
+    from adm_fast.benchmarks import aot
+    from adm_fast.benchmarks.cli import op_benchmarks
+    from adm_fast.ops.backends import TRITON, TritonImpl
+    from adm_fast.ops.op import ReferenceImpl
+
+    triton_modules = set()
+    for op in ops.ops().values():
+        assert isinstance(op.impls["eager"], ReferenceImpl), op.name
+        impl = op.impls.get("triton")
+        if impl is not None:
+            assert isinstance(impl, TritonImpl) and impl.module == op.family, op.name
+            triton_modules.add(impl.module)
+    assert triton_modules <= set(TRITON.modules)
+    assert set(aot.CASES) == set(TRITON.modules)
+    families = {op.family for op in ops.ops().values()}
+    assert set(op_benchmarks()) == families
+    assert families == {"conv3x3", "diffusion_step", "group_norm_act", "qkv_attention"}
+    assert ops.DDPM_STEP.family == ops.DDIM_STEP.family == "diffusion_step"

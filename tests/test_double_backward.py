@@ -7,7 +7,7 @@ import torch
 
 from adm_fast import ops
 from adm_fast.ops import use_backend
-from conftest import CPU_EXT, rel_err
+from helpers import CPU_EXT, rel_err
 
 
 def _penalty_grad(setting, fn, leaves):

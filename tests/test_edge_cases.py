@@ -13,7 +13,7 @@ import torch
 
 import adm_fast
 from adm_fast import ops
-from conftest import CPU_EXT
+from helpers import CPU_EXT
 
 
 def _survives(code: str):

@@ -17,7 +17,7 @@ from adm_fast.evaluation import (EvaluationError, Evaluator, feature_statistics,
                                  pairwise_distances, precision_recall, random_weights)
 from adm_fast.evaluation import network
 from adm_fast.evaluation.batches import folder_images, read_stats
-from adm_fast.train.data import center_crop_arr
+from adm_fast.image_files import center_crop_arr
 
 
 def _spd(rng, d, floor=0.1):

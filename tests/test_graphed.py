@@ -7,7 +7,7 @@ import torch
 import adm_fast
 from adm_fast.sampling.api import sample_images
 
-from conftest import DEVICE
+from helpers import DEVICE
 
 
 def _models():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adm_fast import ops
-from conftest import rel_err
+from helpers import CPU_EXT, DEVICE, assert_lowp_close, launched_pointers, poisoned, rel_err
 
 
 def gn_act_fp64(x, g, w, b, scale, shift, eps, act):
@@ -80,7 +80,6 @@ def test_group_norm_act_bad_inputs(kw, err, match):
 # --- the Triton kernels ------------------------------------------------------------
 
 from adm_fast import use_backend  # noqa: E402
-from conftest import CPU_EXT, DEVICE, assert_lowp_close, launched_pointers, poisoned  # noqa: E402
 
 
 def make_inputs(shape, mode, dtype, channels_last=False, device=DEVICE):

@@ -15,7 +15,7 @@ import pytest
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_compile_for_hopper_and_ampere():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "adm_fast.kernels.aot"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "adm_fast.benchmarks.aot"], env=env,
                           capture_output=True, text=True, timeout=900)
     print(proc.stdout[-6000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -30,7 +30,7 @@ def test_allowed_spills_are_fp32_attention_past_head_dim_128():
     launchers pass them by position): it allows the fp32 hd192/256 attention
     kernels with the three-product dots and no other (bench plan uses it too)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from adm_fast.kernels import aot\n"
+    code = ("from adm_fast.benchmarks import aot\n"
             "for l in aot.representative_launches(90):\n"
             "    if aot.spill_allowed(l):\n"
             "        print(l.case, l.kernel.fn.__name__)\n")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import adm_fast
-from conftest import (CPU_EXT, DEVICE, NUMERIC_CASES, assert_grads_close, build_case,
-                      case_inputs, load_case, rel_err)
+from helpers import (CPU_EXT, DEVICE, NUMERIC_CASES, assert_grads_close, build_case,
+                     case_inputs, load_case, rel_err)
 
 def _forward_and_grads(model, case, batch):
     """Output, input gradient and parameter gradients on the first `batch` samples."""
@@ -65,7 +65,7 @@ def test_reference_models_sample_through_winograd(name, monkeypatch):
     within 2x of the eager path's own distance from them (it was 0.75-0.8x)."""
     from adm_fast.ops.conv3x3 import CONV3X3
     case = load_case(name)
-    model = adm_fast.ops.use_preferred_layout(build_case(case), torch.device("cpu"))
+    model = adm_fast.models.use_preferred_layout(build_case(case), torch.device("cpu"))
     calls = []
     cpu = CONV3X3.impls["cpu"]
     monkeypatch.setattr(cpu, "forward", lambda *a, f=cpu.forward: calls.append(1) or f(*a))

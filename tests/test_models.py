@@ -7,7 +7,7 @@ import torch
 
 import adm_fast
 from adm_fast.models import timestep_embedding
-from conftest import build_case, load_case
+from helpers import build_case, load_case
 
 SMALL = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
              attention_resolutions="16", num_head_channels=16)

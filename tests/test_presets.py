@@ -7,7 +7,7 @@ import torch
 
 import adm_fast
 from adm_fast import presets
-from conftest import MANIFESTS, REF
+from helpers import MANIFESTS, REF
 
 
 def manifest(name):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adm_fast import ops
-from conftest import rel_err
+from helpers import DEVICE, assert_lowp_close, launched_pointers, poisoned, rel_err
 
 
 def attention_fp64(qkv, heads, legacy):
@@ -50,7 +50,6 @@ def test_qkv_attention_bad_inputs(qkv, heads, err, match):
 # --- the Triton kernels and the SDPA backend -------------------------------------------
 
 import adm_fast  # noqa: E402
-from conftest import DEVICE, assert_lowp_close, poisoned  # noqa: E402
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 # T: 8², 8² + the pooled token, 16², and 32² (batch 1, one layout per head dim to
@@ -150,7 +149,6 @@ def test_triton_rejects_strided_tokens_clearly():
 
 from adm_fast.ops.impl import layout_of  # noqa: E402
 from adm_fast.ops.qkv_attention import QKV_ATTENTION  # noqa: E402
-from conftest import launched_pointers  # noqa: E402
 
 
 def channels_last_1d(t):

@@ -8,7 +8,7 @@ import torch
 
 import adm_fast
 from adm_fast.benchmarks.saved_bytes import SavedBytes
-from conftest import CPU_EXT
+from helpers import CPU_EXT
 
 pytestmark = pytest.mark.skipif(not CPU_EXT, reason="needs the CPU extension (a fused backend)")
 FUSED = {"group_norm_act": "cpu"}
@@ -110,7 +110,7 @@ def test_guidance_rebuilds_nothing_in_backward(backend):
                                      classifier_resblock_updown=True, classifier_pool="attention",
                                      classifier_channel_mult="1,2")
     clf.eval()
-    adm_fast.ops.use_preferred_layout(clf, "cpu")
+    adm_fast.models.use_preferred_layout(clf, "cpu")
     x = torch.randn(2, 3, 16, 16) + 0.3
     t = torch.tensor([5, 600])
     cond_fn = adm_fast.classifier_cond_fn(clf, 1.0)
@@ -167,7 +167,7 @@ def test_nothing_kept_out_of_sight(layout):
     view of the norm's output, through a matmul) is rebuilt or counted."""
     model, x, t, y = _unet()
     if layout == "channels_last":
-        adm_fast.ops.use_preferred_layout(model, "cpu", training=True)
+        adm_fast.models.use_preferred_layout(model, "cpu", training=True)
     saved_r, held_r, grads_r = _held_step(model, x, t, y, FUSED)
     assert _close(held_r, saved_r), (held_r, saved_r)
     adm_fast.ops.set_norm_act_recompute(False)
@@ -188,7 +188,7 @@ def test_auto_keeps_the_recipe_where_it_would_take_the_eager_norm(monkeypatch):
     for the norm stays eager."""
     gn = adm_fast.ops.GROUP_NORM_ACT
     model, x, t, y = _unet()
-    adm_fast.ops.use_preferred_layout(model, "cpu", training=True)
+    adm_fast.models.use_preferred_layout(model, "cpu", training=True)
     saved_k, held_k, grads_k = _held_step(model, x, t, y, FUSED)
     decided = gn.checked_decision
 
@@ -226,7 +226,7 @@ def test_dropout_drops_what_eager_drops_and_keeps_a_bool_mask():
                                   resblock_updown=True, use_scale_shift_norm=True, dropout=0.3)
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.02)
-    fast = adm_fast.ops.use_preferred_layout(copy.deepcopy(model), "cpu", training=True)
+    fast = adm_fast.models.use_preferred_layout(copy.deepcopy(model), "cpu", training=True)
     _, x, t, y = _unet()
     results = {}
     for name, m, backend in (("eager", model, "eager"), ("fused", fast, FUSED)):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adm_fast
-from conftest import REF, rel_err
+from helpers import REF, rel_err
 
 CASES = sorted(p.stem for p in (REF / "diffusion").glob("*.pt"))
 TOL = 1e-5

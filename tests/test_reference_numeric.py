@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adm_fast
-from conftest import NUMERIC_CASES, build_case, case_inputs, load_case, rel_err, run_case
+from helpers import NUMERIC_CASES, build_case, case_inputs, load_case, rel_err, run_case
 
 TOL = 1e-5
 

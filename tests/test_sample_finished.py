@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 import adm_fast
+from adm_fast import io
 from adm_fast.sampling import cli as sample_cli
 from adm_fast.diffusion import NonFiniteSampleError
-from adm_fast.sampling import files, shards
+from adm_fast.sampling import shards
 from adm_fast.sampling.api import iter_batches, sample_images, save_samples
-from sample_helpers import make_checkpoints, npz, run
+from sample_helpers import make_checkpoints, npz, run, stop_after
 
 NAME = "samples_5x8x8x3"
 
@@ -121,7 +122,7 @@ def test_save_samples_keeps_a_file_unless_overwrite(tmp_path):
     second = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
     written = save_samples(first, None, str(tmp_path))
     data = open(written["npz"], "rb").read()
-    with pytest.raises(files.OutputExists, match="is already there: pass overwrite=True"):
+    with pytest.raises(io.OutputExists, match="is already there: pass overwrite=True"):
         save_samples(second, None, str(tmp_path))
     assert open(written["npz"], "rb").read() == data
     assert sorted(os.listdir(tmp_path)) == ["samples_3x4x4x3.npz", "samples_3x4x4x3.png"]
@@ -136,8 +137,8 @@ def test_no_clobber_write_keeps_a_file_that_appears_meanwhile(tmp_path):
         target.write_bytes(b"another writer's")  # appears while this one writes
         f.write(b"mine")
 
-    with pytest.raises(files.OutputExists):
-        files.atomic_write(str(target), write, replace=False)
+    with pytest.raises(io.OutputExists):
+        io.atomic_write(str(target), write, replace=False)
     assert target.read_bytes() == b"another writer's"
     assert os.listdir(tmp_path) == ["x.npz"]
 
@@ -190,16 +191,8 @@ def test_a_second_process_is_refused_while_one_samples(ckpt, tmp_path, capsys, m
     fcntl = pytest.importorskip("fcntl")
     rc, _, err = run(capsys, *flags(ckpt), "--out", tmp_path / "ref")
     assert rc == 0, err
-    real, calls = shards.RunFolder.write, []
-
-    def write(self, b, images, labels):
-        calls.append(b)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        real(self, b, images, labels)
-
     with monkeypatch.context() as m:
-        m.setattr(shards.RunFolder, "write", write)
+        stop_after(m, 1, KeyboardInterrupt())
         assert run(capsys, *flags(ckpt), "--out", tmp_path)[0] == 130
     parts = tmp_path / f"{NAME}.parts"
     before = _listing(tmp_path)
@@ -247,15 +240,7 @@ def test_a_million_batches_are_never_listed(ckpt, tmp_path, capsys, monkeypatch)
     """--num_samples 1000000 --batch_size 1, stopped at its second batch: the
     Python objects allocated stay far below one per batch (a list and a set of
     a million indices took over 70 MB)."""
-    real, calls = shards.RunFolder.write, []
-
-    def write(self, b, images, labels):
-        calls.append(b)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        real(self, b, images, labels)
-
-    monkeypatch.setattr(shards.RunFolder, "write", write)
+    calls = stop_after(monkeypatch, 1, KeyboardInterrupt())
     tracemalloc.start()
     try:
         rc, _, err = run(capsys, "--model_path", ckpt[0]["uncond"], "--timestep_respacing", 1,

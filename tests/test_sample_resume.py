@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from adm_fast import load_checkpoint, save_checkpoint
+from adm_fast import io, load_checkpoint, save_checkpoint
 from adm_fast.sampling import cli as sample_cli
-from adm_fast.sampling import files, shards
-from sample_helpers import CLOSING, make_checkpoints, npz, run
+from adm_fast.sampling import shards
+from adm_fast.sampling.npz import write_npz
+from sample_helpers import CLOSING, make_checkpoints, npz, run, stop_after
 
 NAME = "samples_5x8x8x3"
 
@@ -44,19 +45,6 @@ class _Capture:
 
     def readouterr(self):
         return "", ""
-
-
-def stop_after(monkeypatch, batches, exc):
-    """Make the run fail (exc) when it is about to write its batches+1-th shard."""
-    real, calls = shards.RunFolder.write, []
-
-    def write(self, b, images, labels):
-        calls.append(b)
-        if len(calls) > batches:
-            raise exc
-        real(self, b, images, labels)
-
-    monkeypatch.setattr(shards.RunFolder, "write", write)
 
 
 def same_as_reference(out, reference):
@@ -134,7 +122,7 @@ def test_unwritable_out_is_refused_before_sampling(ckpt, tmp_path, capsys, monke
     assert rc == 2 and f"--out {tmp_path}/new: cannot create the folder (permission denied" \
         in err, err
     with monkeypatch.context() as m:
-        m.setattr(shards, "open", denied, raising=False)
+        m.setattr(shards, "probe_write", denied)
         rc, _, err = run(capsys, *flags(ckpt), "--out", tmp_path)
     assert rc == 2 and f"--out {tmp_path} is not writable (permission denied" in err, err
 
@@ -225,8 +213,8 @@ def test_atomic_write_removes_its_temporary_on_failure(tmp_path):
         f.write(b"partial")
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
 
-    with pytest.raises(files.OutputError, match=f"disk quota exceeded writing {target}"):
-        files.atomic_write(str(target), fail)
+    with pytest.raises(io.OutputError, match=f"disk quota exceeded writing {target}"):
+        io.atomic_write(str(target), fail)
     assert os.listdir(tmp_path) == []
 
 
@@ -240,7 +228,7 @@ def test_npz_bytes_do_not_depend_on_the_clock_or_the_chunks(tmp_path, monkeypatc
     for i, chunks in enumerate(([images], [images[:3], images[3:]])):
         monkeypatch.setattr(time, "time", lambda: 1e9 + 1e6 * i)
         path = tmp_path / f"{i}.npz"
-        files.atomic_write(str(path), lambda f: files.write_npz(
+        io.atomic_write(str(path), lambda f: write_npz(
             f, [("arr_0", np.uint8, images.shape, chunks),
                 ("arr_1", np.int64, labels.shape, [labels])]))
         out.append(path.read_bytes())
@@ -249,5 +237,5 @@ def test_npz_bytes_do_not_depend_on_the_clock_or_the_chunks(tmp_path, monkeypatc
     np.testing.assert_array_equal(got["arr_0"], images)
     np.testing.assert_array_equal(got["arr_1"], labels)
     with pytest.raises(ValueError, match="chunks hold 3 rows"):
-        files.write_npz(open(tmp_path / "bad.npz", "wb"),
-                        [("arr_0", np.uint8, images.shape, [images[:3]])])
+        write_npz(open(tmp_path / "bad.npz", "wb"),
+                  [("arr_0", np.uint8, images.shape, [images[:3]])])

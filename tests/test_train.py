@@ -12,7 +12,7 @@ import adm_fast
 import adm_fast.cli
 from adm_fast.checkpoint import read_state_dict
 from adm_fast.train import make_image_folder, train
-from adm_fast.train.distributed import World
+from adm_fast.distributed import World
 from adm_fast.train.state import find_latest
 from adm_fast.train.tasks import ClassifierTrainLoop, DiffusionTrainLoop
 

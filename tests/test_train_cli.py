@@ -146,7 +146,7 @@ def test_a_full_disk_is_one_line(four_classes, tmp_path, capsys, monkeypatch):
     assert adm_fast.cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"adm-fast train: error: disk full: cannot write {tmp_path}"), err
-    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
 def test_a_full_disk_while_logging_says_so(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from adm_fast.image_files import center_crop_arr
 from adm_fast.train import data as D
 from adm_fast.train.data import DataError
 
@@ -106,34 +107,34 @@ def test_classes_mapping_for_a_validation_folder(tmp_path):
 
 @pytest.mark.parametrize("w,h", [(50, 37), (37, 50), (16, 16), (17, 200), (300, 100)])
 def test_center_crop_shape(w, h):
-    arr = D.center_crop_arr(_img(w, h), 16)
+    arr = center_crop_arr(_img(w, h), 16)
     assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
 
 
 def test_center_crop_properties():
     img = _img(32, 32)
-    assert np.array_equal(D.center_crop_arr(img, 32), np.asarray(img))
+    assert np.array_equal(center_crop_arr(img, 32), np.asarray(img))
     # Twice the size: exactly one BOX halving, no resampling after it.
     big = _img(64, 64, seed=1)
-    assert np.array_equal(D.center_crop_arr(big, 32),
+    assert np.array_equal(center_crop_arr(big, 32),
                           np.asarray(big.resize((32, 32), Image.Resampling.BOX)))
     # Four times: two successive halvings (which round differently from one 4x BOX).
     huge = _img(128, 128, seed=2)
     twice = huge.resize((64, 64), Image.Resampling.BOX).resize((32, 32), Image.Resampling.BOX)
-    assert np.array_equal(D.center_crop_arr(huge, 32), np.asarray(twice))
+    assert np.array_equal(center_crop_arr(huge, 32), np.asarray(twice))
     assert not np.array_equal(np.asarray(twice),
                               np.asarray(huge.resize((32, 32), Image.Resampling.BOX)))
     # Non-square 2x: one halving, then the centred window.
     wide = _img(82, 64, seed=3)  # floor halving: 41x32, then offset (41-32)//2 = 4
     half = np.asarray(wide.resize((41, 32), Image.Resampling.BOX))
-    assert np.array_equal(D.center_crop_arr(wide, 32), half[:, 4:36])
+    assert np.array_equal(center_crop_arr(wide, 32), half[:, 4:36])
     tall = _img(64, 81, seed=4)  # floor halving: 32x40, then offset 4 vertically
     half = np.asarray(tall.resize((32, 40), Image.Resampling.BOX))
-    assert np.array_equal(D.center_crop_arr(tall, 32), half[4:36])
+    assert np.array_equal(center_crop_arr(tall, 32), half[4:36])
     # 3x: one halving (48 < 2*32), then BICUBIC 48 -> 32.
     three = _img(96, 96, seed=5)
     ref = three.resize((48, 48), Image.Resampling.BOX).resize((32, 32), Image.Resampling.BICUBIC)
-    assert np.array_equal(D.center_crop_arr(three, 32), np.asarray(ref))
+    assert np.array_equal(center_crop_arr(three, 32), np.asarray(ref))
 
 
 def test_random_crop_is_seeded_and_in_bounds():
@@ -160,7 +161,7 @@ def test_items_shape_dtype_range_and_scaling(tmp_path):
     x, cond = ds[1]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     assert cond["y"].dtype == torch.int64 and cond["y"].shape == ()
-    raw = D.center_crop_arr(Image.open(ds.files[1]).convert("RGB"), 16)
+    raw = center_crop_arr(Image.open(ds.files[1]).convert("RGB"), 16)
     expect = torch.from_numpy(raw.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
     assert torch.equal(x, expect)
     assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.05

@@ -44,13 +44,13 @@ def _arm(mode: str, target: str) -> None:
     """In a child about to train: SIGKILL when `target` is being saved.
     partial: its temporary half written; before: written, not renamed;
     after: renamed, nothing after it."""
-    from adm_fast import checkpoint
+    from adm_fast import io
 
     if mode == "partial":
-        real_write, calls = checkpoint._Recording.write, [0]
+        real_write, calls = io._Recording.write, [0]
 
         def write(self, data):
-            if os.path.basename(self._f.name).startswith(target + ".tmp"):
+            if os.path.basename(self._f.name).startswith(f".{target}.partial"):
                 calls[0] += 1
                 if calls[0] == 3:
                     raw = bytes(memoryview(data).cast("B"))
@@ -58,7 +58,7 @@ def _arm(mode: str, target: str) -> None:
                     self._f.flush()
                     _die()
             return real_write(self, data)
-        checkpoint._Recording.write = write
+        io._Recording.write = write
         return
     real_replace = os.replace
 
@@ -133,7 +133,7 @@ def _assert_like_reference(log_dir, reference):
     csv_steps = [line.split(",")[0] for line in
                  (log_dir / "progress.csv").read_text().splitlines()[1:]]
     assert csv_steps == [str(s) for s in range(1, STEPS + 1)]
-    assert not [p.name for p in log_dir.iterdir() if ".tmp" in p.name]
+    assert not [p.name for p in log_dir.iterdir() if ".partial" in p.name]
 
 
 def _copy(src, tmp_path):
@@ -261,16 +261,17 @@ def _dead_pid():
 def test_stale_temporaries_are_removed_at_start(data_dir, reference, cut, tmp_path):
     log_dir = _copy(cut, tmp_path)
     dead, alive = _dead_pid(), os.getppid()
-    stale = [f"model000003.safetensors.tmp{dead}", f"state000002.pt.tmp{dead}",
-             f"progress.csv.tmp{dead}", f"latest.json.tmp{dead}"]
+    stale = [f".model000003.safetensors.partial{dead}", f".state000002.pt.partial{dead}",
+             f".progress.csv.partial{dead}", f".latest.json.partial{dead}"]
     for name in stale:
         (log_dir / name).write_bytes(b"x" * 1000)
-    (log_dir / f"state000003.pt.tmp{alive}").write_bytes(b"another process writes this")
+    (log_dir / f".state000003.pt.partial{alive}").write_bytes(b"another process writes this")
     (log_dir / "notes.tmp1").write_text("not ours")
     _finish(data_dir, log_dir)
     assert not [n for n in stale if (log_dir / n).exists()]
-    assert (log_dir / f"state000003.pt.tmp{alive}").exists() and (log_dir / "notes.tmp1").exists()
-    (log_dir / f"state000003.pt.tmp{alive}").unlink()
+    assert (log_dir / f".state000003.pt.partial{alive}").exists() and \
+        (log_dir / "notes.tmp1").exists()
+    (log_dir / f".state000003.pt.partial{alive}").unlink()
     (log_dir / "notes.tmp1").unlink()
     _assert_like_reference(log_dir, reference)
 
@@ -288,10 +289,10 @@ def _env():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("where, leftover", [
-    ("partial:ema_0.9_000002.safetensors", "ema_0.9_000002.safetensors.tmp"),
-    ("before:state000002.pt", "state000002.pt.tmp"),
+    ("partial:ema_0.9_000002.safetensors", ".ema_0.9_000002.safetensors.partial"),
+    ("before:state000002.pt", ".state000002.pt.partial"),
     ("after:model000003.safetensors", None),
-    ("before:latest.json", "latest.json.tmp"),
+    ("before:latest.json", ".latest.json.partial"),
 ])
 def test_kill_mid_save_then_rerun_gives_the_same_bytes(data_dir, reference, tmp_path, where,
                                                        leftover):
@@ -446,7 +447,7 @@ def _tiny_loop(data_dir, log_dir, **kw):
     from adm_fast.script_util import create_model_and_diffusion, model_and_diffusion_defaults
     from adm_fast.diffusion import create_named_schedule_sampler
     from adm_fast.train.data import load_data
-    from adm_fast.train.distributed import World
+    from adm_fast.distributed import World
     from adm_fast.train.tasks import DiffusionTrainLoop
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 from torch import nn
 
 import adm_fast

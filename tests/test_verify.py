@@ -15,7 +15,7 @@ import torch
 import adm_fast
 from adm_fast import ops
 from adm_fast.ops import autotune, verify
-from conftest import CPU_EXT
+from helpers import CPU_EXT
 
 pytestmark = pytest.mark.skipif(not CPU_EXT, reason="the wrong kernels are the C++ CPU ones")
 GN = ops.GROUP_NORM_ACT

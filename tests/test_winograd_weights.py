@@ -14,6 +14,7 @@ from adm_fast import ops
 from adm_fast.ops.backends import CPU
 from adm_fast.ops.conv3x3 import FROM_U, NATIVE
 from adm_fast.ops.winograd_weights import TRANSFORM, WinogradWeights
+from helpers import CPU_EXT
 
 pytestmark = pytest.mark.skipif(CPU.ext is None or not CPU.ext.has_avx2_fma(),
                                 reason="the Winograd ops need the C++ extension on AVX2+FMA")
@@ -165,7 +166,7 @@ def test_the_raw_ops_check_their_arguments(bad, message):
         TRANSFORM(torch.randn(4, 8, 3, 3).double(), True)
 
 
-@pytest.mark.skipif(not __import__("conftest").CPU_EXT, reason="needs the CPU extension")
+@pytest.mark.skipif(not CPU_EXT, reason="needs the CPU extension")
 def test_the_cache_compares_bytes_with_one_memcmp():
     """torch.equal is a parallel region (ms on a busy machine, at every
     convolution); the extension's memcmp compares the same bits: -0.0 is not

@@ -1,14 +1,15 @@
 """adm_fast's benchmarks, importable (`adm-fast bench` runs them in-process;
-bench/ in the repository keeps thin scripts, gpu_check and results/).
+bench/ in the repository keeps gpu_check and results/).
 
   sample          whole classifier-guided sampling loops of the released ADM
                   layouts (or a tiny one on CPU): adm_fast's backends against
                   guided-diffusion's eager computation and torch.compile,
                   checked in the same run to give the same samples
   models          UNet forward and training step, eager vs adm_fast vs compile
-  group_norm_act, qkv_attention, diffusion_step
-                  the per-op benchmarks: GB/s or TFLOP/s against the device
-                  ceilings, error against fp64, ratio to eager
+  <op>           the per-op benchmarks, one per op spec file of adm_fast.ops
+                  (conv3x3, diffusion_step, group_norm_act, qkv_attention):
+                  GB/s or TFLOP/s against the device ceilings, error against
+                  fp64, ratio to eager
   train           a training step: bytes saved for backward, time, GPU peak
                   and the largest batch that fits
 """

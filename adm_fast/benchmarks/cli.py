@@ -5,7 +5,7 @@ training benchmarks, all in this process.
                           [--guidance S] [--sampler ddpm|ddim] [--dtype fp32|bf16|fp16]
                           [--backends auto cpu ...] [--compile/--no-compile]
                           [--warmup N] [--repeats N] [--threads N] [--results DIR]
-    adm-fast bench ops [group_norm_act|qkv_attention|diffusion_step ...] [their flags]
+    adm-fast bench ops [OP ...] [their flags]   (OP: an op spec file of adm_fast.ops)
     adm-fast bench models [its flags]
     adm-fast bench train [its flags]
     adm-fast bench evaluate [its flags]
@@ -23,19 +23,16 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import List
 
 from .flags import GPU_PRESETS, BenchInputError, build_parser
 
 PROG = "adm-fast bench"
-OPS = ("group_norm_act", "qkv_attention", "diffusion_step", "conv3x3")
 USAGE = (f"usage: {PROG} {{sample,ops,models,train,evaluate,plan}} [flags]   ({PROG} NAME --help "
          "for its flags)\n\n"
          "  sample  classifier-guided sampling throughput: adm_fast's backends against the eager\n"
          "          reference and torch.compile, with max |Δ| against eager and MFU\n"
-         "  ops     the per-op benchmarks (group_norm_act, qkv_attention, diffusion_step,\n"
-         "          conv3x3):\n"
-         "          leading names pick some, other flags go to each\n"
+         "  ops     the per-op benchmarks, one per op spec file of adm_fast.ops (conv3x3,\n"
+         "          diffusion_step, ...): leading names pick some, other flags go to each\n"
          "  models  UNet forward and training step, eager vs adm_fast (vs torch.compile)\n"
          "  train   a training step: bytes saved for backward, time, GPU peak, max batch\n"
          "  evaluate  adm-fast evaluate's costs: Inception features/s, the P/R distance blocks\n"
@@ -44,7 +41,7 @@ USAGE = (f"usage: {PROG} {{sample,ops,models,train,evaluate,plan}} [flags]   ({P
          "Result rows go to --results DIR (default: the current folder).")
 
 
-def _sample(argv: List[str]) -> int:
+def _sample(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help
@@ -80,23 +77,32 @@ def _sample(argv: List[str]) -> int:
     return 0
 
 
-def _module_main(name: str, argv: List[str]) -> int:
+def _module_main(name: str, argv: list[str]) -> int:
     try:
         return int(importlib.import_module(f"adm_fast.benchmarks.{name}").main(argv) or 0)
     except SystemExit as e:  # --help, or argparse's own error (it printed why)
         return int(e.code or 0)
 
 
-def _ops(argv: List[str]) -> int:
+def op_benchmarks() -> list[str]:
+    """The per-op benchmarks: adm_fast.benchmarks.<name> for each op spec file
+    adm_fast.ops.<name> in the registry (one for the two steps: diffusion_step)."""
+    from .. import ops
+
+    return sorted({op.family for op in ops.ops().values() if op.family})
+
+
+def _ops(argv: list[str]) -> int:
+    names = op_benchmarks()
     picked = []
-    while argv and argv[0] in OPS:
+    while argv and argv[0] in names:
         picked.append(argv.pop(0))
     if argv and not argv[0].startswith("-"):
         raise BenchInputError(f"unknown op benchmark {argv[0]!r}; choose from "
-                              f"{', '.join(OPS)} (or none for all)")
+                              f"{', '.join(names)} (or none for all)")
     status = 0
-    for name in picked or OPS:
-        if len(picked or OPS) > 1:
+    for name in picked or names:
+        if len(picked or names) > 1:
             print(f"== {name}", flush=True)
         status = status or _module_main(name, list(argv))
     return status

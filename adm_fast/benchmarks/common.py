@@ -17,7 +17,7 @@ import platform
 import statistics
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -39,7 +39,7 @@ def ceilings(device: torch.device):
     return dev.gbps, dev.tflops_16
 
 
-def source_root() -> Optional[Path]:
+def source_root() -> Path | None:
     """The repository root when adm_fast runs from a source checkout (the
     editable install), else None."""
     root = Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def context(device: torch.device) -> Dict[str, str]:
+def context(device: torch.device) -> dict[str, str]:
     try:
         import triton
         triton_version = triton.__version__
@@ -94,6 +94,16 @@ def context(device: torch.device) -> Dict[str, str]:
     }
 
 
+def op_backends(op, device: torch.device) -> list[str]:
+    """The backends with an implementation of op (an ops.Op) that auto could use
+    on device here, but the reference, in auto's static order."""
+    from .. import ops
+
+    return [name for name, b in ops.backends().items()
+            if name in op.impls and not b.is_reference and not b.unavailable_reasons()
+            and not b.device_reasons(device.type) and not b.auto_reasons(device.type)]
+
+
 def add_results_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", default=".", metavar="DIR",
                         help="folder the result rows (CSV) are appended to (default: the "
@@ -105,14 +115,21 @@ def results_file(args: argparse.Namespace, name: str) -> Path:
     return Path(args.results) / f"{name}.csv"
 
 
-def append_rows(path: Path, rows: List[Dict]) -> Path:
+def save_rows(args: argparse.Namespace, name: str, ctx: dict, rows: list[dict]) -> None:
+    """Unless --no_save: rows, each with the run's context, appended to
+    <--results>/<name>.csv."""
+    if not args.no_save:
+        print("appended to", append_rows(results_file(args, name), [{**ctx, **r} for r in rows]))
+
+
+def append_rows(path: Path, rows: list[dict]) -> Path:
     """Append rows to the CSV at path (created with its folder if needed). When
     a benchmark gained columns, the file is rewritten with their union (old rows
     leave them blank)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old: List[Dict] = []
-    fields: List[str] = []
+    old: list[dict] = []
+    fields: list[str] = []
     if path.exists() and path.stat().st_size > 0:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
@@ -130,7 +147,7 @@ def append_rows(path: Path, rows: List[Dict]) -> Path:
     return path
 
 
-def format_table(rows: List[Dict], keys: List[str]) -> str:
+def format_table(rows: list[dict], keys: list[str]) -> str:
     widths = [max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys]
     lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
     for r in rows:
@@ -138,7 +155,7 @@ def format_table(rows: List[Dict], keys: List[str]) -> str:
     return "\n".join(lines)
 
 
-def print_table(rows: List[Dict], keys: List[str]) -> None:
+def print_table(rows: list[dict], keys: list[str]) -> None:
     if rows:
         print(format_table(rows, keys), flush=True)
 
@@ -173,7 +190,7 @@ def time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
     return median_ms(fn, device, min_run_time=0.0)
 
 
-def median(values: List[float]) -> float:
+def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.winograd_weights import WinogradWeights
-from .common import add_results_flags, append_rows, context, median_ms, print_table, results_file
+from .common import add_results_flags, context, median_ms, print_table, save_rows
 
 _conv3x3 = importlib.import_module("adm_fast.ops.conv3x3")  # the module; ops.conv3x3 is the op
 
@@ -88,7 +88,8 @@ def bench_case(label, n, c, h, o):
         for name in ("eager", "cpu", "auto"):
             try:
                 err = error(call(name))
-                times[name] = median_ms(lambda: call(name), torch.device("cpu"))
+                times[name] = median_ms(lambda name=name, call=call: call(name),
+                                        torch.device("cpu"))
             except Exception as e:  # report and keep going
                 print(f"  {label} {what} {name}: {type(e).__name__}: {e}")
                 continue
@@ -120,10 +121,7 @@ def main(argv=None) -> int:
     rows = [r for shape in shapes for r in bench_case(*shape)]
     print_table(rows, ["shape", "N", "C", "HW", "O", "what", "impl", "ms", "GFLOP/s",
                        "rel_err", "x_vs_onednn"])
-    if not args.no_save:
-        ctx = context(torch.device("cpu"))
-        print("appended to", append_rows(results_file(args, "conv3x3"),
-                                         [{**ctx, **r} for r in rows]))
+    save_rows(args, "conv3x3", context(torch.device("cpu")), rows)
     return 0
 
 

@@ -18,10 +18,9 @@ import torch
 
 from .. import ops
 from ..diffusion import create_gaussian_diffusion
-from ..ops.ddim_step import reference as ddim_reference
-from ..ops.ddpm_step import reference as ddpm_reference
-from .common import (ceilings, add_results_flags, append_rows, context, median_ms, print_table,
-                     results_file, try_compile)
+from ..ops.diffusion_step import ddim_reference, ddpm_reference
+from .common import (add_results_flags, ceilings, context, median_ms, print_table, save_rows,
+                     try_compile)
 
 SIZES = (64, 256, 512)
 BATCHES = (1, 8, 32)
@@ -57,8 +56,8 @@ def main(argv=None) -> int:
                 call_args, op, reference, tensors = case(kind, b, size, device)
                 exact = reference(*[a.double() if isinstance(a, torch.Tensor) else a
                                     for a in call_args])[0]
-                impls = {"adm_fast": lambda a=call_args: op(*a),
-                         "eager": lambda a=call_args: reference(*a)}
+                impls = {"adm_fast": lambda a=call_args, op=op: op(*a),
+                         "eager": lambda a=call_args, ref=reference: ref(*a)}
                 if args.compile and b == batches[-1]:
                     compiled = try_compile(reference)
                     if compiled is not None:
@@ -88,9 +87,7 @@ def main(argv=None) -> int:
         row.setdefault("x_vs_compile", "")
     print_table(rows, ["impl", "step", "B", "size", "ms", "GB/s", "%peak", "max_err",
                        "x_vs_eager", "x_vs_compile"])
-    if not args.no_save:
-        print("appended to", append_rows(results_file(args, "diffusion_step"),
-                                         [{**ctx, **r} for r in rows]))
+    save_rows(args, "diffusion_step", ctx, rows)
     return 0
 
 

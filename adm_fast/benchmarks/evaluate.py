@@ -50,7 +50,7 @@ def bench_features(args, device, weights, where):
         ev = Evaluator(weights, device=device, batch_size=args.batch, dtype=dtype)
         acts = {}
 
-        def run():
+        def run(ev=ev, acts=acts):
             acts["out"] = ev.compute_activations(images)
 
         ms = _median_ms(run, device, args.repeats)

@@ -9,7 +9,7 @@ bandwidth, not FLOPs), which is the usual MFU convention.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,8 @@ from ..ops import use_backend
 
 
 def step_flops(model: Callable[..., Tensor], x: Tensor, t: Tensor,
-               model_kwargs: Optional[Dict] = None, classifier: Optional[torch.nn.Module] = None,
-               y: Optional[Tensor] = None) -> Dict[str, int]:
+               model_kwargs: dict | None = None, classifier: torch.nn.Module | None = None,
+               y: Tensor | None = None) -> dict[str, int]:
     """FLOPs of one guided step for the whole batch of x: "unet" (one forward),
     "classifier" (forward, and backward to the input as guidance takes it) and
     "total". The models run once each, on the eager backend."""

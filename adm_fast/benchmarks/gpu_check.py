@@ -17,6 +17,7 @@ summary.txt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import re
@@ -26,7 +27,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 PY = sys.executable
 BENCH = [PY, "-m", "adm_fast.cli", "bench"]
@@ -41,14 +42,14 @@ GPU_TESTS = ["tests/test_group_norm_act.py", "tests/test_qkv_attention.py",
 class Section:
     name: str
     out: str  # file under DIR its output goes to (appended: sections may share one)
-    commands: List[List[str]]  # run in turn; a failure stops this section only
+    commands: list[list[str]]  # run in turn; a failure stops this section only
     cap_s: int  # at most this long (and never past the budget)
     headline: Callable[[str], str] = lambda text: ""
     needs: Sequence[str] = ()  # modules the section cannot run without
     status: str = "not run"
     figure: str = ""
     seconds: float = 0.0
-    notes: List[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _last(pattern: str, text: str, fmt: str = "{}") -> str:
@@ -63,13 +64,13 @@ def _tests_headline(text: str) -> str:
     return _last(r"(\d+ passed[^\n=]*)", text)
 
 
-def column(text: str, name: str, keep: Callable[[dict], bool] = lambda row: True) -> List[str]:
+def column(text: str, name: str, keep: Callable[[dict], bool] = lambda row: True) -> list[str]:
     """The values of column `name` in the tables printed in text: a header row
     naming it, then rows whose cells start where the header's names start
     (the tables are left-justified; a cell may be empty)."""
-    values: List[str] = []
-    starts: Optional[List[int]] = None
-    names: List[str] = []
+    values: list[str] = []
+    starts: list[int] | None = None
+    names: list[str] = []
     for line in text.splitlines():
         cells = line.split()
         if name in cells:
@@ -86,13 +87,11 @@ def column(text: str, name: str, keep: Callable[[dict], bool] = lambda row: True
     return values
 
 
-def _floats(values: List[str]) -> List[float]:
+def _floats(values: list[str]) -> list[float]:
     out = []
     for v in values:
-        try:
+        with contextlib.suppress(ValueError):
             out.append(float(v.rstrip("x")))
-        except ValueError:
-            pass
     return out
 
 
@@ -130,7 +129,7 @@ def _eval_headline(text: str) -> str:
     return f"{r[-1]} images/s of Inception features (fp32)" if r else ""
 
 
-def sections(dry: bool, results: Path) -> List[Section]:
+def sections(dry: bool, results: Path) -> list[Section]:
     """What runs, in order. dry: the same commands at tiny sizes on the CPU."""
     res = ["--results", str(results)]
     if dry:
@@ -227,7 +226,7 @@ def _results_tar(folder: Path, results: Path, before: float) -> None:
             tar.add(p, arcname=p.name)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu_check", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the 8 result files")

@@ -18,8 +18,8 @@ import torch
 
 from .. import ops
 from ..ops.group_norm_act import reference
-from .common import (ceilings, add_results_flags, append_rows, context, median_ms, print_table,
-                     results_file, try_compile)
+from .common import (add_results_flags, ceilings, context, median_ms, op_backends, print_table,
+                     save_rows, try_compile)
 
 # (C, H·W) pairs from ADM's levels: 128 channels at 128², ..., 1024 at 8².
 SHAPES = [(128, 128 * 128), (256, 64 * 64), (256, 32 * 32), (512, 16 * 16), (1024, 8 * 8),
@@ -49,8 +49,7 @@ def bench_case(n, c, hw, dtype, device, with_compile):
     x, w, b, s, sh = inputs(n, c, hw, dtype, device)
     exact = reference(x.double(), 32, w.double(), b.double(), s.double(), sh.double())
     nbytes = x.numel() * x.element_size()
-    fused = [b for b in ("cuda", "triton") if device.type == "cuda" and usable(b)] or \
-        [b for b in ("cpu",) if device.type == "cpu" and usable(b)]
+    fused = op_backends(ops.GROUP_NORM_ACT, device)
     impls = {"adm_fast": lambda *a: run("auto", *a)}
     impls.update({b: (lambda *a, b=b: run(b, *a)) for b in fused})
     impls["eager"] = lambda *a: run("eager", *a)
@@ -66,8 +65,9 @@ def bench_case(n, c, hw, dtype, device, with_compile):
             y = fn(*leaves)
             err = (y.double() - exact).abs().max().item()
             dy = torch.randn_like(y)
-            fwd = median_ms(lambda: fn(*leaves), device)
-            bwd = median_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), device)
+            fwd = median_ms(lambda fn=fn, leaves=leaves: fn(*leaves), device)
+            bwd = median_ms(lambda y=y, leaves=leaves, dy=dy: torch.autograd.grad(
+                y, leaves, dy, retain_graph=True), device)
         except Exception as e:  # report and keep going
             print(f"  {name} N={n} C={c} HW={hw} {dtype}: {type(e).__name__}: {e}")
             continue
@@ -131,9 +131,7 @@ def main(argv=None) -> int:
             if len(total) == 2:
                 print(f"  N={n} C={c} HW={hw} {dt}: cuda {total['cuda']:.4f} "
                       f"triton {total['triton']:.4f} -> {min(total, key=total.get)}")
-    if not args.no_save:
-        print("appended to", append_rows(results_file(args, "group_norm_act"),
-                                         [{**ctx, **r} for r in rows]))
+    save_rows(args, "group_norm_act", ctx, rows)
     return 0
 
 

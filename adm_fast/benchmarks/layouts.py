@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,8 +23,8 @@ from .flags import GPU_PRESETS, TINY_NAME, BenchInputError  # noqa: F401  (re-ex
 @dataclass(frozen=True)
 class Layout:
     name: str
-    model_flags: Dict  # script flags of the UNet and its diffusion
-    classifier_flags: Optional[Dict]
+    model_flags: dict  # script flags of the UNet and its diffusion
+    classifier_flags: dict | None
     classifier_scale: float
 
     @property
@@ -74,8 +73,8 @@ def _randomise_zeros(model: torch.nn.Module) -> None:
             torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
 
-def build(lay: Layout, kind: str, device: torch.device, dtype: Optional[torch.dtype],
-          path: Optional[str] = None) -> torch.nn.Module:
+def build(lay: Layout, kind: str, device: torch.device, dtype: torch.dtype | None,
+          path: str | None = None) -> torch.nn.Module:
     """The UNet (kind "unet") or classifier in eval mode: loaded from path, or
     with random weights (seeded) in the layout's shape."""
     flags = lay.model_flags if kind == "unet" else lay.classifier_flags
@@ -106,7 +105,7 @@ def make_diffusion(lay: Layout, sampler: str, steps: int):
         raise BenchInputError(f"--steps {steps} with --sampler {sampler}: {e}") from None
 
 
-def _probes(device: torch.device, dtype: torch.dtype) -> List[Tuple[str, tuple]]:
+def _probes(device: torch.device, dtype: torch.dtype) -> list[tuple[str, tuple]]:
     """A small call of each model op, in the dtype the model's torso runs in."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 64, 4, 4, generator=g).to(device, dtype)
@@ -117,14 +116,14 @@ def _probes(device: torch.device, dtype: torch.dtype) -> List[Tuple[str, tuple]]
 
 
 def backend_reasons(name: str, device: torch.device, dtype: torch.dtype,
-                    as_auto: bool = False) -> List[str]:
+                    as_auto: bool = False) -> list[str]:
     """Why backend `name` cannot run the models' ops here (empty: it can run
     at least one). as_auto also counts the reasons `auto` passes a backend
     over for (e.g. Triton's CPU interpreter, a debugging tool)."""
     why = ops.backends()[name].unavailable_reasons()
     if why:
         return why
-    reasons: List[str] = []
+    reasons: list[str] = []
     for op_name, args in _probes(device, dtype):
         op = ops.ops()[op_name]
         impl = op.impls.get(name)
@@ -140,8 +139,8 @@ def backend_reasons(name: str, device: torch.device, dtype: torch.dtype,
     return reasons or [f"{name} implements none of the models' ops"]
 
 
-def backend_settings(requested: Optional[List[str]], device: torch.device,
-                     dtype: torch.dtype) -> List[Tuple[str, Setting]]:
+def backend_settings(requested: list[str] | None, device: torch.device,
+                     dtype: torch.dtype) -> list[tuple[str, Setting]]:
     """(label, use_backend setting) per adm_fast row. An explicit backend
     takes the ops it implements; the rest stay auto (SDPA has only attention,
     the C++ CPU backend no attention). Without a request: auto and every
@@ -149,14 +148,16 @@ def backend_settings(requested: Optional[List[str]], device: torch.device,
     known = list(ops.backends())
     if requested is None:
         names = ["auto"] + [n for n in known
-                            if n != "eager" and not backend_reasons(n, device, dtype, True)]
+                            if not ops.backends()[n].is_reference
+                            and not backend_reasons(n, device, dtype, True)]
     else:
         names = []
         for n in requested:
             if n != "auto" and n not in known:
                 raise BenchInputError(f"unknown backend {n!r}; choose from "
                                       f"{', '.join(['auto'] + known)}")
-            if n not in names and n != "eager":  # eager is always run: the reference
+            if n not in names and (n == "auto" or not ops.backends()[n].is_reference):
+                # the reference (eager) is always run
                 names.append(n)
         for n in names:
             why = [] if n == "auto" else backend_reasons(n, device, dtype)

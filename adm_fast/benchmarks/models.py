@@ -21,12 +21,12 @@ import copy
 import statistics
 import sys
 import time
-from typing import Dict
 
 import torch
 
 from .. import ops
 from ..diffusion import classifier_cond_fn, create_gaussian_diffusion
+from ..models.layout import use_preferred_layout
 from ..script_util import create_from_flags
 from .common import add_results_flags, append_rows, context, median_ms, print_table, results_file
 from .saved_bytes import SavedBytes
@@ -50,7 +50,7 @@ TARGETS = {("adm64_c64", "forward"): 1.5, ("adm64_c64", "guided_step"): 1.5,
            ("adm64_c64", "train_step"): 1.3}
 
 
-def build(flags: Dict, device, seed: int):
+def build(flags: dict, device, seed: int):
     torch.manual_seed(seed)
     flags = dict(flags)
     model = create_from_flags(flags.pop("kind"), flags).to(device)
@@ -101,15 +101,15 @@ class Impl:
         return n
 
 
-def impls(unet, classifier, device, compile_model: bool, log) -> Dict[str, Impl]:
+def impls(unet, classifier, device, compile_model: bool, log) -> dict[str, Impl]:
     """eager (the models as built), adm_fast (copies in the preferred layouts
     for sampling and for training) and, asked for, torch.compile of the eager
     models in each mode."""
     out = {"eager": Impl("eager", unet, classifier, "eager")}
-    fast_unet = ops.use_preferred_layout(copy.deepcopy(unet), device)
-    fast_cls = None if classifier is None else ops.use_preferred_layout(
+    fast_unet = use_preferred_layout(copy.deepcopy(unet), device)
+    fast_cls = None if classifier is None else use_preferred_layout(
         copy.deepcopy(classifier), device)
-    train_unet = ops.use_preferred_layout(copy.deepcopy(unet), device, training=True)
+    train_unet = use_preferred_layout(copy.deepcopy(unet), device, training=True)
     out["adm_fast"] = Impl("adm_fast", fast_unet, fast_cls, "auto", train_unet)
     if compile_model:
         for mode in ("default", "max-autotune-no-cudagraphs"):
@@ -150,7 +150,8 @@ def bench_layout(name: str, args, device, ctx, log):
             for w, f in whats.items():
                 if w == "train_step" and label.startswith("compile"):
                     continue  # building the training graph takes many minutes on a CPU
-                times[(label, w)].append(median_ms(lambda: f(run), device, args.min_run_time))
+                times[(label, w)].append(median_ms(lambda f=f, run=run: f(run), device,
+                                                   args.min_run_time))
     saved = {label: runs[label].saved_bytes(x, t, kw) for label in ("eager", "adm_fast")}
     return rows_of(name, batch, runs, whats, times, errors, compile_s, saved, ctx)
 
@@ -208,8 +209,8 @@ def main(argv=None) -> int:
                    help="glibc keeps freed memory for reuse (mallopt: no mmap below 1 GiB, "
                         "no trimming), so neither side page-faults on fresh temporaries; "
                         "eager's larger ones fault in some processes and not in others "
-                        "(its forward: 1084 and 1591 ms in two runs here). Linux with glibc "
-                        "only")
+                        "(its forward's time then differs by half from run to run). Linux "
+                        "with glibc only")
     add_results_flags(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -12,7 +12,7 @@ UNet, the classifier's forward and its backward to x_t, the fused update —
 after one untraced warm-up step. The same step runs again as guided-diffusion
 computes it (the eager backend, NCHW), and once more as a CUDA graph would
 replay it. Then every Triton launch captured is compiled for sm_<arch>
-(adm_fast/kernels/aot.py). Printed: which implementation each op took, launches by
+(adm_fast/benchmarks/aot.py). Printed: which implementation each op took, launches by
 kind, what could stall or slow the GPU (host syncs, CPU tensors, layout
 copies, NCHW convolutions) and the roofline's prediction (roofline.py); with
 --json, all of it as JSON.
@@ -31,7 +31,6 @@ import collections
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Optional
 
 from .flags import BenchInputError
 
@@ -75,7 +74,7 @@ def _dtype(name: str):
 
 def _build(lay, kind: str, dtype, preferred_layout: bool):
     """A model as a user builds it, on the fake device in force."""
-    from .. import ops
+    from ..models.layout import use_preferred_layout
     from ..models.precision import apply_dtype
     from ..script_util import create_from_flags
 
@@ -84,11 +83,11 @@ def _build(lay, kind: str, dtype, preferred_layout: bool):
              if k not in ("diffusion_steps", "noise_schedule", "timestep_respacing")}
     model = apply_dtype(create_from_flags(kind, flags), None if dtype is None else dtype).eval()
     if preferred_layout:
-        ops.use_preferred_layout(model)
+        use_preferred_layout(model)
     return model
 
 
-def trace_step(preset: str, classifier: Optional[str], arch: int, dtype: str, batch: int,
+def trace_step(preset: str, classifier: str | None, arch: int, dtype: str, batch: int,
                sampler: str, steps: int, backend: str, graphed: bool = False,
                device_type: str = "cuda"):
     """The Trace of one guided step (the second of a loop) on fake tensors.
@@ -144,7 +143,7 @@ def trace_step(preset: str, classifier: Optional[str], arch: int, dtype: str, ba
     return tracer.trace
 
 
-def _with_classifier(lay, classifier: Optional[str]):
+def _with_classifier(lay, classifier: str | None):
     """The layout with its classifier replaced (a preset name) or dropped ('none')."""
     import dataclasses
 
@@ -165,7 +164,7 @@ def _with_classifier(lay, classifier: Optional[str]):
 _GRAPH_PARTS = ("graph", "unet", "classifier", "classifier_backward")
 
 
-def summarize(trace, eager, graphed, aot: Optional[dict], cfg: Dict, roofline: Dict) -> Dict:
+def summarize(trace, eager, graphed, aot: dict | None, cfg: dict, roofline: dict) -> dict:
     """The plan as a JSON-able dict (see the module docstring)."""
     launches = {kind: trace.count(kind) for kind in ("triton", "native", "aten")}
     launches["total"] = sum(launches.values())
@@ -208,9 +207,9 @@ def summarize(trace, eager, graphed, aot: Optional[dict], cfg: Dict, roofline: D
     }
 
 
-def compile_launches(launches, arch: int) -> Dict:
+def compile_launches(launches, arch: int) -> dict:
     """Compile each distinct captured launch for sm_<arch>; what failed or spilled."""
-    from ..kernels import aot
+    from . import aot
 
     compiled, failures, spills, rows, seen = 0, [], [], [], set()
     for launch in launches:
@@ -237,7 +236,7 @@ def compile_launches(launches, arch: int) -> Dict:
             "spills_unexpected": len(spills), "spill_list": spills, "kernels": rows}
 
 
-def make_plan(args) -> Dict:
+def make_plan(args) -> dict:
     from . import roofline
 
     cfg = {"preset": args.preset, "classifier": args.classifier, "arch": args.arch,
@@ -256,7 +255,7 @@ def make_plan(args) -> Dict:
     return summarize(trace, eager, graphed, aot, cfg, pred)
 
 
-def format_plan(plan: Dict) -> str:
+def format_plan(plan: dict) -> str:
     c = plan["config"]
     lines = [f"plan: one guided {c['sampler']} step, {c['preset']} + "
              f"{c['classifier'] or 'its classifier'}, batch {c['batch']}, {c['dtype']}, sm_{c['arch']}, "

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from .. import ops
 from ..models import AttentionBlock
 from ..ops.qkv_attention import reference, split_heads
-from .common import (ceilings, add_results_flags, append_rows, context, median_ms,
-                     print_table, results_file)
+from .common import (add_results_flags, ceilings, context, median_ms, op_backends, print_table,
+                     save_rows)
 
 # (model, heads, head dim, tokens, legacy order) at each attention resolution.
 SHAPES = [
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     add_results_flags(p)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    backends = ["triton", "sdpa", "eager"] if device.type == "cuda" else ["sdpa", "eager"]
+    backends = op_backends(ops.QKV_ATTENTION, device) + ["eager"]
     ctx, rows = context(device), []
     peak = ceilings(device)[1]
     for name, heads, c, t, legacy in SHAPES:
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         fwd_flops = 4 * n * heads * t * t * c
         q, k, v = (x.reshape(n, heads, c, t).transpose(-1, -2).contiguous()
                    for x in split_heads(qkv, heads, legacy))
-        impls = {b: (lambda a, b=b: _op(b, a, heads, legacy)) for b in backends}
+        impls = {b: (lambda a, b=b, heads=heads, legacy=legacy: _op(b, a, heads, legacy))
+                 for b in backends}
         times = {}
         for impl, fn in list(impls.items()) + [("sdpa bare", None)]:
             try:
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
                     leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
                     out = sdpa_bare(*leaves)
                     err = float("nan")
-                    f = lambda: sdpa_bare(*leaves)  # noqa: E731
+                    f = lambda leaves=leaves: sdpa_bare(*leaves)  # noqa: E731
                 else:
                     leaves = [qkv.detach().clone().requires_grad_(True)]
                     out = fn(leaves[0])
@@ -98,8 +99,8 @@ def main(argv=None) -> int:
                     f = lambda fn=fn, leaf=leaves[0]: fn(leaf)  # noqa: E731
                 dout = torch.randn_like(out)
                 fwd = median_ms(f, device)
-                bwd = median_ms(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True),
-                                device)
+                bwd = median_ms(lambda out=out, leaves=leaves, dout=dout: torch.autograd.grad(
+                    out, leaves, dout, retain_graph=True), device)
             except Exception as e:  # report and keep going
                 print(f"  {impl} {name}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 continue
@@ -126,8 +127,9 @@ def main(argv=None) -> int:
                        "bwd_ms", "bwd_TFLOPs", "max_err", "saved_MiB", "peak_MiB",
                        "fwd_x_sdpa", "bwd_x_sdpa", "fwd_x_eager"])
     if device.type == "cuda":
-        print("candidate rules for qkv_attention's preferences (adm_fast/ops/qkv_attention.py) (fwd + bwd time):")
-        for name, heads, c, t, legacy in SHAPES:
+        print("candidate rules for qkv_attention's preferences (adm_fast/ops/qkv_attention.py) "
+              "(fwd + bwd time):")
+        for name, _heads, c, t, _legacy in SHAPES:
             mine = {r["impl"]: float(r["fwd_ms"]) + float(r["bwd_ms"]) for r in rows
                     if r["shape"] == name and r["impl"] in ("triton", "sdpa")}
             if len(mine) == 2:
@@ -135,9 +137,7 @@ def main(argv=None) -> int:
                 print(f'    {{"device": "cuda", "dtype": "{args.dtype}", '
                       f'"min": {{"tokens": {t}, "head_dim": {c}}}, '
                       f'"max": {{"tokens": {t}, "head_dim": {c}}}, "order": {order}}},  # {name}')
-    if not args.no_save:
-        print("appended to", append_rows(results_file(args, "qkv_attention"),
-                                         [{**ctx, **r} for r in rows]))
+    save_rows(args, "qkv_attention", ctx, rows)
     return 0
 
 

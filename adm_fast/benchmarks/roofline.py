@@ -23,7 +23,6 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 import torch
 
@@ -42,7 +41,7 @@ class Device:
     gbps: float  # achievable copy bandwidth
     source: str
     cpu: bool = False
-    host_us: Optional[float] = None  # CPU: measured per-op overhead
+    host_us: float | None = None  # CPU: measured per-op overhead
 
 
 # Ceilings per device. H200: measured (dense bf16 matmul 790 TFLOP/s of 989,
@@ -58,7 +57,7 @@ DEVICES = {
 }
 
 
-def device_for(name: Optional[str], arch: int) -> Device:
+def device_for(name: str | None, arch: int) -> Device:
     if name:
         key = name.upper().replace("-", "").split()[0]
         if key not in DEVICES:
@@ -67,7 +66,7 @@ def device_for(name: Optional[str], arch: int) -> Device:
     return DEVICES["A100"] if arch < 90 else DEVICES["H200"]
 
 
-_CPU: Dict[int, Device] = {}
+_CPU: dict[int, Device] = {}
 
 
 def measure_cpu() -> Device:
@@ -110,7 +109,7 @@ def _peak(device: Device, dtype: torch.dtype, name: str) -> float:
     return device.tflops_fp32
 
 
-def predict(trace, device: Device, dtype: str = "bf16", graphed: bool = False) -> Dict:
+def predict(trace, device: Device, dtype: str = "bf16", graphed: bool = False) -> dict:
     """Predicted ms of the traced step on device, with its terms."""
     compute = sum(w.flops / (_peak(device, w.dtype, w.what) * 1e12 * MMA_SHARE)
                   for w in trace.work if w.mma)
@@ -137,7 +136,7 @@ def predict(trace, device: Device, dtype: str = "bf16", graphed: bool = False) -
             "gbytes": round(moved / 1e9, 4)}
 
 
-def format_prediction(pred: Dict) -> str:
+def format_prediction(pred: dict) -> str:
     lines = [f"roofline on {pred['device']} (MMA at {MMA_SHARE:.0%} of peak, memory at "
              f"{BW_SHARE:.0%} of bandwidth, {DEVICE_FLOOR_US} us/launch on the device, host "
              f"{HOST_US['aten']}-{HOST_US['triton']} us/launch):"]

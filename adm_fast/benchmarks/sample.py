@@ -17,12 +17,13 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 
 from ..diffusion import classifier_cond_fn
-from ..ops import BackendNotSupported, use_backend, use_preferred_layout
+from ..models.layout import use_preferred_layout
+from ..ops import BackendNotSupported, use_backend
 from . import common
 from .flops import step_flops
 from .layouts import (TINY, BenchInputError, Layout, backend_settings, build, layout,
@@ -38,22 +39,22 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 @dataclasses.dataclass
 class SampleBenchConfig:
-    presets: List[str]
+    presets: list[str]
     device: torch.device
     batch_size: int
     steps: int = 25
-    guidance: Optional[float] = None  # None: the layout's classifier_scale
+    guidance: float | None = None  # None: the layout's classifier_scale
     sampler: str = "ddpm"
-    dtype: Optional[torch.dtype] = None  # None/fp32: all fp32; bf16/fp16: use_fp16 recipe
-    backends: Optional[List[str]] = None  # None: every backend usable here
+    dtype: torch.dtype | None = None  # None/fp32: all fp32; bf16/fp16: use_fp16 recipe
+    backends: list[str] | None = None  # None: every backend usable here
     compile: bool = False
     warmup: int = 0
     repeats: int = 3
     seed: int = 0
-    results_dir: Optional[Path] = None
+    results_dir: Path | None = None
     save: bool = True
-    model_path: Optional[str] = None
-    classifier_path: Optional[str] = None
+    model_path: str | None = None
+    classifier_path: str | None = None
     progress: bool = True
 
 
@@ -62,7 +63,7 @@ class _Impl:
     label: str
     setting: object
     model: Callable
-    classifier: Optional[torch.nn.Module]
+    classifier: torch.nn.Module | None
     diffs: tuple = (0.0, 0.0)  # max |Δ| against eager: one step, whole loop
 
 
@@ -94,7 +95,7 @@ class _Run:
     scale: float
     diffusion: object
     shape: tuple
-    kwargs: Dict
+    kwargs: dict
     x_t: torch.Tensor
     x_T: torch.Tensor
     t_mid: torch.Tensor
@@ -150,11 +151,11 @@ def _setup(lay: Layout, cfg: SampleBenchConfig):
     return run, impls, (unet, classifier, y)
 
 
-def _validate(run: _Run, impls: List[_Impl], log) -> Dict[str, float]:
+def _validate(run: _Run, impls: list[_Impl], log) -> dict[str, float]:
     """The first, untimed, runs (compilation happens here): each impl's one step
     and whole loop against eager's; returns each impl's seconds for this."""
-    outs: Dict[str, tuple] = {}
-    took: Dict[str, float] = {}
+    outs: dict[str, tuple] = {}
+    took: dict[str, float] = {}
     name = run.lay.name
     for impl in list(impls):
         start = time.perf_counter()
@@ -189,12 +190,12 @@ def _validate(run: _Run, impls: List[_Impl], log) -> Dict[str, float]:
     return took
 
 
-def _time(run: _Run, impls: List[_Impl]) -> Dict[str, List[float]]:
+def _time(run: _Run, impls: list[_Impl]) -> dict[str, list[float]]:
     """Interleaved rounds of whole loops (a bar on stderr: loops take seconds)."""
     from tqdm import tqdm
 
     cfg = run.cfg
-    times: Dict[str, List[float]] = {impl.label: [] for impl in impls}
+    times: dict[str, list[float]] = {impl.label: [] for impl in impls}
     with tqdm(total=(cfg.warmup + cfg.repeats) * len(impls), desc=f"{run.lay.name} loops",
               unit="loop", leave=False, file=sys.stderr, disable=not cfg.progress) as bar:
         for r in range(cfg.warmup + cfg.repeats):
@@ -203,12 +204,13 @@ def _time(run: _Run, impls: List[_Impl]) -> Dict[str, List[float]]:
                     run.loop(impl, run.x_T)
                 else:
                     times[impl.label].append(
-                        common.time_once_ms(lambda: run.loop(impl, run.x_T), cfg.device))
+                        common.time_once_ms(lambda impl=impl: run.loop(impl, run.x_T),
+                                            cfg.device))
                 bar.update()
     return times
 
 
-def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: Dict, log) -> List[Dict]:
+def _bench_layout(lay: Layout, cfg: SampleBenchConfig, ctx: dict, log) -> list[dict]:
     run, impls, (unet, classifier, y) = _setup(lay, cfg)
     took = _validate(run, impls, log)
     times = _time(run, impls)
@@ -237,14 +239,14 @@ def _roofline_device(device: torch.device):
     return roofline.device_for(known, 10 * major + minor)
 
 
-def _predictions(run: _Run, impls, log) -> Dict[str, Dict]:
+def _predictions(run: _Run, impls, log) -> dict[str, dict]:
     """The roofline's ms per step (benchmarks/roofline.py) for eager and each
     adm_fast setting, from a step traced on fake tensors of the device."""
     from . import roofline
     from .plan import trace_step
 
     cfg, lay = run.cfg, run.lay
-    out: Dict[str, Dict] = {}
+    out: dict[str, dict] = {}
     try:
         device = _roofline_device(cfg.device)
         for impl in impls:
@@ -265,7 +267,7 @@ def _predictions(run: _Run, impls, log) -> Dict[str, Dict]:
     return out
 
 
-def _rows(run: _Run, impls, times, took, flops, ctx, predicted=None) -> List[Dict]:
+def _rows(run: _Run, impls, times, took, flops, ctx, predicted=None) -> list[dict]:
     cfg, lay, b = run.cfg, run.lay, run.cfg.batch_size
     peak = common.ceilings(cfg.device)[1] if cfg.device.type == "cuda" else None
     eager_ms = common.median(times["eager"])
@@ -298,7 +300,7 @@ def _rows(run: _Run, impls, times, took, flops, ctx, predicted=None) -> List[Dic
     return rows
 
 
-def run_sample_bench(cfg: SampleBenchConfig, log=print) -> List[Dict]:
+def run_sample_bench(cfg: SampleBenchConfig, log=print) -> list[dict]:
     """Benchmark every layout in cfg.presets; print the table, append the rows
     to <results_dir (default: the current folder)>/sample_<cpu|gpu>.csv (when
     cfg.save) and return them."""
@@ -320,7 +322,7 @@ def run_sample_bench(cfg: SampleBenchConfig, log=print) -> List[Dict]:
     for lay in layouts:
         _plan(lay, cfg)
     ctx = common.context(cfg.device)
-    rows: List[Dict] = []
+    rows: list[dict] = []
     for lay in layouts:
         rows += _bench_layout(lay, cfg, ctx, log)
     log(common.format_table(rows, TABLE_KEYS))

@@ -11,7 +11,7 @@ with these stand-ins, all stated in the plan:
     runs a backward, so guidance's `torch.autograd.grad` is walked here in
     Python instead (`python_grad`): the same backward nodes, called in a
     dependency order, with the same saved-tensor hooks;
-  * Triton launches are captured, not run (adm_fast/kernels/aot.py), with torch's
+  * Triton launches are captured, not run (adm_fast/benchmarks/aot.py), with torch's
     wrap_triton routing switched off so the launchers call the kernels
     directly, as they do outside torch.compile.
   * cuDNN's memory format for a convolution's outputs and SDPA's kernel
@@ -26,7 +26,7 @@ import collections
 import contextlib
 import traceback
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -121,28 +121,28 @@ class Work:
 class Trace:
     """Everything one traced step did, by part of the step."""
 
-    launches: List[Launch] = field(default_factory=list)
-    work: List[Work] = field(default_factory=list)
-    ops: Dict[str, Dict[str, int]] = field(default_factory=dict)  # op(.backward) -> impl -> n
-    syncs: List[str] = field(default_factory=list)
-    cpu_tensors: List[str] = field(default_factory=list)
-    layout_copies: List[str] = field(default_factory=list)
-    nchw_convolutions: List[str] = field(default_factory=list)  # on activations
-    image_convolutions: List[str] = field(default_factory=list)  # NCHW images in
+    launches: list[Launch] = field(default_factory=list)
+    work: list[Work] = field(default_factory=list)
+    ops: dict[str, dict[str, int]] = field(default_factory=dict)  # op(.backward) -> impl -> n
+    syncs: list[str] = field(default_factory=list)
+    cpu_tensors: list[str] = field(default_factory=list)
+    layout_copies: list[str] = field(default_factory=list)
+    nchw_convolutions: list[str] = field(default_factory=list)  # on activations
+    image_convolutions: list[str] = field(default_factory=list)  # NCHW images in
     nchw_conv_bytes: int = 0  # what cuDNN's transposes around those move
     group_norm_forwards: collections.Counter = field(default_factory=collections.Counter)
-    triton: list = field(default_factory=list)  # kernels.aot.Launch records, for compiling
+    triton: list = field(default_factory=list)  # aot.Launch records, for compiling
 
-    def count(self, kind: Optional[str] = None, parts=None) -> int:
+    def count(self, kind: str | None = None, parts=None) -> int:
         return sum(1 for launch in self.launches
                    if (kind is None or launch.kind == kind)
                    and (parts is None or launch.part in parts))
 
-    def flops(self, mma: Optional[bool] = None, parts=None) -> int:
+    def flops(self, mma: bool | None = None, parts=None) -> int:
         return sum(w.flops for w in self.work
                    if (mma is None or w.mma == mma) and (parts is None or w.part in parts))
 
-    def bytes(self, mma: Optional[bool] = False, parts=None) -> int:
+    def bytes(self, mma: bool | None = False, parts=None) -> int:
         return sum(w.bytes for w in self.work
                    if (mma is None or w.mma == mma) and (parts is None or w.part in parts))
 
@@ -157,7 +157,7 @@ class _Recorder(TorchDispatchMode, _op.Observer):
         self.trace, self.device_type = trace, device_type
         self.part = "other"
         self.on = False  # recording (else ops are only answered)
-        self.stack: List[str] = []  # adm_fast op calls in progress
+        self.stack: list[str] = []  # adm_fast op calls in progress
 
     # --- adm_fast ops ------------------------------------------------------------
     def enter(self, op, impl, phase, args):
@@ -326,7 +326,7 @@ def python_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_gr
         targets[(edge.node, edge.output_nr)] = i
     target_nodes = {node for node, _ in targets}
 
-    needed: Dict[object, bool] = {}
+    needed: dict[object, bool] = {}
 
     def reaches(node) -> bool:  # iterative DFS: graphs are thousands of nodes deep
         stack = [(node, iter(node.next_functions))]
@@ -362,7 +362,7 @@ def python_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_gr
             for child, _ in node.next_functions:
                 if child is not None and needed.get(child):
                     waiting[child] += 1
-    pending: Dict[object, list] = {}
+    pending: dict[object, list] = {}
 
     def deliver(node, nr, g):
         slot = pending.setdefault(node, [None] * len(node._input_metadata))
@@ -370,7 +370,7 @@ def python_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_gr
 
     for out, g in roots:
         deliver(out.grad_fn, out.output_nr, g)
-    got: List[Optional[Tensor]] = [None] * len(inputs)
+    got: list[Tensor | None] = [None] * len(inputs)
     ready = collections.deque(node for node in pending if waiting[node] == 0)
     with torch.no_grad():  # as the engine runs a first-order backward
         _walk(ready, pending, waiting, needed, targets, target_nodes, got, deliver)
@@ -426,6 +426,16 @@ def _call_node(node, grads):
     return out if isinstance(out, tuple) else (out,)
 
 
+@contextlib.contextmanager
+def _in_part(recorder: _Recorder, part: str):
+    """Launches made in this block count as `part` of the step."""
+    previous, recorder.part = recorder.part, part
+    try:
+        yield
+    finally:
+        recorder.part = previous
+
+
 class _PythonAutograd(TorchFunctionMode):
     """Routes torch.autograd.grad to python_grad, marking its launches as the
     classifier's backward, and SDPA to the kernel a GPU would pick."""
@@ -436,12 +446,9 @@ class _PythonAutograd(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.autograd.grad:
-            previous, self.recorder.part = self.recorder.part, "classifier_backward"
-            try:
-                with self:  # a backward that itself asks autograd.grad comes here too
-                    return python_grad(*args, **(kwargs or {}))
-            finally:
-                self.recorder.part = previous
+            # a backward that itself asks autograd.grad comes here too
+            with _in_part(self.recorder, "classifier_backward"), self:
+                return python_grad(*args, **(kwargs or {}))
         if func is torch.nn.functional.scaled_dot_product_attention:
             out = _sdpa_as_a_gpu_would(*args, **(kwargs or {}))
             if out is not None:
@@ -458,11 +465,8 @@ class _EngineParts(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.autograd.grad:
-            previous, self.recorder.part = self.recorder.part, "classifier_backward"
-            try:
+            with _in_part(self.recorder, "classifier_backward"):
                 return func(*args, **(kwargs or {}))
-            finally:
-                self.recorder.part = previous
         return func(*args, **(kwargs or {}))
 
 
@@ -498,7 +502,7 @@ class Tracer:
     def _triton(self, kernel, args, kwargs, grid) -> None:
         if not self._on:
             return
-        from ..kernels.aot import Launch as AotLaunch
+        from .aot import Launch as AotLaunch
 
         op = self.recorder.stack[-1] if self.recorder.stack else ""
         self.trace.launches.append(Launch("triton", kernel.fn.__name__, self.recorder.part, op))
@@ -525,11 +529,8 @@ class Tracer:
         recorder = self.recorder
 
         def wrapped(*args, **kwargs):
-            previous, recorder.part = recorder.part, part
-            try:
+            with _in_part(recorder, part):
                 return fn(*args, **kwargs)
-            finally:
-                recorder.part = previous
         return wrapped
 
 

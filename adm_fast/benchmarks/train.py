@@ -34,7 +34,6 @@ import gc
 import math
 import statistics
 import time
-from typing import Dict
 
 import torch
 
@@ -73,12 +72,12 @@ def training_flags(preset_name, overrides, checkpointing="none", dtype="fp32", d
     return flags_from_kwargs("diffusion", kw)
 
 
-def device_of(flags: Dict) -> torch.device:
+def device_of(flags: dict) -> torch.device:
     """--device, or as adm-fast train takes it when not given."""
     return torch.device(flags["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def build_as_trained(flags: Dict):
+def build_as_trained(flags: dict):
     """(model on its device, diffusion) as `adm-fast train` builds them from flags."""
     from ..train.run import build_model
 
@@ -88,7 +87,7 @@ def build_as_trained(flags: Dict):
     return model.to(device).train(), diffusion
 
 
-def step_inputs(flags: Dict, batch: int, device, seed: int = 0) -> Dict:
+def step_inputs(flags: dict, batch: int, device, seed: int = 0) -> dict:
     """A seeded batch for diffusion_loss: images in [-1, 1], noise, timesteps,
     the uniform sampler's weights (ones) and, class-conditional, labels."""
     g = torch.Generator().manual_seed(seed)
@@ -104,7 +103,7 @@ def step_inputs(flags: Dict, batch: int, device, seed: int = 0) -> Dict:
             for k, t in out.items()}
 
 
-def user_step_bytes(flags: Dict, batch: int, seed: int = 0) -> Dict[str, int]:
+def user_step_bytes(flags: dict, batch: int, seed: int = 0) -> dict[str, int]:
     """What one step of `adm-fast train` (or adm_fast.train.train(**flags))
     keeps for backward: the model built as the run builds it (build_model:
     seed, checkpointing, the backend's layout), MixedPrecisionTrainer for the
@@ -142,7 +141,7 @@ def user_step_bytes(flags: Dict, batch: int, seed: int = 0) -> Dict[str, int]:
     return {"saved": saved, "held": held.nbytes}
 
 
-def user_saved_ratio(flags: Dict, batch: int, seed: int = 0) -> Dict[str, Dict[str, int]]:
+def user_saved_ratio(flags: dict, batch: int, seed: int = 0) -> dict[str, dict[str, int]]:
     """user_step_bytes for guided-diffusion's computation (--backend eager: NCHW,
     the eager ops) and for flags' backend, from the same weights and inputs:
     {"eager": ..., "adm_fast": ...}."""
@@ -289,7 +288,7 @@ def peak_step(trainer: Trainer, setting):
     return peak, peak - base
 
 
-def measure(trainers: Dict[str, Trainer], batch: int, repeats: int, min_run_time: float):
+def measure(trainers: dict[str, Trainer], batch: int, repeats: int, min_run_time: float):
     """Each implementation's Trainer (keys of IMPLS) stepped under its setting,
     interleaved in rounds; with compare's agreement first."""
     for trainer in trainers.values():

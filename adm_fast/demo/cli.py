@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from ..checkpoint import CheckpointError
+from ..io import OutputError, atomic_write
 from ..ops import current_backend
-from ..sampling.files import OutputError, atomic_write
 from . import digits, experiment
 from .flags import PROG, DemoError, build_parser  # noqa: F401  (build_parser: the CLI's --help)
 
@@ -138,10 +138,8 @@ def run(args) -> int:
                    rows=[vars(r) for r in rows], grids=grids, seconds=total,
                    heldout=dict(fidelity=ref_fid, diversity=ref_div))
     text = json.dumps(results, indent=1)
-    try:  # atomically: a killed run leaves no half a results.json that looks finished
-        atomic_write(os.path.join(args.out, RESULTS), lambda f: f.write(text.encode()))
-    except OutputError as e:
-        raise DemoError(str(e)) from None
+    # atomically: a killed run leaves no half a results.json that looks finished
+    atomic_write(os.path.join(args.out, RESULTS), lambda f: f.write(text.encode()))
     return 0
 
 
@@ -153,7 +151,7 @@ def main(argv=None) -> int:
         except SystemExit as e:  # --help
             return int(e.code or 0)
         return run(args)
-    except (DemoError, CheckpointError, FileNotFoundError) as e:
+    except (DemoError, CheckpointError, FileNotFoundError, OutputError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
 

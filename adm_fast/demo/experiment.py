@@ -20,7 +20,8 @@ import torch
 from .. import ops
 from ..checkpoint import load_checkpoint
 from ..diffusion import classifier_cond_fn, create_gaussian_diffusion
-from ..models import EncoderUNetModel, UNetModel
+from ..io import atomic_write
+from ..models import EncoderUNetModel, UNetModel, use_preferred_layout
 from ..sampling import grid as _grid
 from . import digits
 from .flags import DemoError
@@ -188,7 +189,7 @@ def engine_models(models, device) -> Dict[str, torch.nn.Module]:
     """adm_fast's copies of the models, in the device's preferred layout for
     sampling; the originals stay as loaded: guided-diffusion's computation, for
     the eager column."""
-    return {k: ops.use_preferred_layout(copy.deepcopy(m), device) for k, m in models.items()}
+    return {k: use_preferred_layout(copy.deepcopy(m), device) for k, m in models.items()}
 
 
 def warm_up(runs, diffusion, batch_size: int) -> None:
@@ -200,10 +201,10 @@ def warm_up(runs, diffusion, batch_size: int) -> None:
             sample(models, diffusion, 1.0, y, len(y), seed=0, max_steps=1)
 
 
-# Interleaved timing rounds per speed column: two let one slow moment of this
-# shared machine move the printed speed-up by 0.2 (1.18-1.39x in four runs of
-# the same commit); four still gave 1.27-1.46x guided in three runs at 1ebd766;
-# six cost ~3 s of the margin 30 steps left.
+# Interleaved timing rounds per speed column: with two, one slow moment of a
+# shared machine moved the printed speed-up from run to run, and four still
+# spread it; six fit in the time the default 30 steps leave
+# (docs/performance.md).
 ROUNDS = 6
 
 
@@ -262,7 +263,7 @@ def save_grid(images: np.ndarray, labels: Sequence[int], path: str) -> str:
     tiles = grid(images, labels, zoom=zoom)
     labelled = _grid.label_rows(tiles, [str(d) for d in range(digits.NUM_DIGITS)],
                                 row_height=images.shape[1] * zoom, fill=GRID_FILL)
-    Image.fromarray(labelled).save(path)
+    atomic_write(path, lambda f: Image.fromarray(labelled).save(f, format="PNG"))
     return path
 
 

@@ -5,9 +5,9 @@ Names, signatures and semantics are guided-diffusion's: `t` indexes this
 (possibly respaced) process, the model and cond_fn receive the original
 timesteps through `timestep_map`, tables are float64 and per-sample
 coefficients are gathered then cast to fp32, as guided-diffusion does. The
-arithmetic of a sampling step lives in adm_fast.ops (ddpm_step, ddim_step,
-and the shared step_math), so fused backends replace it without touching
-this file.
+arithmetic of a sampling step lives in adm_fast.ops.diffusion_step (the ops
+ddpm_step and ddim_step, and the arithmetic they share with this file), so
+fused backends replace it without touching this file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops import step_math as sm
+from ..ops import diffusion_step as sm
 from .loops import SamplingLoops
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .schedules import get_named_beta_schedule, space_timesteps
@@ -165,20 +165,23 @@ class GaussianDiffusion(SamplingLoops):
     def step_coefs(self, kind: str, t: Tensor) -> Tensor:
         """The fp32 coefficient rows ops.ddpm_step ("ddpm") or ops.ddim_step
         ("ddim") read, for the timesteps t: [8, B] or [7, B]."""
+        a, b = self._x0_rows()
         if kind == "ddpm":
             if self.model_var_type in self._fixed:
                 var, log_var = self._fixed[self.model_var_type]
-                var_rows = (log_var, log_var, var)
-            else:  # lo, hi; the variance row is unused
-                var_rows = ("posterior_log_variance_clipped", "log_betas", "log_betas")
-            rows = self._x0_rows() + ("posterior_mean_coef1", "posterior_mean_coef2",
-                                      *var_rows, "nonzero_mask")
+                lo, hi = log_var, log_var
+            else:  # the variance row is unused
+                lo, hi, var = "posterior_log_variance_clipped", "log_betas", "log_betas"
+            tables, order = dict(a=a, b=b, c1="posterior_mean_coef1", c2="posterior_mean_coef2",
+                                 lo=lo, hi=hi, var=var, nonzero="nonzero_mask"), sm.DDPM_ROWS
         elif kind == "ddim":
-            rows = self._x0_rows() + ("sqrt_recip_alphas_cumprod",
-                                      "sqrt_recipm1_alphas_cumprod", "alphas_cumprod",
-                                      "alphas_cumprod_prev", "nonzero_mask")
+            tables, order = dict(a=a, b=b, recip="sqrt_recip_alphas_cumprod",
+                                 recipm1="sqrt_recipm1_alphas_cumprod",
+                                 alpha_bar="alphas_cumprod", alpha_bar_prev="alphas_cumprod_prev",
+                                 nonzero="nonzero_mask"), sm.DDIM_ROWS
         else:
             raise ValueError(f"kind must be 'ddpm' or 'ddim', got {kind!r}")
+        rows = tuple(tables[name] for name in sorted(order, key=order.get))
         return self._tensor(rows, t.device)[:, t].float()
 
     # --- timesteps the model sees ------------------------------------------------

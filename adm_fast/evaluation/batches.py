@@ -19,6 +19,8 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
+from ..io import OutputError, atomic_write, describe_os_error, probe_write
+
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 # The network's features: pool_3 is 2048-d, mixed_6/conv's first 7 channels of
 # 17x17 are 2023-d (network.py). A reference batch's statistics must be these
@@ -292,8 +294,6 @@ def check_output(path: str, flag: str, overwrite: bool = False, need: int = 0) -
     without `overwrite`, or that cannot be written: its folder missing, not
     writable (permission, a read-only or full file system: a one-byte file is
     written beside it, synced and removed), or holding less than `need` free bytes."""
-    from ..sampling.files import describe_os_error, partial_name
-
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise EvaluationError(f"{folder}: no such folder for the output")
@@ -301,19 +301,10 @@ def check_output(path: str, flag: str, overwrite: bool = False, need: int = 0) -
         raise EvaluationError(f"{flag} {path} is a folder: expected a file name")
     if os.path.lexists(path) and not overwrite:
         raise EvaluationError(f"{flag} {path} exists: pass --overwrite to replace it")
-    probe = partial_name(os.path.abspath(path))
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"\0")
-            os.fsync(fd)  # some file systems report a full disk only here
-        finally:
-            os.close(fd)
+        probe_write(os.path.abspath(path))
     except OSError as e:
         raise EvaluationError(f"{flag}: {describe_os_error(e, path)}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
     check_room(path, need)
 
 
@@ -342,8 +333,6 @@ def write_atomic(path: str, write_file) -> None:
     """write_file(f) into a temporary beside `path`, synced, then renamed to it:
     a failure (a full disk) leaves neither a partial file nor a changed `path`,
     and raises one EvaluationError naming it."""
-    from ..sampling.files import OutputError, atomic_write
-
     try:
         atomic_write(path, write_file)
     except OutputError as e:
@@ -382,20 +371,16 @@ def write_reference(path: str, shape: Tuple[int, ...], fill) -> None:
 
 
 @contextlib.contextmanager
-def _opened(path: str, max_pixels: Optional[int]):
-    from ..image_files import ImageFileError, UnreadableImage, open_image
+def _image_errors():
+    """image_files' errors as EvaluationErrors."""
+    from ..image_files import ImageFileError, UnreadableImage
 
     try:
-        with open_image(path, max_pixels) as im:
-            yield im
+        yield
     except UnreadableImage as e:
-        raise EvaluationError(f"{path}: not a readable image ({e.reason})") from None
+        raise EvaluationError(f"{e.path}: not a readable image ({e.reason})") from None
     except ImageFileError as e:  # a FIFO or device, or an image past the pixel limit
         raise EvaluationError(str(e)) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # while decoding
-        if isinstance(e, EvaluationError):
-            raise
-        raise EvaluationError(f"{path}: not a readable image ({e})") from None
 
 
 def folder_images(folder: str, image_size: Optional[int] = None,
@@ -406,19 +391,16 @@ def folder_images(folder: str, image_size: Optional[int] = None,
     Files are listed and opened by adm_fast.image_files: special files (FIFOs,
     devices) are left out with a warning, and an image of more than max_pixels
     pixels (None: image_files.MAX_PIXELS) is refused from its header."""
-    from ..image_files import MAX_PIXELS, ImageFileError, list_image_files
-    from ..train.data import center_crop_arr
+    from ..image_files import MAX_PIXELS, center_crop_arr, list_image_files, read_rgb
 
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
-    try:
+    with _image_errors():
         files = list_image_files(folder)
-    except ImageFileError as e:
-        raise EvaluationError(str(e)) from None
 
     def load(path: str) -> np.ndarray:
-        with _opened(path, max_pixels) as im:
-            im = im.convert("RGB")
-            return center_crop_arr(im, image_size) if image_size else np.asarray(im)
+        with _image_errors():
+            im = read_rgb(path, max_pixels)
+        return center_crop_arr(im, image_size) if image_size else np.asarray(im)
 
     first = load(files[0])
     if image_size is None:
@@ -433,9 +415,11 @@ def folder_images(folder: str, image_size: Optional[int] = None,
 
 
 def _check_sizes(files, size, max_pixels) -> None:
+    from ..image_files import open_image
+
     # Headers only (PIL decodes lazily): a mixed folder fails before any work.
     for path in files[1:]:
-        with _opened(path, max_pixels) as im:
+        with _image_errors(), open_image(path, max_pixels) as im:
             other = im.size
         if other != size:
             raise EvaluationError(

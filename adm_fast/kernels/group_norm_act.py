@@ -21,7 +21,6 @@ allocate and pick tile sizes.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -123,6 +122,22 @@ def gn_stats_finalize_kernel(
 
 
 @triton.jit
+def _tile_stats(mean_ptr, rstd_ptr, C, HW, G, CG: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_HW: tl.constexpr):
+    """An elementwise program's tile (sample n, channels c, positions hw: program
+    ids 0, 1, 2), its masks, each channel's group and that group's mean and 1/std."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = tl.program_id(2).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    cmask = c < C
+    mask = cmask[:, None] & (hw < HW)[None, :]
+    grp = n * G + c // CG
+    mean = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
+    return n, c, hw, cmask, mask, grp, mean, rstd
+
+
+@triton.jit
 def gn_fwd_apply_kernel(
     x_ptr, y_ptr,  # *T input and output, same logical shape
     mean_ptr, rstd_ptr,  # *fp32 [N*G]
@@ -136,14 +151,8 @@ def gn_fwd_apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """y = f((x − μ)·a + d) on one [BLOCK_C, BLOCK_HW] tile of one sample."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = tl.program_id(2).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    cmask = c < C
-    mask = cmask[:, None] & (hw < HW)[None, :]
-    grp = n * G + c // CG
-    mean = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
-    rstd = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
+    n, c, hw, cmask, mask, grp, mean, rstd = _tile_stats(mean_ptr, rstd_ptr, C, HW, G, CG,
+                                                         BLOCK_C, BLOCK_HW)
     w, b, one_s, sh = _channel_params(w_ptr, b_ptr, s_ptr, sh_ptr, n, c, cmask, ssn, ssc,
                                       shn, shc, HAS_W, HAS_B, HAS_S, HAS_SH)
     a = rstd * w * one_s
@@ -298,14 +307,8 @@ def gn_bwd_apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """dx = ρ·(g·(1+s)·w − c1 − x̂·c2) on one tile."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = tl.program_id(2).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    cmask = c < C
-    mask = cmask[:, None] & (hw < HW)[None, :]
-    grp = n * G + c // CG
-    mean = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
-    rstd = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
+    n, c, hw, cmask, mask, grp, mean, rstd = _tile_stats(mean_ptr, rstd_ptr, C, HW, G, CG,
+                                                         BLOCK_C, BLOCK_HW)
     c1 = tl.load(coef_ptr + grp, mask=cmask, other=0.0)
     c2 = tl.load(coef_ptr + N * G + grp, mask=cmask, other=0.0)
     w, b, one_s, sh = _channel_params(w_ptr, b_ptr, s_ptr, sh_ptr, n, c, cmask, ssn, ssc,
@@ -332,7 +335,7 @@ FUSED_MAX = {"cuda": 4096, "cpu": 65536}
 TARGET_PROGRAMS = {"cuda": 528, "cpu": 4}
 
 
-def layout_strides(t: Tensor) -> Optional[Tuple[int, int, int]]:
+def layout_strides(t: Tensor) -> tuple[int, int, int] | None:
     """(stride_n, stride_c, stride_hw) of t viewed as [N, C, HW], for NCHW-contiguous
     or channels-last tensors (channels_last, channels_last_3d, and the 3-D
     [N, C, T] view of a channels_last map); None for other layouts."""
@@ -372,7 +375,7 @@ def _vec_args(weight, bias, scale, shift, x):
 
 
 def forward(x: Tensor, num_groups: int, weight, bias, scale, shift, eps: float,
-            act: bool) -> Tuple[Tensor, Tensor, Tensor]:
+            act: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd): y like x; mean, rstd fp32 [N, G]."""
     n, c = x.shape[:2]
     hw = x.numel() // max(1, n * c)

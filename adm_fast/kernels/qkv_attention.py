@@ -25,7 +25,6 @@ an fp64 reference to ~1e-6.
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 import triton
@@ -206,7 +205,7 @@ def attn_bwd_dq_kernel(
 
 # Launch shapes: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per padded
 # head dim, for 16-bit and for fp32 inputs. Chosen from sm_90/sm_80 compiles
-# (python -m adm_fast.kernels.aot) for no register spills and shared memory
+# (python -m adm_fast.benchmarks.aot) for no register spills and shared memory
 # within both limits; the timings that should refine them come from
 # bench/gpu_check. In the dK/dV kernel BLOCK_N keys are held and BLOCK_M
 # queries stream past; in the others BLOCK_M queries are held. fp32 runs three
@@ -296,7 +295,7 @@ def empty_like_qkv(qkv: Tensor, channels: int) -> Tensor:
     return torch.empty(n, channels, t, device=qkv.device, dtype=qkv.dtype)
 
 
-def forward(qkv: Tensor, num_heads: int, legacy: bool) -> Tuple[Tensor, Tensor]:
+def forward(qkv: Tensor, num_heads: int, legacy: bool) -> tuple[Tensor, Tensor]:
     """(out [N, HC, T] in qkv's layout, lse [N, H, T] fp32 base 2)."""
     n, width, t = qkv.shape
     c, q_off, k_off, v_off, step = head_layout(width, num_heads, legacy)

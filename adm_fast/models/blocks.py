@@ -3,13 +3,13 @@
 Attribute names and nesting follow guided-diffusion's modules so that
 state_dict keys match released checkpoints (`in_layers.0.weight`,
 `emb_layers.1.bias`, `qkv.weight`, ...). The arithmetic goes through
-adm_fast.ops; no backend is named here.
+adm_fast.ops (directly, or through the adapters in fused.py); no backend is
+named here.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .nn import maybe_checkpoint, norm_act_conv, normalization, zero_module
+from .fused import conv1x1, conv1x1_token, norm_act_conv
+from .layout import prepend_token, tidy_strides
+from .nn import maybe_checkpoint, normalization, zero_module
 
 
 class TimestepBlock(nn.Module):
@@ -47,7 +49,7 @@ class Upsample(nn.Module):
     """Nearest-neighbour ×2 upsampling, optionally followed by a 3×3 conv."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2,
-                 out_channels: Optional[int] = None):
+                 out_channels: int | None = None):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
@@ -65,7 +67,7 @@ class Downsample(nn.Module):
     """×2 downsampling: a strided 3×3 conv, or 2×2 average pooling."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2,
-                 out_channels: Optional[int] = None):
+                 out_channels: int | None = None):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
@@ -92,7 +94,7 @@ class ResBlock(TimestepBlock):
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float,
-                 out_channels: Optional[int] = None, use_conv: bool = False,
+                 out_channels: int | None = None, use_conv: bool = False,
                  use_scale_shift_norm: bool = False, dims: int = 2,
                  use_checkpoint: bool = False, up: bool = False, down: bool = False):
         super().__init__()
@@ -147,7 +149,7 @@ class ResBlock(TimestepBlock):
         out_norm, drop, conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
         h = norm_act_conv(out_norm, h, conv, scale, shift, recompute=recompute,
                           dropout=drop.p if drop.training else 0.0)
-        return ops.tidy_strides(self.skip_connection(x) + h)
+        return tidy_strides(self.skip_connection(x) + h)
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -202,10 +204,10 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape
         x = x.reshape(b, c, math.prod(spatial))  # not -1: an empty batch has no inferable size
-        qkv = norm_act_conv(self.norm, x, lambda h: ops.conv1x1(self.qkv, h), act=False,
+        qkv = norm_act_conv(self.norm, x, lambda h: conv1x1(self.qkv, h), act=False,
                             recompute=not self.use_checkpoint)
-        h = ops.conv1x1(self.proj_out, self.attention(qkv))
-        return ops.tidy_strides((x + h).reshape(b, c, *spatial))
+        h = conv1x1(self.proj_out, self.attention(qkv))
+        return tidy_strides((x + h).reshape(b, c, *spatial))
 
 
 class AttentionPool2d(nn.Module):
@@ -216,12 +218,13 @@ class AttentionPool2d(nn.Module):
     """
 
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads_channels: int,
-                 output_dim: Optional[int] = None):
+                 output_dim: int | None = None):
         super().__init__()
         self.spacial_dim = spacial_dim
         # In place: an out-of-place div on the meta device (checkpoint loading
         # builds there) goes through torch._refs, whose import pulls in
-        # torch._dynamo, 2.4 s of the demo's start-up. Same values either way.
+        # torch._dynamo, seconds of the demo's start-up (docs/performance.md).
+        # Same values either way.
         self.positional_embedding = nn.Parameter(
             torch.randn(embed_dim, spacial_dim ** 2 + 1).div_(embed_dim ** 0.5))
         self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
@@ -237,6 +240,6 @@ class AttentionPool2d(nn.Module):
                 f"features, got {'x'.join(map(str, spatial))}: the classifier's input "
                 f"must have the image_size it was built with")
         x = x.reshape(b, c, math.prod(spatial))
-        x = ops.prepend_token(x, x.mean(dim=-1, keepdim=True))
+        x = prepend_token(x, x.mean(dim=-1, keepdim=True))
         x = x + self.positional_embedding[None].to(x.dtype)
-        return ops.conv1x1_token(self.c_proj, self.attention(ops.conv1x1(self.qkv_proj, x)), 0)
+        return conv1x1_token(self.c_proj, self.attention(conv1x1(self.qkv_proj, x)), 0)

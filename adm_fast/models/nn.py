@@ -1,6 +1,5 @@
 """Small pieces the ADM models share: the timestep embedding, the GroupNorm
-module, dtype helpers and the checkpointing switch. The arithmetic goes
-through adm_fast.ops by op name; no backend is named here."""
+module, dtype helpers and the checkpointing switch."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor
 
-from .. import ops
+from .fused import norm_act
 
 NUM_GROUPS = 32
 
@@ -48,22 +47,6 @@ def normalization(channels: int) -> GroupNorm32:
         raise ValueError(f"ADM normalises with GroupNorm({NUM_GROUPS}); {channels} "
                          f"channels are not divisible by {NUM_GROUPS}")
     return GroupNorm32(NUM_GROUPS, channels)
-
-
-def norm_act(norm: nn.GroupNorm, x: Tensor, scale: Tensor = None, shift: Tensor = None,
-             act: bool = True) -> Tensor:
-    """SiLU(norm(x)·(1 + scale) + shift) through the op layer."""
-    return ops.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, scale, shift,
-                              norm.eps, act)
-
-
-def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor = None,
-                  shift: Tensor = None, act: bool = True, between=None,
-                  recompute: bool = True, dropout: float = 0.0) -> Tensor:
-    """conv(between(norm_act(x))) (or conv(dropout(norm_act(x))), training)
-    through the op layer, which may keep a recipe for the conv's input instead
-    of the input (ops.norm_act_conv)."""
-    return ops.norm_act_conv(norm, x, conv, scale, shift, act, between, recompute, dropout)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -7,7 +7,6 @@ and benchmarks.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -15,7 +14,7 @@ from torch import nn
 __all__ = ["apply_dtype"]
 
 
-def apply_dtype(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
+def apply_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """None/fp32: all fp32. fp16/bf16: guided-diffusion's use_fp16 recipe (the
     torso's convolutions in that dtype; embeddings, norms and head in fp32)."""
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -11,7 +11,7 @@ head keep theirs, and the op layer keeps statistics and softmax in fp32.
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -20,8 +20,9 @@ from torch import Tensor
 
 from .blocks import (AttentionBlock, AttentionPool2d, Downsample, ResBlock,
                      TimestepEmbedSequential, Upsample)
-from .nn import (check_dims, convert_torso, norm_act, norm_act_conv, normalization,
-                 param_dtype, timestep_embedding, zero_module)
+from .fused import norm_act, norm_act_conv
+from .nn import (check_dims, convert_torso, normalization, param_dtype, timestep_embedding,
+                 zero_module)
 
 
 def constructor_config(args: dict) -> dict:
@@ -121,7 +122,7 @@ class _Trunk(nn.Module):
     def _torso(self):
         return [self.input_blocks, self.middle_block]
 
-    def set_checkpointing(self, resblocks: bool = True, attention: Optional[bool] = None):
+    def set_checkpointing(self, resblocks: bool = True, attention: bool | None = None):
         """Recompute residual and/or attention blocks in backward to save memory
         (attention defaults to the same choice as resblocks)."""
         attention = resblocks if attention is None else attention
@@ -179,7 +180,7 @@ class UNetModel(_Trunk):
                  out_channels: int, num_res_blocks: int, attention_resolutions: Sequence[int],
                  dropout: float = 0, channel_mult: Sequence[float] = (1, 2, 4, 8),
                  conv_resample: bool = True, dims: int = 2,
-                 num_classes: Optional[int] = None, use_checkpoint: bool = False,
+                 num_classes: int | None = None, use_checkpoint: bool = False,
                  use_fp16: bool = False, num_heads: int = 1, num_head_channels: int = -1,
                  num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
                  resblock_updown: bool = False, use_new_attention_order: bool = False,
@@ -219,7 +220,7 @@ class UNetModel(_Trunk):
     def _torso(self):
         return [self.input_blocks, self.middle_block, self.output_blocks]
 
-    def forward(self, x: Tensor, timesteps: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:
         """x [N, C, H, W], timesteps [N] (float ok), y [N] class labels if
         class-conditional (null_label for "no label" with null_class).
         Returns [N, out_channels, H, W]."""
@@ -254,7 +255,7 @@ class SuperResModel(UNetModel):
         super().__init__(image_size, in_channels * 2, *args, **kwargs)
         self.config["in_channels"] = in_channels
 
-    def forward(self, x: Tensor, timesteps: Tensor, low_res: Optional[Tensor] = None,
+    def forward(self, x: Tensor, timesteps: Tensor, low_res: Tensor | None = None,
                 **kwargs) -> Tensor:
         if low_res is None:
             raise ValueError("SuperResModel needs low_res, the [N, C, h, w] image to upsample")

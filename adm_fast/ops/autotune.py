@@ -19,14 +19,13 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Dict, List, Optional
 
 import torch
 
 from . import store
 from .impl import Call, Impl, dtype_name, holds_values, layout_of
 
-_STATE: Dict[str, object] = {"table": None, "path": None}
+_STATE: dict[str, object] = {"table": None, "path": None}
 _FILE = "autotune.json"
 
 
@@ -51,7 +50,7 @@ def _valid(v) -> bool:
     return isinstance(v, str)  # a backend's name; anything else is timed again
 
 
-def _table() -> Dict[str, object]:
+def _table() -> dict[str, object]:
     return store.table(_STATE, _FILE)
 
 
@@ -100,10 +99,10 @@ def _time_ms(op, impl: Impl, args, grad: bool) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
-def _rounds(op, candidates: List[Impl], args, grad: bool) -> Dict[str, List[float]]:
+def _rounds(op, candidates: list[Impl], args, grad: bool) -> dict[str, list[float]]:
     for impl in candidates:  # warm-up: first-call costs are not the kernel's
         _once(op, impl, args, grad)
-    times: Dict[str, List[float]] = {impl.backend: [] for impl in candidates}
+    times: dict[str, list[float]] = {impl.backend: [] for impl in candidates}
     for r in range(ROUNDS):
         shift = r % len(candidates)
         for impl in candidates[shift:] + candidates[:shift]:
@@ -111,12 +110,12 @@ def _rounds(op, candidates: List[Impl], args, grad: bool) -> Dict[str, List[floa
     return times
 
 
-def _spread(values: List[float]) -> float:
+def _spread(values: list[float]) -> float:
     mid = statistics.median(values)
     return statistics.median(abs(v - mid) for v in values) / mid if mid > 0 else 0.0
 
 
-def judge(times: Dict[str, List[float]], default: str):
+def judge(times: dict[str, list[float]], default: str):
     """(choice, trusted): the static order's `default` unless another candidate
     wins clearly; trusted when every candidate's rounds agree with each other."""
     med = {name: statistics.median(v) for name, v in times.items()}
@@ -129,8 +128,8 @@ def judge(times: Dict[str, List[float]], default: str):
     return choice, all(_spread(v) <= NOISY for v in times.values())
 
 
-def pick(op, call: Call, args, candidates: List[Impl],
-         default: Optional[Impl] = None) -> Optional[Impl]:
+def pick(op, call: Call, args, candidates: list[Impl],
+         default: Impl | None = None) -> Impl | None:
     """The fastest of candidates for this call (all of which support it), from
     the machine's stored decision or measured now; None when not tuning.
     default: the static order's choice, which holds without a clear win."""

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from collections.abc import Mapping
 
 AUTO = "auto"
+# The backend whose implementation of every op is the op's own reference
+# (Op.reference, registered by the op itself: ops/op.py).
+REFERENCE = "eager"
 # The setting: a backend name for every op, or {op: name} (ops not named: auto).
-Setting = Union[str, Mapping[str, str]]
+Setting = str | Mapping[str, str]
 
 
 class Backend:
@@ -28,23 +31,23 @@ class Backend:
 
     name: str = ""
     priority: int = 0  # higher is tried first by auto, after measured preferences
-    device_types: Tuple[str, ...] = ("cpu", "cuda")
+    device_types: tuple[str, ...] = ("cpu", "cuda")
     # The reference's own backend: what every other implementation is checked
     # against before auto uses it (ops/verify.py), so never checked itself.
     is_reference: bool = False
 
-    def unavailable_reasons(self) -> List[str]:
+    def unavailable_reasons(self) -> list[str]:
         """Why the backend cannot run anything here (not built, not importable)."""
         return []
 
-    def device_reasons(self, device_type: str) -> List[str]:
+    def device_reasons(self, device_type: str) -> list[str]:
         """Why it cannot run on tensors of this device type."""
         if device_type not in self.device_types:
             return [f"{device_type} tensors are not supported (runs on "
                     f"{'/'.join(self.device_types)})"]
         return []
 
-    def auto_reasons(self, device_type: str) -> List[str]:
+    def auto_reasons(self, device_type: str) -> list[str]:
         """Why auto should pass it over where it could run (e.g. an interpreter)."""
         return []
 
@@ -52,7 +55,7 @@ class Backend:
         """Where it runs, for `adm-fast info`."""
         return ""
 
-    def build_info(self) -> Optional[str]:
+    def build_info(self) -> str | None:
         """How it was built, for `adm-fast info`; None when nothing is built."""
         return None
 
@@ -63,8 +66,8 @@ class Backend:
         return ""
 
 
-_BACKENDS: Dict[str, Backend] = {}
-_STATE: Dict[str, object] = {"setting": None, "version": 0}
+_BACKENDS: dict[str, Backend] = {}
+_STATE: dict[str, object] = {"setting": None, "version": 0}
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -89,7 +92,7 @@ def version() -> int:
     return int(_STATE["version"])
 
 
-def backends() -> Dict[str, Backend]:
+def backends() -> dict[str, Backend]:
     """The registered backends, highest priority first."""
     return dict(sorted(_BACKENDS.items(), key=lambda kv: -kv[1].priority))
 
@@ -98,7 +101,8 @@ def get(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """name, if it is auto or a registered backend's; else a ValueError naming them."""
     if name != AUTO and name not in _BACKENDS:
         known = ", ".join([AUTO] + list(backends()))
         raise ValueError(f"unknown adm_fast backend {name!r}; known: {known}")
@@ -107,15 +111,15 @@ def _check_name(name: str) -> str:
 
 def _check(setting: Setting) -> Setting:
     if isinstance(setting, str):
-        return _check_name(setting)
+        return check_name(setting)
     if not isinstance(setting, Mapping):
         raise TypeError(f"a backend setting is a name or {{op: name}}, got {setting!r}")
     for name in setting.values():
-        _check_name(name)
+        check_name(name)
     return dict(setting)
 
 
-def current_backend(op: Optional[str] = None) -> str:
+def current_backend(op: str | None = None) -> str:
     """The backend name in force for `op`: use_backend's, else $ADM_FAST_BACKEND,
     else auto."""
     setting = _STATE["setting"]
@@ -123,7 +127,7 @@ def current_backend(op: Optional[str] = None) -> str:
         setting = os.environ.get("ADM_FAST_BACKEND", "").strip() or AUTO
     if not isinstance(setting, str):
         setting = setting.get(op, AUTO)
-    return _check_name(setting)
+    return check_name(setting)
 
 
 def named_for(op: str) -> bool:
@@ -144,7 +148,7 @@ def use_backend(setting: Setting):
         _STATE["setting"] = previous
 
 
-def set_backend(setting: Optional[Setting]) -> None:
+def set_backend(setting: Setting | None) -> None:
     """Set the backend until changed; None restores the default."""
     _STATE["setting"] = None if setting is None else _check(setting)
 

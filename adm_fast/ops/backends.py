@@ -8,7 +8,8 @@
   cuda    hand-written CUDA kernels (csrc/cuda, the adm_fast._C_cuda extension)
 
 What each supports per op is declared by the op's implementations (the Impl
-classes in each op's spec file).
+classes in each op's spec file); a Triton implementation names its kernel
+module (TritonImpl.module), which the backend imports.
 """
 
 from __future__ import annotations
@@ -16,23 +17,23 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import List, Optional
 
 import torch
 
 from . import store
-from .backend import Backend, register_backend
+from .backend import REFERENCE, Backend, register_backend
+from .impl import Impl
 
 
 class _Anywhere(Backend):
     """Plain torch code: runs on every device torch does (meta tensors too)."""
 
-    def device_reasons(self, device_type: str) -> List[str]:
+    def device_reasons(self, device_type: str) -> list[str]:
         return []
 
 
 class EagerBackend(_Anywhere):
-    name, priority, is_reference = "eager", 0, True
+    name, priority, is_reference = REFERENCE, 0, True
 
     def notes(self) -> str:
         return "everywhere: guided-diffusion's arithmetic, the reference"
@@ -46,43 +47,46 @@ class SdpaBackend(_Anywhere):
 
 
 class TritonBackend(Backend):
-    """Kernels are defined once, at import: compiled for CUDA, or interpreted on
-    CPU tensors (Triton reads TRITON_INTERPRET when the kernels are defined).
-    These are module-level facts that torch.compile reads as constants. On a
-    CPU build of torch without TRITON_INTERPRET nothing can run them, and they
-    are defined on first use instead."""
+    """Kernels are defined once, when the op that runs them registers its
+    TritonImpl: compiled for CUDA, or interpreted on CPU tensors (Triton reads
+    TRITON_INTERPRET when the kernels are defined). These are module-level
+    facts that torch.compile reads as constants. On a CPU build of torch
+    without TRITON_INTERPRET nothing can run them, and they are defined on
+    first use instead."""
 
     name, priority = "triton", 20
-    MODULES = ("group_norm_act", "diffusion_step", "qkv_attention")
 
     def __init__(self) -> None:
-        self.error: Optional[str] = None
-        self.modules = {}
+        self.error: str | None = None
+        self.modules: dict[str, object] = {}  # kernel module name -> module (None: not yet)
         self.interpreted, self.device_types = False, ("cuda",)
+        self.deferred = False
         if torch.version.cuda is None and not os.environ.get("TRITON_INTERPRET") \
                 and importlib.util.find_spec("triton") is not None:
             # A CPU build of torch, no interpreter asked for: no tensor here can
             # reach a kernel, so defining them (Triton reads and parses each
             # one's source) waits for a first use.
+            self.deferred = True
             return
         try:
             import triton  # noqa: F401
         except Exception as e:  # ImportError, or a broken install
             self.error = f"triton is not importable ({type(e).__name__}: {e})"
-            return
-        self._define()
 
-    def _define(self) -> None:
-        for mod in self.MODULES:
-            self.modules[mod] = importlib.import_module(f"adm_fast.kernels.{mod}")
-        kernel = self.modules["diffusion_step"].ddpm_step_kernel
-        self.interpreted = type(kernel).__name__ == "InterpretedFunction"
-        self.device_types = ("cpu",) if self.interpreted else ("cuda",)
+    def add_module(self, name: str) -> None:
+        """A TritonImpl's kernel module (adm_fast/kernels/<name>.py)."""
+        self.modules.setdefault(name, None)
+        if not self.deferred and not self.error:
+            self.kernels(name)
 
     def kernels(self, name: str):
-        if not self.modules:
-            self._define()
-        return self.modules[name]
+        module = self.modules.get(name)
+        if module is None:
+            module = self.modules[name] = importlib.import_module(f"adm_fast.kernels.{name}")
+            self.interpreted = any(type(v).__name__ == "InterpretedFunction"
+                                   for v in vars(module).values())
+            self.device_types = ("cpu",) if self.interpreted else ("cuda",)
+        return module
 
     def build_id(self) -> str:
         # Triton's version pins its compiler (ptxas ships with it); the kernels
@@ -90,13 +94,13 @@ class TritonBackend(Backend):
         # new build too.
         if self.error:
             return "none"
-        files = ",".join(store.module_build(f"adm_fast.kernels.{m}") for m in self.MODULES)
+        files = ",".join(store.module_build(f"adm_fast.kernels.{m}") for m in sorted(self.modules))
         return f"{triton_version()}{'-interpreted' if self.interpreted else ''}[{files}]"
 
-    def unavailable_reasons(self) -> List[str]:
+    def unavailable_reasons(self) -> list[str]:
         return [self.error] if self.error else []
 
-    def device_reasons(self, device_type: str) -> List[str]:
+    def device_reasons(self, device_type: str) -> list[str]:
         if self.interpreted and device_type == "cuda":
             return ["kernels were defined for the interpreter (TRITON_INTERPRET=1); "
                     "unset it to run them on the GPU"]
@@ -105,7 +109,7 @@ class TritonBackend(Backend):
                     "before importing adm_fast"]
         return super().device_reasons(device_type)
 
-    def auto_reasons(self, device_type: str) -> List[str]:
+    def auto_reasons(self, device_type: str) -> list[str]:
         if device_type == "cpu":
             return ["CPU tensors would run in Triton's interpreter, which auto never picks"]
         return []
@@ -116,7 +120,7 @@ class TritonBackend(Backend):
         return "CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 at import)"
 
 
-def triton_version() -> Optional[str]:
+def triton_version() -> str | None:
     """Triton's version, from its installed metadata (no import), or None."""
     from importlib import metadata
 
@@ -129,26 +133,25 @@ def triton_version() -> Optional[str]:
 class NativeBackend(Backend):
     """A compiled extension registering kernels for the adm_fast_native ops
     (their schemas are defined in Python, by the op specs through ops/native.py).
-    Loaded by `load()`, once the specs have defined the schemas."""
+    Loaded as it is registered, whatever the specs have defined by then: the
+    dispatcher keeps a kernel registered before its schema and checks the two
+    agree when the schema comes, so no import order matters."""
 
     module = ""
     how_to_build = ""
 
     def __init__(self) -> None:
         self.ext = None
-        self.error: Optional[str] = "not loaded"
-
-    def load(self) -> None:
+        self.error: str | None = None
         if os.environ.get("ADM_FAST_NO_EXT") == "1":
             self.error = "extensions disabled by ADM_FAST_NO_EXT=1"
             return
         try:
             self.ext = importlib.import_module(self.module)
-            self.error = None
         except ImportError as e:
             self.error = f"{self.how_to_build()} ({type(e).__name__}: {e})"
 
-    def unavailable_reasons(self) -> List[str]:
+    def unavailable_reasons(self) -> list[str]:
         return [self.error] if self.error else []
 
     def build_info(self) -> str:
@@ -190,6 +193,16 @@ CPU = register_backend(CpuBackend())
 CUDA = register_backend(CudaBackend())
 
 
-def load_native() -> None:
-    for b in (CPU, CUDA):
-        b.load()
+class TritonImpl(Impl):
+    """A Triton implementation: `module` names its kernel module in
+    adm_fast/kernels/, which the backend imports (TritonBackend)."""
+
+    backend = TRITON.name
+    module = ""
+
+    def on_register(self) -> None:
+        TRITON.add_module(self.module)
+
+    @property
+    def kernels(self):
+        return TRITON.kernels(self.module)

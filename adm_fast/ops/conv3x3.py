@@ -2,52 +2,46 @@
 most of a UNet's arithmetic.
 
 The eager reference is guided-diffusion's computation, F.conv2d (oneDNN on a
-CPU, near the FMA peak here). The cpu implementation is Winograd's
-F(2×2, 3×3) (csrc/cpu/conv3x3_winograd.cpp): 16 products per 2×2 output tile and
-channel pair instead of 36, between transforms that only add, by blocks of
-tiles kept in cache, with its own AVX2+FMA product (csrc/cpu/conv3x3_gemm.cpp;
-a CPU without them gets torch's convolution from the same op).
-Its rounding differs from a direct convolution's: against an fp64
-convolution its max error ran from 0.35× to 2× oneDNN's, 1–6e-7 of the
-output's scale (tests/test_conv3x3.py; lower than oneDNN's at every shape of
-`adm-fast bench ops conv3x3`). It runs on fp32 channels_last maps, forward
-and backward: ∇x is the same convolution of ∇y with the kernel turned by 180°
-(oneDNN's on maps below 8x8 and on 8x8 ones past 256x256 channels, where it is
-faster), and the weights' gradient is Winograd's too — per tile the
-transposed transforms, then 16 matrix products summed over the tiles, by
-chunks kept in cache: 2.1–2.8x oneDNN's channels_last weight gradient at
-ADM's shapes (forward and backward together, the transforms made anew as in
-training, 1.0–2.3x oneDNN, with a lower error than oneDNN's against fp64).
-The weights' transform, laid out in strips of 16 output channels for the
-products, is kept from call to call while the weight holds the same bytes
-(winograd_weights.py: compared bit for bit, not by version, which a write
-through `.data` leaves as it was): a sampling loop makes it once.
-Guidance asks autograd for ∇x alone: the weights' gradient is then skipped,
-as torch's own convolution skips it (Op: engine_needs).
+CPU, near the FMA peak). The cpu implementation is Winograd's F(2×2, 3×3)
+(csrc/cpu/conv3x3_winograd.cpp): 16 products per 2×2 output tile and channel
+pair instead of 36, between transforms that only add, by blocks of tiles kept
+in cache, with its own AVX2+FMA product (csrc/cpu/conv3x3_gemm.cpp; a CPU
+without them gets torch's convolution from the same op). It runs on fp32
+channels_last maps, forward and backward: ∇x is the same convolution of ∇y
+with the kernel turned by 180° (oneDNN's on the small maps where oneDNN is
+faster: Cpu.backward_input), and the weights' gradient is Winograd's too —
+per tile the transposed transforms, then 16 matrix products summed over the
+tiles, by chunks kept in cache. The weights' transform, laid out in strips of
+16 output channels for the products, is kept from call to call while the
+weight holds the same bytes (winograd_weights.py: compared bit for bit, not
+by version, which a write through `.data` leaves as it was): a sampling loop
+makes it once. Guidance asks autograd for ∇x alone: the weights' gradient is
+then skipped, as torch's own convolution skips it (Op: engine_needs).
 
-Non-finite inputs: Winograd's transforms add and subtract the inputs of a
-tile (and the products of its 16 frequencies), so an output that eager's
-convolution gives as ±inf (an inf in its window) may come out NaN here (one
-inf in a 6x6 map, 4 output channels: 26 of its 36 outputs). Which outputs
-are finite is eager's: an inf or NaN reaches exactly the outputs whose
-windows hold it, as in the direct sum (tests/test_nonfinite_inputs.py).
-Giving eager's signs would take a scan of every input for inf before each
-convolution, a pass over the map that a sampling step does not otherwise
-make, to change one non-finite value into another.
+Its rounding differs from a direct convolution's (the transforms sum up to 9
+products where a direct convolution rounds each once); against an fp64
+convolution its error stays within a small multiple of oneDNN's
+(tests/test_conv3x3.py, verify_factor below). Non-finite inputs: the
+transforms add and subtract the inputs of a tile (and the products of its 16
+frequencies), so an output that eager's convolution gives as ±inf (an inf in
+its window) may come out NaN here. Which outputs are finite is eager's: an
+inf or NaN reaches exactly the outputs whose windows hold it, as in the
+direct sum (tests/test_nonfinite_inputs.py). Giving eager's signs would take
+a scan of every input for inf before each convolution, a pass over the map
+that a sampling step does not otherwise make, to change one non-finite value
+into another.
 
-Auto times it against oneDNN per call signature, since which is faster depends
-on the shape and the CPU: on an AVX2 EPYC, with the transform kept, it ran
-1.25–2.3× oneDNN over ADM's shapes from 4 to 64 px and 32 to 256 channels
-(`adm-fast bench ops conv3x3`, at 8ebfd52), least on 4×4 maps.
+Auto times it against oneDNN per call signature, since which is faster
+depends on the shape and the CPU (`adm-fast bench ops conv3x3`; the figures:
+docs/performance.md, "Kernel decisions and their measurements").
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import backend as _backend
 from . import native
 from .impl import Impl
 from .op import Op
@@ -67,9 +61,9 @@ class Conv3x3(Op):
     preferences = [{"device": "cpu", "order": ["eager", "cpu"]}]
     tune = {"cpu": ("eager", "cpu")}
     # Winograd's transforms sum up to 9 products where a direct convolution
-    # rounds each once: against fp64, its largest error ran to 3.2x oneDNN's
-    # (300 -> 240 channels on 8x8 maps, over 25 inputs), 0.35-2.7x at the shapes
-    # of tests/test_conv3x3.py and the benchmark (whose bound is 4x too).
+    # rounds each once: its largest error against fp64, measured over ADM's
+    # shapes, stays under 4x oneDNN's (docs/performance.md); the benchmark's
+    # bound is 4x too.
     verify_factor = 4.0
 
     def check(self, x, weight, bias) -> None:
@@ -87,8 +81,7 @@ class Conv3x3(Op):
             raise ValueError(f"{op}: bias must be [{weight.shape[0]}], got "
                              f"{getattr(bias, 'shape', type(bias))}")
 
-    def reference(self, *args):
-        return reference(*args)
+    reference = staticmethod(reference)
 
     def features(self, x, weight, bias):
         return {"channels": x.shape[1], "out_channels": weight.shape[0]}
@@ -130,14 +123,6 @@ def _winograd_runs() -> bool:
     return _RUNS[0]
 
 
-class Eager(Impl):
-    backend, kind = "eager", "composite"
-    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-    def run(self, *args):
-        return reference(*args)
-
-
 class Cpu(Impl):
     backend = "cpu"
     dtypes = (torch.float32,)
@@ -156,11 +141,11 @@ class Cpu(Impl):
         # ∇x of a 3x3, stride-1, pad-1 convolution is the same convolution of
         # ∇y with the kernel turned by 180° and its in/out channels swapped (its
         # transform reads the weight in place, and is kept while the weight
-        # holds still: guidance). Against oneDNN's ∇x at batch 4, counting a
-        # fresh transform (training): 1.4-2.6x on 8x8 maps up to 256 channels,
-        # 0.80x at 512 -> 256 on 8x8 (a U of 8 MB), 0.86x at 256 on 4x4. By
-        # shape alone, so that ∇x is the same bytes whatever is kept, and
-        # whether or not the weights' gradient is asked for too.
+        # holds still: guidance). oneDNN's ∇x is faster on maps below 8x8 and
+        # on 8x8 ones past 256x256 channels, where the transform's U outgrows
+        # the cache (docs/performance.md). By shape alone, so that ∇x is the
+        # same bytes whatever is kept, and whether or not the weights' gradient
+        # is asked for too.
         hw, co = dy.shape[2] * dy.shape[3], weight.shape[0] * weight.shape[1]
         if not _winograd_runs() or hw < 64 or (hw < 256 and co > 256 * 256):
             return torch.ops.aten.convolution_backward(
@@ -173,8 +158,7 @@ class Cpu(Impl):
         return NATIVE_WEIGHT_GRAD(x, dy)
 
 
-for _impl in (Eager(), Cpu()):
-    CONV3X3.register(_impl)
+CONV3X3.register(Cpu())
 
 
 def conv3x3(x: Tensor, weight: Tensor, bias=None) -> Tensor:
@@ -182,23 +166,3 @@ def conv3x3(x: Tensor, weight: Tensor, bias=None) -> Tensor:
     cpu backend (Winograd) an output eager gives as ±inf may be NaN (module
     docstring); which outputs are finite is eager's."""
     return CONV3X3(x, weight, bias)
-
-
-def is_conv3x3(module) -> bool:
-    """Whether module is an nn.Conv2d this op computes (3×3, stride 1, padding 1)."""
-    return (type(module) is nn.Conv2d and module.kernel_size == (3, 3)
-            and module.stride == (1, 1) and module.padding == (1, 1)
-            and module.dilation == (1, 1) and module.groups == 1
-            and module.padding_mode == "zeros")
-
-
-def conv(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x), through conv3x3 where module is such a convolution and the
-    backend is auto or chosen for conv3x3 by name (use_backend({"conv3x3":
-    "cpu"})). A backend chosen for every op (use_backend("cpu"), as the fused
-    ops' model tests choose) gets the module itself: such a setting names the
-    fused norm and attention, not a different convolution."""
-    if is_conv3x3(module) and (_backend.current_backend(CONV3X3.name) == _backend.AUTO
-                               or _backend.named_for(CONV3X3.name)):
-        return CONV3X3(x, module.weight, module.bias)
-    return module(x)

@@ -16,7 +16,6 @@ key but "order" optional; the first rule that matches a call applies.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
 
 import torch
 
@@ -28,13 +27,13 @@ from .impl import Call, Impl, dtype_name
 log = logging.getLogger("adm_fast.dispatch")
 
 
-def format_reasons(op: str, why: Dict[str, List[str]], chosen: Optional[str] = None) -> str:
+def format_reasons(op: str, why: dict[str, list[str]], chosen: str | None = None) -> str:
     head = (f"adm_fast backend {chosen!r} (chosen explicitly) cannot run {op} for these inputs:"
             if chosen else f"no adm_fast backend can run {op} for these inputs:")
     return "\n".join([head] + [f"  {name}: " + "; ".join(r) for name, r in why.items()])
 
 
-def matches(rule: Dict, call: Call) -> bool:
+def matches(rule: dict, call: Call) -> bool:
     if rule.get("device", call.device_type) != call.device_type:
         return False
     first = next(iter(call.tensors.values()))
@@ -47,7 +46,7 @@ def matches(rule: Dict, call: Call) -> bool:
             and all(feats.get(k, 0) <= v for k, v in rule.get("max", {}).items()))
 
 
-def auto_order(op, call: Call) -> List[Impl]:
+def auto_order(op, call: Call) -> list[Impl]:
     """The op's implementations in the order auto tries them for this call."""
     ranked = [op.impls[n] for n in _backend.backends() if n in op.impls]
     for rule in op.preferences:
@@ -57,7 +56,7 @@ def auto_order(op, call: Call) -> List[Impl]:
     return ranked
 
 
-def no_impl(op, name: str) -> List[str]:
+def no_impl(op, name: str) -> list[str]:
     return [f"{name} has no implementation of {op.name}"]
 
 
@@ -70,7 +69,7 @@ def select(op, call: Call) -> Impl:
         if why:
             raise BackendNotSupported(format_reasons(op.name, {name: why}, chosen=name))
         return impl
-    rejected: Dict[str, List[str]] = {}
+    rejected: dict[str, list[str]] = {}
     for impl in auto_order(op, call):
         why = (impl.not_supported_reasons(call) or impl.auto_reasons(call)
                or verify.reasons(op, impl, call))

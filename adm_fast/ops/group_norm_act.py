@@ -17,14 +17,13 @@ triton (adm_fast/kernels/group_norm_act.py), cpu (csrc/cpu/group_norm_act.cpp), 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-from .backends import TRITON
+from .backends import TritonImpl
 from .impl import Impl
 from .op import Op
 
@@ -39,8 +38,8 @@ def _per_channel(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(t.shape + (1,) * (ndim - 2))
 
 
-def reference(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-              scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+def reference(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+              scale: Tensor | None = None, shift: Tensor | None = None,
               eps: float = 1e-5, act: bool = True) -> Tensor:
     """guided-diffusion's eager computation (differentiable, any dtype incl. fp64)."""
     up = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -71,14 +70,13 @@ class GroupNormAct(Op):
     kept_outputs = (1, 2)
     has_kernel_backward = True
     preferences = [
-        # CPU (2 threads, fp32, 2026-11-29, OpenMP build; one GroupNorm(32)+AdaGN+
-        # SiLU, cpu vs eager): the fused forward wins at every size (1.07–6×), but
-        # forward+backward on maps of 8×8 and below is 0.67–0.88× eager from
-        # batch 4 up (the backward kernel's fixed costs), 1.0–1.4× from 16×16.
+        # On a CPU the fused forward wins at every size, but forward+backward on
+        # maps of 8×8 and below loses to eager from batch 4 up (the backward
+        # kernel's fixed costs) (docs/performance.md).
         {"device": "cpu", "grad": True, "max": {"hw": 64}, "order": ["eager"]},
     ]
-    # ... and on an AVX2 EPYC (2026-12-01) the two tie at 8×8 with autograd: auto
-    # times them per call signature (ops/autotune.py).
+    # ... and on another CPU the two tie at 8×8 with autograd: auto times them
+    # per call signature (ops/autotune.py).
     tune = {"cpu": ("cpu", "eager")}
 
     def check(self, x, num_groups, weight, bias, scale, shift, eps, act) -> None:
@@ -118,8 +116,7 @@ class GroupNormAct(Op):
                 or not 0 < eps < math.inf:
             raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
 
-    def reference(self, *args):
-        return reference(*args)
+    reference = staticmethod(reference)
 
     def features(self, x, num_groups, *rest):
         return {"hw": math.prod(x.shape[2:]), "group_channels": x.shape[1] // num_groups}
@@ -150,25 +147,17 @@ NATIVE_FORWARD = native.define("group_norm_act_fwd", SIGNATURE, 3, GROUP_NORM_AC
 NATIVE_BACKWARD = native.define("group_norm_act_bwd", BACKWARD_SIGNATURE, 5, _fake_backward)
 
 
-class Eager(Impl):
-    backend, kind = "eager", "composite"
-    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-    def run(self, *args):
-        return reference(*args)
-
-
-class Triton(Impl):
-    backend = "triton"
+class Triton(TritonImpl):
+    module = "group_norm_act"
     layouts = {"x": ("contiguous", "channels_last", "channels_last_1d", "channels_last_3d"),
                "weight": ("contiguous",), "bias": ("contiguous",)}
     max_features = {"group_channels": 1024}  # one group's channels in one tile
 
     def forward(self, *args):
-        return TRITON.kernels("group_norm_act").forward(*args)
+        return self.kernels.forward(*args)
 
     def backward(self, *args):
-        return TRITON.kernels("group_norm_act").backward(*args)
+        return self.kernels.backward(*args)
 
 
 class _Native(Impl):
@@ -198,13 +187,13 @@ class Cuda(_Native):
                "weight": ("contiguous",), "bias": ("contiguous",)}
 
 
-for _impl in (Eager(), Triton(), Cpu(), Cuda()):
+for _impl in (Triton(), Cpu(), Cuda()):
     GROUP_NORM_ACT.register(_impl)
 
 
-def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
-                   bias: Optional[Tensor] = None, scale: Optional[Tensor] = None,
-                   shift: Optional[Tensor] = None, eps: float = 1e-5,
+def group_norm_act(x: Tensor, num_groups: int, weight: Tensor | None = None,
+                   bias: Tensor | None = None, scale: Tensor | None = None,
+                   shift: Tensor | None = None, eps: float = 1e-5,
                    act: bool = True) -> Tensor:
     """SiLU((GroupNorm(x)·weight + bias)·(1 + scale) + shift).
 

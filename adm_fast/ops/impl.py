@@ -12,7 +12,7 @@ why each was passed over. `kind` tells the op machinery how to call it:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -73,10 +73,10 @@ class Call:
     will want the backward; and the call's own arguments, on which auto checks
     an implementation against the reference before it uses it (ops/verify.py)."""
 
-    tensors: Dict[str, Tensor]
-    features: Dict[str, int]
+    tensors: dict[str, Tensor]
+    features: dict[str, int]
     grad: bool
-    args: Tuple = ()
+    args: tuple = ()
 
     @property
     def device_type(self) -> str:
@@ -92,16 +92,16 @@ class Impl:
     op: str = ""  # set by the op's spec when the implementation is registered
     backend: str = ""
     kind: str = "kernel"
-    device_types: Optional[Tuple[str, ...]] = None  # None: wherever the backend runs
-    dtypes: Tuple[torch.dtype, ...] = FLOATS  # of every tensor argument
-    layouts: Mapping[str, Tuple[str, ...]] = {}  # tensor name -> accepted layouts
+    device_types: tuple[str, ...] | None = None  # None: wherever the backend runs
+    dtypes: tuple[torch.dtype, ...] = FLOATS  # of every tensor argument
+    layouts: Mapping[str, tuple[str, ...]] = {}  # tensor name -> accepted layouts
     max_features: Mapping[str, int] = {}  # feature -> largest supported value
     differentiable: bool = True  # has a backward (composite: torch's autograd)
     # The op's verify_factor unless set: one that rounds differently from the
     # reference by design may be allowed more of torch's error (ops/verify.py).
-    verify_factor: Optional[float] = None
+    verify_factor: float | None = None
 
-    def not_supported_reasons(self, call: Call) -> List[str]:
+    def not_supported_reasons(self, call: Call) -> list[str]:
         b = _backend.get(self.backend)
         why = b.unavailable_reasons()
         if why:
@@ -131,7 +131,7 @@ class Impl:
             why.append("has no backward")
         return why + self.extra_reasons(call)
 
-    def extra_reasons(self, call: Call) -> List[str]:
+    def extra_reasons(self, call: Call) -> list[str]:
         """Limits that are not plain data."""
         return []
 
@@ -139,17 +139,20 @@ class Impl:
         """What `layouts` declares, for `adm-fast info`: "x contiguous/
         channels_last, weight contiguous", or "any layout" when it declares
         nothing. An Impl whose limit on layouts is in extra_reasons says it here."""
-        names: Dict[Tuple[str, ...], List[str]] = {}
+        names: dict[tuple[str, ...], list[str]] = {}
         for name, accepted in self.layouts.items():
             names.setdefault(tuple(accepted), []).append(name)
         return ", ".join(f"{'/'.join(n)} {'/'.join(a)}" for a, n in names.items()) or \
             "any layout"
 
-    def auto_reasons(self, call: Call) -> List[str]:
+    def auto_reasons(self, call: Call) -> list[str]:
         """Why auto should pass over a call this implementation could run."""
         return _backend.get(self.backend).auto_reasons(call.device_type)
 
-    def native_ops(self) -> Tuple:
+    def on_register(self) -> None:
+        """Called when an op registers it (a backend may prepare its code then)."""
+
+    def native_ops(self) -> tuple:
         """The adm_fast_native ops (torch.ops OpOverloads) this implementation
         calls: each needs a kernel for the backend's device (CI checks the CUDA
         build registers them all)."""

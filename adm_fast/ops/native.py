@@ -17,7 +17,7 @@ tensors (all on one fake device) and all-meta calls pass.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

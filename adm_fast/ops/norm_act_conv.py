@@ -1,11 +1,13 @@
 """norm_act_conv: conv(between(group_norm_act(x))), keeping less for backward.
 
-In training on a fused backend, the conv (and `between`, a parameter-free
-resampling) would keep their inputs for backward — full activation tensors,
-per block. Here they keep a recipe instead: x, which the fused norm keeps
-anyway, and the small vectors; backward rebuilds their inputs with one
-memory-bound pass — the trade flash attention makes for its weights — and
-only when the backward reads it: a convolution's input makes only its
+`conv` is any function of the activations (a convolution, a projection);
+adm_fast.models.fused.norm_act_conv hands a model's GroupNorm and conv
+modules in. In training on a fused backend, the conv (and `between`, a
+parameter-free resampling) would keep their inputs for backward — full
+activation tensors, per block. Here they keep a recipe instead: x, which the
+fused norm keeps anyway, and the small vectors; backward rebuilds their inputs
+with one memory-bound pass — the trade flash attention makes for its weights —
+and only when the backward reads it: a convolution's input makes only its
 weight's gradient, so guidance, which asks for ∇x alone, rebuilds nothing
 (nor for a pooling between, whose backward wants the shape). A view of the
 conv's input saved by what runs inside (the [N, T, C] matmul input of a
@@ -25,16 +27,15 @@ memory included.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from . import backend as _backend
 from . import dispatch, verify
-from .conv3x3 import conv as _conv
 from .group_norm_act import GROUP_NORM_ACT
 from .impl import holds_values
 
@@ -109,10 +110,10 @@ class _Recipe:
         self.view = view  # (size, stride, storage offset) of a view of it
 
     @staticmethod
-    def of(impl, args, made: Tensor, between=None) -> "_Recipe":
+    def of(impl, args, made: Tensor, between=None) -> _Recipe:
         return _Recipe(impl, args, (made.shape, made.stride(), made.dtype, made.device), between)
 
-    def of_view(self, t: Tensor) -> "_Recipe":
+    def of_view(self, t: Tensor) -> _Recipe:
         return _Recipe(self.impl, self.args, self.meta, self.between,
                        (t.shape, t.stride(), t.storage_offset()))
 
@@ -198,19 +199,21 @@ class _Dropout:
         return h * self.keep * self.scale
 
 
-def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor = None,
-                  shift: Tensor = None, act: bool = True,
-                  between: Optional[Callable[[Tensor], Tensor]] = None,
+def norm_act_conv(conv: Callable[[Tensor], Tensor], x: Tensor, num_groups: int,
+                  weight: Tensor | None = None, bias: Tensor | None = None,
+                  scale: Tensor | None = None, shift: Tensor | None = None,
+                  eps: float = 1e-5, act: bool = True, *,
+                  between: Callable[[Tensor], Tensor] | None = None,
                   recompute: bool = True, dropout: float = 0.0) -> Tensor:
-    """conv(between(SiLU(norm(x)·(1 + scale) + shift))) (act=False: no SiLU);
-    dropout: the probability of a training-mode dropout in place of between.
+    """conv(between(group_norm_act(x, num_groups, weight, bias, scale, shift,
+    eps, act))); dropout: the probability of a training-mode dropout in place
+    of between.
 
     recompute=False (e.g. inside a checkpointed block, which keeps nothing
     anyway) is the plain composition."""
     if dropout and between is not None:
         raise ValueError("norm_act_conv: dropout takes the place of between; give one")
-    args = (x, norm.num_groups, norm.weight, norm.bias, scale, shift, float(norm.eps),
-            bool(act))
+    args = (x, num_groups, weight, bias, scale, shift, float(eps), bool(act))
     wants_recipe = (recompute and _RECOMPUTE["on"] and torch.is_grad_enabled()
                     and not torch.compiler.is_compiling()
                     and any(isinstance(t, Tensor) and t.requires_grad for t in args[:6]))
@@ -227,7 +230,7 @@ def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor 
         h = GROUP_NORM_ACT.run_decided(decision, args)
         if dropout:
             between = _Dropout(h, dropout)
-        return _conv(conv, h if between is None else between(h))
+        return conv(h if between is None else between(h))
     h = GROUP_NORM_ACT.run(impl, args, grad=True)
     if dropout:
         between = _Dropout(h, dropout)
@@ -254,7 +257,7 @@ def norm_act_conv(norm: nn.GroupNorm, x: Tensor, conv: nn.Module, scale: Tensor 
                 g = between(h)
                 recipes.append((g, _Recipe.of(impl, args, g, between)))
                 h = g
-            return _conv(conv, h)
+            return conv(h)
     finally:
         # Every tensor saved here keeps `pack` alive with it (torch holds both
         # hooks); while `recipes` named the tensors made, the memory a recipe

@@ -27,23 +27,23 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from . import backend as _backend
 from . import autotune, dispatch, verify
-from .impl import Call, Impl, holds_values
+from .impl import FLOATS, Call, Impl, holds_values
 from .native import one_device
 
-_TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "int": int, "float": float,
+_TYPES = {"Tensor": Tensor, "Tensor?": Tensor | None, "int": int, "float": float,
           "bool": bool, "str": str}
-_OPS: Dict[str, "Op"] = {}
+_OPS: dict[str, Op] = {}
 _MAX_DECISIONS = 4096  # calls of distinct shapes remembered per op before starting over
 # Observers told of every op call and kernel backward (the benchmarks' traces:
 # adm-fast bench plan); empty otherwise, and then one truth test per call.
-_OBSERVERS: List = []
+_OBSERVERS: list = []
 
 
 class Observer:
@@ -80,16 +80,16 @@ def _observed(op: str, impl: str, phase: str, args, fn):
             o.exit(op, impl, phase, args, outs)
 
 
-def parse_signature(signature: str) -> List[Tuple[str, str]]:
+def parse_signature(signature: str) -> list[tuple[str, str]]:
     """"Tensor x, int n" -> [("Tensor", "x"), ("int", "n")]."""
     return [tuple(part.split()) for part in signature.split(",")]
 
 
-def ops() -> Dict[str, "Op"]:
+def ops() -> dict[str, Op]:
     return dict(_OPS)
 
 
-def ops_of_backend(name: str) -> Tuple[str, ...]:
+def ops_of_backend(name: str) -> tuple[str, ...]:
     """The ops backend `name` has an implementation of."""
     return tuple(op.name for op in _OPS.values() if name in op.impls)
 
@@ -124,19 +124,34 @@ def explain(op_name: str, *args) -> str:
     return "\n".join(lines)
 
 
+class ReferenceImpl(Impl):
+    """Every op's implementation on the reference backend: its spec's reference."""
+
+    backend, kind = _backend.REFERENCE, "composite"
+    dtypes = FLOATS + (torch.float64,)
+
+    def __init__(self, spec: Op):
+        self.spec = spec
+
+    def run(self, *args):
+        return self.spec.reference(*args)
+
+
 class Op:
-    """An op's spec; subclasses set the attributes and override the methods."""
+    """An op's spec; subclasses set the attributes and override the methods.
+    Its reference is its implementation on the reference backend (eager);
+    the spec registers the others."""
 
     name: str = ""
     signature: str = ""  # torch schema arguments, in the public function's order
     returns: int = 1  # outputs the caller gets (one: a tensor; more: a tuple)
     kernel_returns: int = 1  # what Impl.forward returns: the outputs, then what backward keeps
-    kept_outputs: Tuple[int, ...] = ()  # indices of forward's returns saved for backward
+    kept_outputs: tuple[int, ...] = ()  # indices of forward's returns saved for backward
     has_kernel_backward: bool = False  # else gradients through the reference
-    preferences: Sequence[Dict] = ()  # measured rules for auto (see dispatch.matches)
+    preferences: Sequence[dict] = ()  # measured rules for auto (see dispatch.matches)
     # device type -> backends auto times against each other per call signature
     # (ops/autotune.py), where machines disagree on which is faster
-    tune: Dict[str, Tuple[str, ...]] = {}
+    tune: dict[str, tuple[str, ...]] = {}
     # How many times torch's own error at the call's precision an
     # implementation's may be before auto refuses it (ops/verify.py).
     verify_factor: float = 2.0
@@ -149,31 +164,41 @@ class Op:
         """The upcast eager computation, differentiable, any float dtype."""
         raise NotImplementedError
 
-    def features(self, *args) -> Dict[str, int]:
+    def features(self, *args) -> dict[str, int]:
         """Sizes that limits and preferences read."""
         return {}
 
-    def fake(self, *args) -> Tuple[Tensor, ...]:
+    def fake(self, *args) -> tuple[Tensor, ...]:
         """Empty tensors shaped as Impl.forward's returns (for torch.compile)."""
         raise NotImplementedError
 
-    def kernel_backward(self, impl: Impl, args, kept, grads, needs) -> Tuple:
+    def kernel_backward(self, impl: Impl, args, kept, grads, needs) -> tuple:
         """Gradients per argument from impl.backward (has_kernel_backward)."""
         raise NotImplementedError
+
+    @property
+    def family(self) -> str:
+        """The name its spec file (adm_fast/ops/<family>.py), kernels, tests and
+        benchmark share: the op's, or the file's that holds several (the two
+        steps: diffusion_step). Empty for an op defined outside adm_fast.ops."""
+        package, _, family = type(self).__module__.rpartition(".")
+        return family if package == __package__ else ""
 
     # --- the machinery --------------------------------------------------------
     def __init__(self) -> None:
         self.args = parse_signature(self.signature)
         self.tensor_pos = [i for i, (t, _) in enumerate(self.args) if t.startswith("Tensor")]
-        self.impls: Dict[str, Impl] = {}
-        self._decisions: Dict[tuple, tuple] = {}
+        self.impls: dict[str, Impl] = {}
+        self._decisions: dict[tuple, tuple] = {}
         self._define_custom_op()
         self.torch_op = getattr(torch.ops.adm_fast, self.name).default
         _OPS[self.name] = self
+        self.register(ReferenceImpl(self))
 
     def register(self, impl: Impl) -> Impl:
         impl.op = self.name
         self.impls[impl.backend] = impl
+        impl.on_register()
         _backend.bump()
         return impl
 
@@ -265,7 +290,7 @@ class Op:
                 parts.append((type(a), id(a)))  # an object check() will refuse
         return tuple(parts)
 
-    def run(self, impl: Impl, args, grad: Optional[bool] = None):
+    def run(self, impl: Impl, args, grad: bool | None = None):
         """This call on one implementation, whatever the backend setting (a value
         recomputed in backward must come from the implementation that made it)."""
         if _OBSERVERS:
@@ -273,7 +298,7 @@ class Op:
                              lambda: self._run(impl, args, grad))
         return self._run(impl, args, grad)
 
-    def _run(self, impl: Impl, args, grad: Optional[bool] = None):
+    def _run(self, impl: Impl, args, grad: bool | None = None):
         if impl.kind == "composite":
             return impl.run(*args)
         if torch.compiler.is_compiling():
@@ -295,7 +320,7 @@ class Op:
         ctx.params = [None if i in self.tensor_pos else a for i, a in enumerate(args)]
         ctx.backend = backend
 
-    def gradients(self, ctx, grads, needs) -> Tuple:
+    def gradients(self, ctx, grads, needs) -> tuple:
         saved = ctx.saved_tensors
         args = list(ctx.params)
         for i, t in zip(self.tensor_pos, saved):
@@ -313,7 +338,7 @@ class Op:
         got = _observed(self.name, used, "backward", args, run) if _OBSERVERS else run()
         return tuple(g if needs[i] else None for i, g in enumerate(got))
 
-    def _through_reference(self, args, grads, needs) -> Tuple:
+    def _through_reference(self, args, grads, needs) -> tuple:
         wanted = [i for i in self.tensor_pos if needs[i]]
         if not wanted:
             return (None,) * len(self.args)
@@ -332,7 +357,7 @@ class Op:
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
                                   [g for _, g in pairs], create_graph=create, allow_unused=True)
-        result: List[Optional[Tensor]] = [None] * len(self.args)
+        result: list[Tensor | None] = [None] * len(self.args)
         for i, g in zip(wanted, got):
             result[i] = g if g is not None else torch.zeros_like(args[i])
         return tuple(result)
@@ -343,7 +368,7 @@ class Op:
         params.append(inspect.Parameter("backend", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                         annotation=str))
         n = self.kernel_returns
-        ret = Tuple[tuple([Tensor] * n)] if n > 1 else Tensor
+        ret = tuple[tuple([Tensor] * n)] if n > 1 else Tensor
 
         def run(*args):
             *args, backend = args
@@ -422,7 +447,7 @@ class _KernelFunction(torch.autograd.Function):
                                                engine_needs(ctx, ctx.needs_input_grad)[2:])
 
 
-def engine_needs(ctx, needs) -> Tuple[bool, ...]:
+def engine_needs(ctx, needs) -> tuple[bool, ...]:
     """needs (ctx.needs_input_grad: which inputs require grad) less the inputs
     this backward pass will not deliver a gradient to. Guidance asks
     autograd.grad for ∇x alone while the classifier's weights require grad: a

@@ -20,13 +20,12 @@ so training memory does not grow with T²).
 from __future__ import annotations
 
 import math
-from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import TRITON
+from .backends import TritonImpl
 from .impl import Call, Impl
 from .op import Op
 
@@ -95,12 +94,12 @@ class QkvAttention(Op):
     kept_outputs = (0, 1)
     has_kernel_backward = True
     preferences = [
-        # CPU (2 threads, fp32; bench/bench_qkv_attention.py, 2026-11-29): SDPA's
-        # flash kernel wins at 1024 tokens (1.4–2.9× eager at N=4), while at 256
-        # and below its layout copies cost more than it saves (0.6–0.98×); the
-        # rule switches at 768, between the two sizes measured. Another CPU
-        # (AVX2 EPYC, 2026-12-01) has SDPA ahead from 256 tokens, so auto times
-        # the two per call signature (tune); these rules order them when it does not.
+        # On a CPU SDPA's flash kernel wins at 1024 tokens, while at 256 and
+        # below its layout copies cost more than it saves; the rule switches at
+        # 768, between the two sizes measured (`adm-fast bench ops
+        # qkv_attention`, docs/performance.md). Another CPU has SDPA ahead from
+        # 256 tokens, so auto times the two per call signature (tune); these
+        # rules order them when it does not.
         {"device": "cpu", "min": {"tokens": 768}, "order": ["sdpa"]},
         {"device": "cpu", "order": ["eager", "sdpa"]},
     ]
@@ -119,8 +118,7 @@ class QkvAttention(Op):
             raise ValueError(f"{op}: qkv has {qkv.shape[1]} channels, not divisible by "
                              f"3 * num_heads = {3 * num_heads}")
 
-    def reference(self, *args):
-        return reference(*args)
+    reference = staticmethod(reference)
 
     def features(self, qkv, num_heads, legacy):
         return {"tokens": qkv.shape[-1], "head_dim": qkv.shape[1] // (3 * num_heads)}
@@ -141,35 +139,27 @@ class QkvAttention(Op):
 QKV_ATTENTION = QkvAttention()
 
 
-class Eager(Impl):
-    backend, kind = "eager", "composite"
-    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-    def run(self, *args):
-        return reference(*args)
-
-
 class Sdpa(Impl):
     # First-order backward only: torch's fused SDPA kernels have no derivative of
     # their backward. Double backward: any other backend (a kernel's backward is
     # then the reference's, differentiated; ops/op.py).
     backend, kind = "sdpa", "composite"
-    # torch's fp32 SDPA backward on CPU is less exact than the eager path's: its
-    # gradients' largest error against fp64 ran to 10.8x the eager path's
-    # (about 1e-5 of their scale; 16-65 tokens, sharp softmax; 1 of 1080 cases
-    # past 8x), where its forward stayed within 1.6x and its fp16/bf16
-    # gradients within 2x (ops/verify.py).
+    # torch's fp32 SDPA backward on CPU is less exact than the eager path's:
+    # its gradients' largest error against fp64 ran past 8x the eager path's
+    # in rare cases (few tokens, a sharp softmax), where its forward and its
+    # fp16/bf16 gradients stayed within the default 2x (ops/verify.py;
+    # docs/performance.md).
     verify_factor = 16.0
 
     def run(self, *args):
         return sdpa(*args)
 
 
-class Triton(Impl):
-    backend = "triton"
+class Triton(TritonImpl):
+    module = "qkv_attention"
     max_features = {"head_dim": 256}
 
-    def extra_reasons(self, call: Call) -> List[str]:
+    def extra_reasons(self, call: Call) -> list[str]:
         # Tiles are read along whichever axis is contiguous; with neither, every
         # load would be a gather.
         qkv = call.tensors["qkv"]
@@ -182,7 +172,7 @@ class Triton(Impl):
     def layouts_accepted(self) -> str:
         return "qkv with its tokens or its channels contiguous (contiguous, channels_last_1d)"
 
-    def auto_reasons(self, call: Call) -> List[str]:
+    def auto_reasons(self, call: Call) -> list[str]:
         why = super().auto_reasons(call)
         if not why and call.tensors["qkv"].dtype == torch.float32:
             why = ["fp32 attention runs three TF32 products on small tiles here; auto "
@@ -190,13 +180,13 @@ class Triton(Impl):
         return why
 
     def forward(self, *args):
-        return TRITON.kernels("qkv_attention").forward(*args)
+        return self.kernels.forward(*args)
 
     def backward(self, *args):
-        return TRITON.kernels("qkv_attention").backward(*args)
+        return self.kernels.backward(*args)
 
 
-for _impl in (Eager(), Sdpa(), Triton()):
+for _impl in (Sdpa(), Triton()):
     QKV_ATTENTION.register(_impl)
 
 

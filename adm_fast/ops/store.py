@@ -24,15 +24,17 @@ import json
 import os
 import platform
 import warnings
-from typing import Callable, Dict, MutableMapping, Set
+from collections.abc import Callable, MutableMapping
+
+from ..io import atomic_write
 
 try:
     import fcntl
 except ImportError:  # not POSIX: the read-merge-write below is then unlocked
     fcntl = None
 
-_IDS: Dict[str, str] = {}
-_WARNED: Set[str] = set()  # files already reported damaged in this process
+_IDS: dict[str, str] = {}
+_WARNED: set[str] = set()  # files already reported damaged in this process
 
 
 class CacheWarning(RuntimeWarning):
@@ -54,7 +56,7 @@ def _damaged(file: str, why: str) -> None:
     warnings.warn_explicit(f"adm_fast: {why}; ignored, measured again", CacheWarning, file, 0)
 
 
-def _read(file: str) -> Dict:
+def _read(file: str) -> dict:
     """The table in file: {} when absent or damaged."""
     try:
         with open(file, encoding="utf-8") as f:
@@ -70,21 +72,18 @@ def _read(file: str) -> Dict:
     return table
 
 
-def _write(file: str, table: Dict, valid: Callable[[object], bool]) -> None:
+def _write(file: str, table: dict, valid: Callable[[object], bool]) -> None:
     """table into file through a temporary file and a rename; without the
     entries `valid` refuses where they are nested too deep to be written."""
-    tmp = f"{file}.tmp{os.getpid()}"
     try:
         text = json.dumps(table, indent=0, sort_keys=True)
     except RecursionError:
         text = json.dumps({k: v for k, v in table.items() if valid(v)}, indent=0,
                           sort_keys=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, file)
+    atomic_write(file, lambda f: f.write(text.encode("utf-8")))
 
 
-def table(state: MutableMapping, filename: str) -> Dict:
+def table(state: MutableMapping, filename: str) -> dict:
     """The table as this process knows it, read once per cache folder; state
     holds it ({"table": ..., "path": ...}; setting both to None forgets it, as
     a new process would). Its values may be anything: read them through

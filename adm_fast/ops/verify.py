@@ -65,7 +65,6 @@ import re
 import threading
 import time
 import warnings
-from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -77,12 +76,12 @@ from .impl import Call, Impl, dtype_name, holds_values, layout_of
 log = logging.getLogger("adm_fast.verify")
 
 _FILE = "verify.json"
-_STATE: Dict[str, object] = {"table": None, "path": None}
-_REFUSED: Dict[Tuple[str, str], str] = {}  # (op, backend) -> a reason: what compile reads
-_TRUSTED: Dict[str, str] = {}  # key -> why it could not be checked (this process only)
-_INCONCLUSIVE: Dict[str, int] = {}  # key -> checks whose reference error was not finite
-_WARNED: Set[Tuple[str, str]] = set()
-_CUDA: Dict[int, str] = {}
+_STATE: dict[str, object] = {"table": None, "path": None}
+_REFUSED: dict[tuple[str, str], str] = {}  # (op, backend) -> a reason: what compile reads
+_TRUSTED: dict[str, str] = {}  # key -> why it could not be checked (this process only)
+_INCONCLUSIVE: dict[str, int] = {}  # key -> checks whose reference error was not finite
+_WARNED: set[tuple[str, str]] = set()
+_CUDA: dict[int, str] = {}
 _LOCAL = threading.local()
 _MAX_INCONCLUSIVE = 3  # then trusted for the process, rather than re-checked at every call
 STATS = {"checks": 0, "seconds": 0.0}  # what checking cost this process
@@ -104,7 +103,7 @@ def unverified() -> int:
     return getattr(_LOCAL, "count", 0)
 
 
-def _unverified(op, impl: Impl, why: str) -> List[str]:
+def _unverified(op, impl: Impl, why: str) -> list[str]:
     _LOCAL.count = unverified() + 1
     log.debug("%s on %s not checked against the reference: %s", op.name, impl.backend, why)
     return []
@@ -189,12 +188,12 @@ def _valid(v) -> bool:
             and all(isinstance(v.get(name), str) for name in _TEXT))
 
 
-def _stored(k: str) -> Optional[dict]:
+def _stored(k: str) -> dict | None:
     return store.lookup(_STATE, _FILE, k, _valid)  # None: absent or damaged, checked again
 
 
 # --- the decision ----------------------------------------------------------------
-def reasons(op, impl: Impl, call: Call) -> List[str]:
+def reasons(op, impl: Impl, call: Call) -> list[str]:
     """Why auto must not use impl for this call ([] when it may): its stored
     verdict, or one measured now on call.args."""
     if not enabled() or _backend.get(impl.backend).is_reference:
@@ -248,7 +247,7 @@ def _warn(op, impl: Impl, verdict: dict) -> None:
         VerificationWarning, stacklevel=2)
 
 
-def _no_values(call: Call) -> Optional[str]:
+def _no_values(call: Call) -> str | None:
     if torch.jit.is_tracing():
         return "torch.jit is tracing"
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -261,7 +260,7 @@ def _no_values(call: Call) -> Optional[str]:
     return None
 
 
-def _not_now(call: Call) -> Optional[str]:
+def _not_now(call: Call) -> str | None:
     if call.device_type == "cuda" and torch.cuda.is_current_stream_capturing():
         return "a CUDA graph is being captured"
     for t in call.tensors.values():
@@ -275,7 +274,7 @@ class _Mismatch(Exception):
     pass
 
 
-def _check(op, impl: Impl, call: Call, k: str) -> Optional[dict]:
+def _check(op, impl: Impl, call: Call, k: str) -> dict | None:
     """The verdict for impl on call.args, or None (inconclusive, or trusted:
     out of memory, the reference failed)."""
     start = time.perf_counter()
@@ -383,7 +382,7 @@ def _cast(t: Tensor, dtype) -> Tensor:
     return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
 
 
-def _judge(op, impl: Impl, call: Call, got, low, ref) -> Optional[dict]:
+def _judge(op, impl: Impl, call: Call, got, low, ref) -> dict | None:
     """The worst of got's outputs and gradients, each against ref, allowed
     verify_factor × low's error against ref plus the floor; None when low's
     error is not finite (nothing to measure by)."""
@@ -423,7 +422,7 @@ def _verdict(op, impl: Impl, call: Call, ok: bool, error: float, allowed: float,
 
 
 # --- what is refused here (adm-fast info) ----------------------------------------
-def refused_here() -> List[dict]:
+def refused_here() -> list[dict]:
     """The stored refusals that hold for this machine's devices, this torch and
     the builds installed now."""
     devices = {device_id(torch.device("cpu"))}

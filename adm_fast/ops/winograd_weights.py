@@ -3,7 +3,7 @@ weight, reused while the weight's bytes stay what they were.
 
 A sampling loop runs the same convolutions with the same weights at every
 step; on an 8×8 map at 256 channels the transform takes about as long as the
-convolution from it (1.1 and 1.4 ms at batch 4 here).
+convolution from it (docs/performance.md).
 It is not keyed on the weight's version: a write through `.data` (old
 training code's EMA and checkpoint loading) leaves the version as it was. Each
 entry keeps a copy of the weight's bytes instead and is reused only when the

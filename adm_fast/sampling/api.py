@@ -25,13 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import classifier_cond_fn, classifier_free_guidance
+from ..io import OutputExists, atomic_write
 from ..models import SuperResModel
 from .base_samples import check_labels, check_low_res, load_base_samples
 from .classes import check_classes
-from .files import OutputExists, atomic_write, npz_members, write_npz
+from .npz import npz_members, write_npz
 from .grid import GRID_MAX_IMAGES, image_grid
 from .progress import Progress
-from .flags import MAX_BATCH_SIZE, SAMPLERS
+from .flags import SAMPLERS, check_options
 
 
 __all__ = ["SAMPLERS", "GRID_MAX_IMAGES", "batch_seed", "check_low_res", "image_grid",
@@ -80,12 +81,6 @@ def batch_seed(seed: int, batch: int) -> int:
     return int(words[0])
 
 
-def _whole(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer of at least {low}, got {value!r}")
-    return int(value)
-
-
 def _loop(diffusion, sampler: str, eta: float, steps: Optional[int]):
     if sampler == "ddpm":
         return diffusion.p_sample_loop_progressive, {}
@@ -116,36 +111,15 @@ class _Plan:
         return math.ceil(self.num_samples / self.batch_size)
 
 
-def _finite(name: str, value) -> None:
-    if value is not None and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-
-
-def _check_sampler(sampler: str, eta: float, steps: Optional[int], cuda_graph: bool) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    _finite("eta", eta)
-    if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"eta is DDIM's; the {sampler} sampler does not take it")
-    if steps is not None and sampler != "dpm++":
-        raise ValueError(f"steps picks dpm++'s timesteps; for {sampler}, respace the diffusion "
-                         "(timestep_respacing) instead")
-    if cuda_graph and sampler == "dpm++":
-        raise ValueError("cuda_graph runs the ddpm and ddim steps; dpm++ has no graphed step")
-
-
 def _plan(model, diffusion, *, num_samples, batch_size, classifier=None, classifier_scale=0.0,
           cfg_scale=None, sampler="ddpm", eta=0.0, steps=None, clip_denoised=True,
           low_res=None, low_res_labels=None, classes=None, device=None,
-          cuda_graph=False) -> _Plan:
-    num_samples = _whole("num_samples", num_samples, 1)
-    batch_size = _whole("batch_size", batch_size, 1)
-    if batch_size > MAX_BATCH_SIZE:
-        raise ValueError(f"batch_size {batch_size} is over the limit of {MAX_BATCH_SIZE} "
-                         "images a batch (each batch is sampled whole, in memory at once)")
-    _check_sampler(sampler, eta, steps, cuda_graph)
-    _finite("classifier_scale", classifier_scale)
-    _finite("cfg_scale", cfg_scale)
+          cuda_graph=False, seed=None) -> _Plan:
+    check_options(num_samples=num_samples, batch_size=batch_size, sampler=sampler, eta=eta,
+                  steps=steps, cuda_graph=cuda_graph, cfg_scale=cfg_scale,
+                  classifier_scale=classifier_scale, seed=seed,
+                  scale_without_classifier=classifier_scale != 0 and classifier is None)
+    num_samples, batch_size = int(num_samples), int(batch_size)
     device = torch.device(device if device is not None else next(model.parameters()).device)
     num_classes = getattr(model, "num_classes", None)
     class_cond = num_classes is not None
@@ -162,8 +136,6 @@ def _plan(model, diffusion, *, num_samples, batch_size, classifier=None, classif
         raise ValueError(f"the classifier is for {classifier.image_size}x{classifier.image_size} "
                          f"images but the model samples {image_size}x{image_size}")
     guided = classifier is not None and classifier_scale != 0
-    if classifier_scale != 0 and classifier is None:
-        raise ValueError("classifier_scale needs a classifier")
     labels = None if is_sr else (num_classes if class_cond else
                                  classifier.out_channels if guided else None)
     what = ("a super-resolution model (its labels come with low_res)" if is_sr else
@@ -241,9 +213,9 @@ def iter_batches(model: nn.Module, diffusion, *, num_samples: int, batch_size: i
     batch index b in `batches` (default all, in order), k = the images of
     batch b that are within num_samples. The arguments are sample_images's
     (checked here, before the first batch); progress: a sampling.progress.Progress."""
-    plan = _plan(model, diffusion, num_samples=num_samples, batch_size=batch_size, **options)
-    if seed is not None:
-        seed = _whole("seed", seed, 0)
+    plan = _plan(model, diffusion, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                 **options)
+    seed = None if seed is None else int(seed)
     # Never a list of every batch: num_samples 1e9 with batch_size 1 would hold a
     # billion indices before the first batch. A sequence given is checked whole
     # here, an iterator as it is consumed.
@@ -340,8 +312,8 @@ def save_samples(images: np.ndarray, labels: Optional[np.ndarray], out_dir: str,
     images, arr_1 the labels when there are any; the same arrays always give
     the same bytes) and, with png and Pillow installed, a .png grid of the
     first images, each written atomically. Returns {"npz": path, "png": path}.
-    An .npz already there is kept (sampling.files.OutputExists, nothing
-    written) unless overwrite=True. Raises sampling.files.OutputError (naming
+    An .npz already there is kept (adm_fast.io.OutputExists, nothing
+    written) unless overwrite=True. Raises adm_fast.io.OutputError (naming
     the file: disk full, ...)."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, "samples_" + "x".join(str(s) for s in images.shape))

@@ -29,14 +29,15 @@ from typing import Dict
 
 import torch
 
+from .. import distributed
 from ..diffusion import NonFiniteSampleError
-from ..ops import BackendNotSupported, current_backend, use_backend, use_preferred_layout
-from .files import OutputError
+from ..io import OutputError, file_identity
+from ..models.layout import use_preferred_layout
+from ..ops import BackendNotSupported, current_backend, use_backend
 from .job import Job, prepare
 from .progress import Progress
 from .flags import DEFAULTS, PROG, SCRIPT_DEFAULTS, InputError, build_parser
-from .shards import (RunBusy, RunFolder, RunMismatch, batch_count, file_identity,
-                              prepare_out)
+from .shards import RunBusy, RunFolder, RunMismatch, batch_count, prepare_out
 from .api import iter_batches, sample_images, save_samples, write_png
 
 __all__ = ["main", "build_parser", "sample_images", "save_samples"]
@@ -58,8 +59,7 @@ def _run_record(args: Dict, job: Job, device: torch.device, backend: str) -> Dic
     from .. import __version__
 
     return {"args": {k: v for k, v in sorted(args.items()) if k not in _NOT_IN_MANIFEST},
-            "files": {k: file_identity(args[k])
-                      for k in ("model_path", "classifier_path", "base_samples")},
+            "files": {**job.files, "base_samples": file_identity(args["base_samples"])},
             "device_type": device.type, "dtype": job.dtype, "backend": backend,
             "adm_fast": __version__}
 
@@ -68,8 +68,6 @@ def _open_folder(args, job: Job, world, backend: str, log):
     """Rank 0 checks --out and opens the run folder; every rank learns the
     outcome (an InputError on all ranks when it failed). Returns (folder,
     done): done when --out already holds this run's finished samples."""
-    from ..train import distributed
-
     size = job.model.image_size
     n, bs = args["num_samples"], args["batch_size"]
     folder = RunFolder(args["out"], f"samples_{n}x{size}x{size}x3", n, bs, size, job.labelled,
@@ -168,8 +166,6 @@ def _setup(args, explicit: Dict, world):
 
 def _execute(args, world, job: Job, backend: str, progress: Progress,
              folder: RunFolder) -> int:
-    from ..train import distributed
-
     start = time.perf_counter()
     try:
         with use_backend(args["backend"]) if args["backend"] else contextlib.nullcontext():
@@ -214,8 +210,6 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
-    from ..train import distributed
-
     try:
         args, explicit = _parse(argv)
     except InputError as e:

@@ -4,16 +4,16 @@ sample_images arguments, with every problem an InputError before sampling."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, List, Optional
 
 import torch
 
 from ..checkpoint import load_checkpoint
 from ..diffusion import create_gaussian_diffusion
+from ..ops.backend import check_name
 from .base_samples import check_labels, check_low_res, load_base_samples
 from .classes import check_classes
-from .flags import MAX_BATCH_SIZE
+from .flags import check_options
 from .resolve import CONSTRUCT, InputError, Source, resolve
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,6 +28,8 @@ class Job:
     steps: int  # per batch
     labelled: bool  # whether the samples come with labels (arr_1)
     warnings: List[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
+    # io.file_identity of the checkpoints as read ("model_path", "classifier_path")
+    files: Dict = dataclasses.field(default_factory=dict)
 
 
 def _dtype(args, device: torch.device, trained_fp16: bool) -> torch.dtype:
@@ -37,30 +39,22 @@ def _dtype(args, device: torch.device, trained_fp16: bool) -> torch.dtype:
 
 
 def _check_flags(args, explicit: Dict, device: torch.device) -> str:
-    for name in ("num_samples", "batch_size"):
-        if args[name] < 1:
-            raise InputError(f"--{name} must be at least 1, got {args[name]}")
-    if args["batch_size"] > MAX_BATCH_SIZE:
-        raise InputError(f"--batch_size {args['batch_size']} is over the limit of "
-                         f"{MAX_BATCH_SIZE} images a batch (each batch is sampled whole, "
-                         "in memory at once)")
-    for name in ("eta", "cfg_scale", "classifier_scale"):
-        value = args.get(name)
-        if value is not None and not math.isfinite(value):
-            raise InputError(f"--{name} must be a finite number, got {value}")
+    """The sampler the flags ask for, after the rules sample_images shares."""
     sampler = args["sampler"] or ("ddim" if args["use_ddim"] else "ddpm")
     if args["use_ddim"] and sampler != "ddim":
         raise InputError(f"--use_ddim True asks for DDIM but --sampler is {sampler}")
-    if args["eta"] != 0.0 and sampler != "ddim":
-        raise InputError(f"--eta is DDIM's; the {sampler} sampler does not take it")
-    if args["steps"] is not None and sampler != "dpm++":
-        raise InputError("--steps is for --sampler dpm++; respace the others with "
-                         "--timestep_respacing")
-    if args["cuda_graph"] and (device.type != "cuda" or sampler == "dpm++"):
-        raise InputError("--cuda_graph needs a CUDA device and --sampler ddpm or ddim "
-                         f"(here: {device.type}, {sampler})")
-    if args["classifier_path"] == "" and "classifier_scale" in explicit:
-        raise InputError("--classifier_scale needs --classifier_path")
+    if args["backend"]:
+        try:
+            check_name(args["backend"])
+        except ValueError as e:
+            raise InputError(f"--backend: {e}") from None
+    check_options(num_samples=args["num_samples"], batch_size=args["batch_size"],
+                  sampler=sampler, eta=args["eta"], steps=args["steps"],
+                  cuda_graph=args["cuda_graph"], cfg_scale=args["cfg_scale"],
+                  classifier_scale=args["classifier_scale"], seed=args["seed"],
+                  scale_without_classifier=(args["classifier_path"] == ""
+                                            and "classifier_scale" in explicit),
+                  flags=True, device_type=device.type)
     return sampler
 
 
@@ -83,15 +77,15 @@ def _model_source(args, explicit: Dict) -> Source:
 
 
 def _classifier(args, explicit: Dict, model, src: Source, device: torch.device):
-    """(classifier or None, scale)."""
+    """(classifier or None, scale, the identity of its file as read)."""
     if not args["classifier_path"]:
-        return None, 0.0
+        return None, 0.0, None
     csrc = resolve(args["classifier_path"], "classifier", explicit, keep_size=True,
                    fallback={"kind": "classifier", "image_size": model.image_size})
     if csrc.kind != "classifier":
         raise InputError(f"--classifier_path {args['classifier_path']} holds a "
                          f"{csrc.kind} model, not a classifier")
-    classifier = load_checkpoint(args["classifier_path"], preset=csrc.spec, device=device,
+    classifier = load_checkpoint(csrc.file, preset=csrc.spec, device=device,
                                  dtype=_dtype(args, device, csrc.flags["classifier_use_fp16"]))
     if classifier.image_size != model.image_size:
         raise InputError(
@@ -102,7 +96,7 @@ def _classifier(args, explicit: Dict, model, src: Source, device: torch.device):
     if scale is None:
         preset_scale = src.preset.classifier_scale if src.preset else None
         scale = preset_scale if preset_scale is not None else 1.0
-    return classifier, scale
+    return classifier, scale, csrc.file.identity
 
 
 def _diffusion(args, src: Source, model, sampler: str):
@@ -147,7 +141,7 @@ def prepare(args, explicit: Dict, device: torch.device, world_size: int) -> Job:
     src = _model_source(args, explicit)
     low_res, labels = _base_samples(args, src, world_size)
     dtype = _dtype(args, device, src.flags["use_fp16"])
-    model = load_checkpoint(args["model_path"], preset=src.spec, device=device, dtype=dtype)
+    model = load_checkpoint(src.file, preset=src.spec, device=device, dtype=dtype)
     if src.kind == "sr":
         labels = labels if model.num_classes is not None else None
         check_low_res(low_res, labels, model.image_size, model.num_classes is not None)
@@ -161,7 +155,7 @@ def prepare(args, explicit: Dict, device: torch.device, world_size: int) -> Job:
         raise InputError(f"--cfg_scale needs a model with a null class (built with "
                          f"null_class=True, trained with label dropout); "
                          f"{args['model_path']} has none")
-    classifier, scale = _classifier(args, explicit, model, src, device)
+    classifier, scale, classifier_file = _classifier(args, explicit, model, src, device)
     guided = classifier is not None and scale != 0
     classes = _classes(args, model, classifier if guided else None, src.kind == "sr")
     diffusion, steps = _diffusion(args, src, model, sampler)
@@ -172,7 +166,8 @@ def prepare(args, explicit: Dict, device: torch.device, world_size: int) -> Job:
     return Job(model, diffusion, kwargs, {v: k for k, v in DTYPES.items()}[dtype],
                steps if steps is not None else diffusion.num_timesteps,
                model.num_classes is not None or guided,
-               _label_warnings(args, model, classifier if guided else None, classes))
+               _label_warnings(args, model, classifier if guided else None, classes),
+               {"model_path": src.file.identity, "classifier_path": classifier_file})
 
 
 def _label_warnings(args, model, guide, classes) -> List[str]:

@@ -1,5 +1,5 @@
-"""What a checkpoint is, before its weights are read: the model kind and the
-flags to build and sample it with.
+"""What a checkpoint is: the model kind and the flags to build and sample it
+with, from the file read once (open_source), which the loader then takes.
 
 Flags come, lowest to highest priority, from guided-diffusion's defaults, the
 preset (recognised from the tensors, named in an adm_fast file, or given with
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import os
-from typing import Dict, Optional
-
-import torch
 
 from .. import presets as _presets
-from ..checkpoint import (CheckpointError, detect_preset, diffusion_flags_of, read_metadata,
-                          read_state_dict)
+from ..checkpoint import CheckpointError, CheckpointFile, detect_preset, diffusion_flags_of
+from ..checkpoint.formats import read_checkpoint, sniff
+from ..checkpoint.metadata import KIND_OF_CLASS, META_CLASS, META_PRESET, model_flags_of
 from ..script_util import create_classifier, create_model, sr_create_model
 from .flags import DEFAULTS, SCRIPT_DEFAULTS, InputError  # noqa: F401  (this module's vocabulary)
 
@@ -29,55 +26,27 @@ CONSTRUCT = {kind: list(inspect.signature(fn).parameters)
                               ("classifier", create_classifier))}
 # Flags of the constructors that leave the state_dict's layout as it is.
 _NOT_LAYOUT = {"use_fp16", "use_checkpoint", "dropout", "small_size", "classifier_use_fp16"}
-_KIND_OF_CLASS = {"UNetModel": "unet", "SuperResModel": "sr", "EncoderUNetModel": "classifier"}
 
 
-def _file_kind(path: str) -> str:
-    """'safetensors', 'torch' (a torch.save zip or legacy pickle) or an InputError."""
-    if path.endswith(".safetensors"):
-        return "safetensors"
-    if os.path.getsize(path) == 0:
-        raise InputError(f"{path} is empty (0 bytes), not a checkpoint")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then a JSON object
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip, or a pickle
-        return "torch"
-    raise InputError(f"{path} is not a checkpoint: neither safetensors nor a torch.save "
-                     f"(.pt) file (it starts with {head!r})")
-
-
-def inspect_checkpoint(path: str, what: str):
-    """(metadata, state_dict of meta tensors): enough to tell the model apart
-    without reading its weights."""
+def open_source(path: str, what: str) -> CheckpointFile:
+    """The checkpoint at --{what}_path, read once (tensors, metadata, both
+    verified, and the file's identity): everything after this takes it."""
     if not path:
         raise InputError(f"--{what}_path is required")
     if not os.path.isfile(path):
         raise InputError(f"{what} checkpoint not found: {path}")
-    if _file_kind(path) == "safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        # the metadata as every reader takes it: under adm_fast.metadata_sha256
-        meta = read_metadata(path)
-        try:
-            with safe_open(path, framework="pt") as f:
-                sd = {k: torch.empty(f.get_slice(k).get_shape(), device="meta")
-                      for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(f"{path} is not a readable safetensors file: {e}") from None
-        return meta, sd
-    try:
-        sd, meta = read_state_dict(path, device="meta")
-    except CheckpointError:
-        raise
-    except Exception as e:  # torch.load's unpickler raises anything on a damaged file
-        raise InputError(f"{path} is not a readable torch.save checkpoint "
-                         f"({type(e).__name__}: {e})") from None
-    return meta, sd
+    with open(path, "rb") as f:
+        kind = sniff(f, path)
+        if kind is None:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise InputError(f"{path} is empty (0 bytes), not a checkpoint")
+            f.seek(0)
+            raise InputError(f"{path} is not a checkpoint: neither safetensors nor a torch.save "
+                             f"(.pt) file (it starts with {f.read(16)!r})")
+        return read_checkpoint(f, path, kind, identify=True)
 
 
-def stored_diffusion(meta: Dict[str, str], path: str) -> Dict:
+def stored_diffusion(meta: dict[str, str], path: str) -> dict:
     """The diffusion flags a checkpoint stores ({} when it stores none)."""
     try:
         return diffusion_flags_of(meta, path) or {}
@@ -88,11 +57,12 @@ def stored_diffusion(meta: Dict[str, str], path: str) -> Dict:
 @dataclasses.dataclass
 class Source:
     kind: str
-    preset: Optional[_presets.Preset]
-    flags: Dict  # guided-diffusion defaults < preset < the file's flags < flags given
+    preset: _presets.Preset | None
+    flags: dict  # guided-diffusion defaults < preset < the file's flags < flags given
     known: set  # the flags not left at guided-diffusion's defaults
     spec: object  # what load_checkpoint gets as preset=
-    diffusion: Dict  # the diffusion flags the file stores
+    diffusion: dict  # the diffusion flags the file stores
+    file: CheckpointFile  # what load_checkpoint gets instead of the path: read once
 
 
 def _base_flags(path, meta, sd, preset_name, fallback):
@@ -100,17 +70,12 @@ def _base_flags(path, meta, sd, preset_name, fallback):
     preset, base, from_meta, kind = None, {}, False, None
     if preset_name:
         preset = _presets.get(preset_name)
-    elif "adm_fast.class" in meta:
-        from_meta, kind = True, _KIND_OF_CLASS.get(meta["adm_fast.class"])
+    elif META_CLASS in meta:
+        from_meta, kind = True, KIND_OF_CLASS.get(meta[META_CLASS])
         if kind is None:
-            raise InputError(f"{path} holds an unknown model class {meta['adm_fast.class']}")
-        try:
-            base = json.loads(meta.get("adm_fast.flags", "{}"))
-        except ValueError as e:
-            raise InputError(f"{path}: metadata adm_fast.flags is not JSON ({e})") from None
-        if not isinstance(base, dict):
-            raise InputError(f"{path}: metadata adm_fast.flags must be a JSON object")
-        preset = _presets.PRESETS.get(meta.get("adm_fast.preset", ""))
+            raise InputError(f"{path} holds an unknown model class {meta[META_CLASS]}")
+        base = model_flags_of(meta, path)
+        preset = _presets.PRESETS.get(meta.get(META_PRESET, ""))
     else:
         try:
             preset = detect_preset(sd, path)
@@ -124,10 +89,12 @@ def _base_flags(path, meta, sd, preset_name, fallback):
     return preset, base, from_meta, kind
 
 
-def resolve(path: str, what: str, explicit: Dict, preset_name: Optional[str] = None,
-            fallback: Optional[Dict] = None, keep_size: bool = False) -> Source:
-    meta, sd = inspect_checkpoint(path, what)
-    preset, base, from_meta, kind = _base_flags(path, meta, sd, preset_name, fallback)
+def resolve(path: str, what: str, explicit: dict, preset_name: str | None = None,
+            fallback: dict | None = None, keep_size: bool = False) -> Source:
+    file = open_source(path, what)
+    meta = file.metadata
+    preset, base, from_meta, kind = _base_flags(path, meta, file.state_dict, preset_name,
+                                                fallback)
     stored = stored_diffusion(meta, path)
     base = {**base, **{k: v for k, v in stored.items() if k != "timestep_respacing"}}
     changed = {k for k, v in explicit.items() if k in CONSTRUCT.get(kind, ()) and
@@ -141,4 +108,4 @@ def resolve(path: str, what: str, explicit: Dict, preset_name: Optional[str] = N
         spec = preset
     else:
         spec = {"kind": kind, **{k: flags[k] for k in CONSTRUCT.get(kind, ())}}
-    return Source(kind, preset, flags, set(base) | set(explicit), spec, stored)
+    return Source(kind, preset, flags, set(base) | set(explicit), spec, stored, file)

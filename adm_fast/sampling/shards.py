@@ -38,9 +38,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Set
 
 import numpy as np
 
-from .files import (OutputError, OutputExists, atomic_write, describe_os_error, partial_name,
-                    remove_stale_partials, write_npz)
+from ..io import (OutputError, OutputExists, atomic_write, describe_os_error, probe_write,
+                  remove_stale_temporaries, temp_name)
 from .grid import GRID_MAX_IMAGES
+from .npz import write_npz
 
 try:
     import fcntl
@@ -54,31 +55,11 @@ _RECORD = "adm_fast sample"  # the key of the run record in a final .npz's zip c
 # as a Python literal: SyntaxError and friends for garbage there).
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, SyntaxError, OverflowError, EOFError,
                zipfile.BadZipFile)
-_HASH_WHOLE = 64 << 20  # files up to this size are hashed whole; larger ones in 16 blocks
-_BLOCK = 1 << 20
 
 
 class RunMismatch(Exception):
     """OUT holds another run's unfinished batches, or (without --overwrite) a
     finished .npz of the same name that is not this run's."""
-
-
-def file_identity(path: Optional[str]) -> Optional[Dict]:
-    """Size and SHA-256 of a file's content (of 16 evenly spread 1 MiB blocks
-    when it is large: a retrained checkpoint differs in all of them)."""
-    if not path:
-        return None
-    size = os.path.getsize(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= _HASH_WHOLE:
-            for block in iter(lambda: f.read(_BLOCK), b""):
-                h.update(block)
-        else:
-            for i in range(16):
-                f.seek((size - _BLOCK) * i // 15)
-                h.update(f.read(_BLOCK))
-    return {"size": size, "sha256": h.hexdigest()}
 
 
 def prepare_out(out: str) -> None:
@@ -90,11 +71,8 @@ def prepare_out(out: str) -> None:
     except OSError as e:
         raise OutputError(f"--out {out}: cannot create the folder "
                           f"({describe_os_error(e, out, 'creating')})") from None
-    probe = partial_name(os.path.join(out, "write_probe"))
     try:
-        with open(probe, "wb") as f:
-            f.write(b"x")
-        os.remove(probe)
+        probe_write(os.path.join(out, "write_probe"))
     except OSError as e:
         raise OutputError(f"--out {out} is not writable ("
                           f"{describe_os_error(e, out, 'writing in')})") from None
@@ -209,7 +187,7 @@ class RunFolder:
         another run's finished .npz (unless overwrite) or unfinished batches,
         RunBusy when another process is sampling into the folder now."""
         for folder in (self.out, self.parts):
-            for name in remove_stale_partials(folder):
+            for name in remove_stale_temporaries(folder):
                 log(f"removed {os.path.join(folder, name)}, left by a killed run")
         self.run = json.loads(json.dumps(run))  # as it reads back: tuples become lists
         if self._already_done(log, write_png):
@@ -485,6 +463,6 @@ class RunFolder:
     def remove(self) -> None:
         """Drop the folder: renamed first to a name a later run cleans up, so
         that a kill halfway through leaves no folder that looks resumable."""
-        trash = partial_name(os.path.join(self.out, self.stem + ".parts"))
+        trash = temp_name(os.path.join(self.out, self.stem + ".parts"))
         os.replace(self.parts, trash)
         shutil.rmtree(trash, ignore_errors=True)

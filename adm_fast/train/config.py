@@ -66,7 +66,7 @@ TRAIN_HELP = {
     "device": "cpu, cuda or cuda:N (\"\": cuda when available)",
     "num_workers": "image-decoding worker processes (-1: up to 4, by the CPU count)",
     "on_error": "an undecodable image: stop with its name, or skip it (counted)",
-    "backend": "adm_fast op backend: auto, eager, cpu, triton, cuda or sdpa",
+    "backend": "adm_fast op backend: auto, or one that `adm-fast info` lists",
     "checkpoint_attention": "with --use_checkpoint, recompute the attention blocks too",
     "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
     "progress": "a tqdm progress bar on stderr (the log lines print above it)",

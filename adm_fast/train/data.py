@@ -34,10 +34,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .. import image_files
-from ..image_files import IMAGE_EXTENSIONS, MAX_PIXELS
+from ..image_files import IMAGE_EXTENSIONS, MAX_PIXELS, center_crop_arr, fit_short_side
 
-__all__ = ["DataError", "IMAGE_EXTENSIONS", "list_image_files", "class_of", "class_names",
-           "center_crop_arr", "random_crop_arr", "ImageFolderDataset", "ImageBatchStream",
+__all__ = ["DataError", "list_image_files", "class_of", "class_names",
+           "random_crop_arr", "ImageFolderDataset", "ImageBatchStream",
            "load_data", "make_image_folder"]
 
 _log = logging.getLogger(__name__)
@@ -71,22 +71,6 @@ def class_names(files: Sequence[Union[str, os.PathLike]]) -> List[str]:
     return sorted({class_of(f) for f in files})
 
 
-def _fit_short_side(img: Image.Image, short: int) -> Image.Image:
-    # Halving with BOX first is what guided-diffusion does for quality; the
-    # arithmetic (floor halving, Python round of each side) fixes output sizes.
-    while min(img.size) >= 2 * short:
-        img = img.resize((img.width // 2, img.height // 2), resample=Image.Resampling.BOX)
-    scale = short / min(img.size)
-    return img.resize(tuple(round(d * scale) for d in img.size), resample=Image.Resampling.BICUBIC)
-
-
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """Resize the shorter side to `image_size` and take the central square, [S, S, C] uint8."""
-    arr = np.asarray(_fit_short_side(pil_image, image_size))
-    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return arr[top:top + image_size, left:left + image_size]
-
-
 def random_crop_arr(pil_image: Image.Image, image_size: int, min_crop_frac: float = 0.8,
                     max_crop_frac: float = 1.0,
                     rng: Optional[np.random.Generator] = None) -> np.ndarray:
@@ -96,7 +80,7 @@ def random_crop_arr(pil_image: Image.Image, image_size: int, min_crop_frac: floa
                         f"min_crop_frac={min_crop_frac}, max_crop_frac={max_crop_frac}")
     rng = np.random.default_rng() if rng is None else rng
     lo, hi = math.ceil(image_size / max_crop_frac), math.ceil(image_size / min_crop_frac)
-    arr = np.asarray(_fit_short_side(pil_image, int(rng.integers(lo, hi + 1))))
+    arr = np.asarray(fit_short_side(pil_image, int(rng.integers(lo, hi + 1))))
     top = int(rng.integers(0, arr.shape[0] - image_size + 1))
     left = int(rng.integers(0, arr.shape[1] - image_size + 1))
     return arr[top:top + image_size, left:left + image_size]

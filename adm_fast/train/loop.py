@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import checkpoint as ckpt
 from . import state as st
 from .config import TrainError
-from .distributed import World, barrier
+from ..distributed import World, barrier
 from .metrics import Metrics
 from .precision import MixedPrecisionTrainer
 

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..checkpoint import write_atomic, write_error
+from ..io import atomic_write, output_error
 
 log = logging.getLogger("adm_fast.train")
 
@@ -62,7 +62,7 @@ class Metrics:
             if row["step"] <= start_step:
                 rows.append(row)
         text = "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
-        write_atomic(self._jsonl, lambda f: f.write(text))
+        atomic_write(self._jsonl, lambda f: f.write(text), hint=True)
         self._rewrite_csv(rows)
 
     def _rewrite_csv(self, rows) -> None:
@@ -75,7 +75,8 @@ class Metrics:
         w.writeheader()
         w.writerows(rows)
         data = out.getvalue().encode("utf-8")
-        write_atomic(os.path.join(self.log_dir, "progress.csv"), lambda f: f.write(data))
+        atomic_write(os.path.join(self.log_dir, "progress.csv"), lambda f: f.write(data),
+                     hint=True)
 
     def add_losses(self, losses: Dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: int):
         """Per-sample loss terms at timesteps t: overall means and per-quartile means."""
@@ -105,7 +106,7 @@ class Metrics:
             flat = torch.cat([self._sums[k].reshape(-1) for k in keys]
                              + [self._counts[k].reshape(-1) for k in keys])
             if world is not None:
-                from .distributed import all_mean
+                from ..distributed import all_mean
                 flat = all_mean(world, flat)  # sums and counts scale alike
             flat = flat.cpu().tolist()
             sizes = [self._sums[k].numel() for k in keys]
@@ -136,7 +137,7 @@ class Metrics:
         try:
             self._append(row)
         except OSError as e:  # a full disk says so, naming the log
-            raise write_error(self._jsonl, e) from None
+            raise output_error(self._jsonl, e, hint=True) from None
 
     def _append(self, row: Dict) -> None:
         with open(self._jsonl, "a", encoding="utf-8") as f:

@@ -12,13 +12,15 @@ import torch
 
 from .. import ops
 from ..diffusion import create_named_schedule_sampler
+from ..io import remove_stale_temporaries
+from ..models.layout import use_preferred_layout
 from ..script_util import (classifier_and_diffusion_defaults,
                            create_classifier_and_diffusion, create_model_and_diffusion,
                            diffusion_defaults, model_and_diffusion_defaults)
 from . import state as st
 from .config import TrainError, default_log_dir, precision_of, setup_logging
 from .data import class_names, list_image_files, load_data
-from .distributed import barrier, broadcast_object, cleanup, env_world_size, setup
+from ..distributed import barrier, broadcast_object, cleanup, env_world_size, setup
 from .loop import parse_ema_rates
 from .tasks import ClassifierTrainLoop, DiffusionTrainLoop
 
@@ -50,7 +52,7 @@ def build_model(kind: str, flags: Dict, device, num_classes: int):
     if flags["backend"] != "eager":  # eager stays guided-diffusion's computation, layout too
         # the dtype the convolutions will run in: converted or autocast later
         low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-        ops.use_preferred_layout(model, device, training=True, dtype=low)
+        use_preferred_layout(model, device, training=True, dtype=low)
     return model, diffusion
 
 
@@ -176,7 +178,7 @@ def run(kind: str, flags: Dict) -> int:
             os.makedirs(log_dir, exist_ok=True)
         setup_logging(log_dir if world.is_main else None, world.is_main)
         if world.is_main:
-            removed = st.remove_stale_temporaries(log_dir)
+            removed = remove_stale_temporaries(log_dir)
             if removed:
                 log.info("removed %d temporary file(s) of an interrupted run: %s",
                          len(removed), ", ".join(removed))

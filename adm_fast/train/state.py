@@ -6,8 +6,9 @@ A checkpoint at step N is a set of files in the log dir:
   state{N:06d}.pt                   optimizer, loss scale, schedule sampler,
                                     every rank's RNG, class names, run identity
   latest.json                       {"step": N, "files": [...]}, written last
-Every file goes to a temporary name, is fsync'ed and renamed (a kill leaves at
-most a `*.tmp<pid>`, removed at the next start), and the state file is written
+Every file goes to a temporary name, is fsync'ed and renamed (adm_fast.io: a
+kill leaves at most a `.NAME.partialPID`, removed at the next start), and the
+state file is written
 after the weights. Resume takes the newest set that is intact: every part
 present and loadable (the weights verified against their checksum and finite,
 the state holding everything a resume reads, of the right types, shapes and
@@ -36,13 +37,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, fsync_path, read_state_dict, write_atomic
+from ..checkpoint import CheckpointError, read_state_dict
+from ..io import atomic_write
 
 LATEST = "latest.json"
 _MODEL_RE = re.compile(r"model(\d{6,})\.(safetensors|pt)$")
-# The temporaries write_atomic leaves when killed, for the files a run writes.
-_TMP_RE = re.compile(r"^(model\d+\.safetensors|ema_.+_\d+\.safetensors|state\d+\.pt|"
-                     r"latest\.json|progress\.(jsonl|csv))\.tmp(\d+)$")
 # What resume reads from a state file, and the type it must have.
 _STATE_KEYS = {"step": int, "optimizer": dict, "precision": dict, "rng": list,
                "ema_rates": list, "global_batch": int, "world_size": int}
@@ -69,47 +68,15 @@ def state_file(step: int) -> str:
 
 
 def save_state(obj: Dict, path: str) -> None:
-    write_atomic(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), hint=True)
 
 
 def mark_latest(log_dir: str, step: int, files: List[str]) -> None:
     missing = [f for f in files if not os.path.isfile(os.path.join(log_dir, f))]
     if missing:
         raise RuntimeError(f"refusing to mark step {step} as latest: {missing} not written")
-    fsync_path(log_dir)
     data = json.dumps({"step": step, "files": files}, indent=1).encode()
-    write_atomic(os.path.join(log_dir, LATEST), lambda f: f.write(data))
-    fsync_path(log_dir)
-
-
-def remove_stale_temporaries(log_dir: str) -> List[str]:
-    """Delete the `*.tmp<pid>` files killed runs left in log_dir (those of a
-    process still alive are kept: it may be writing them). Returns their names."""
-    removed = []
-    for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
-        match = _TMP_RE.match(name)
-        if match is None or _alive(int(match.group(3))):
-            continue
-        try:
-            os.remove(os.path.join(log_dir, name))
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a leftover of an earlier process that had our pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+    atomic_write(os.path.join(log_dir, LATEST), lambda f: f.write(data), hint=True)
 
 
 def parse_step(path: str) -> int:

@@ -116,14 +116,14 @@ StepArgs step_args(const Tensor& x, const Tensor& model_out, const Tensor& noise
           chw};
 }
 
-// fp32 outputs: what adm_fast.ops.step_op.out_dtypes gives for the fp32
-// coefficients adm_fast passes; a direct caller casts as it likes.
+// fp32 outputs: what the step ops' out_dtypes (adm_fast.ops.diffusion_step) give for the
+// fp32 coefficients adm_fast passes; a direct caller casts as it likes.
 std::tuple<Tensor, Tensor> ddpm_step_op(const Tensor& x, const Tensor& model_out,
                                         const Tensor& noise, const Tensor& coefs,
                                         const optional<Tensor>& grad, int64_t mean_type,
                                         int64_t var_type, bool clip) {
-  adm_fast::check_step("adm_fast_native::ddpm_step", x, model_out, noise, coefs, grad, 8,
-                       mean_type, var_type);
+  adm_fast::check_step("adm_fast_native::ddpm_step", x, model_out, noise, coefs, grad,
+                       adm_fast::kDdpmRows, mean_type, var_type);
   TORCH_CHECK(var_type >= 0, "adm_fast_native::ddpm_step: var_type code ", var_type,
               " is negative");
   StepArgs a = step_args(x, model_out, noise, coefs, grad);
@@ -138,8 +138,8 @@ std::tuple<Tensor, Tensor> ddim_step_op(const Tensor& x, const Tensor& model_out
                                         const Tensor& noise, const Tensor& coefs,
                                         const optional<Tensor>& grad, int64_t mean_type,
                                         bool clip, double eta) {
-  adm_fast::check_step("adm_fast_native::ddim_step", x, model_out, noise, coefs, grad, 7,
-                       mean_type, -1);
+  adm_fast::check_step("adm_fast_native::ddim_step", x, model_out, noise, coefs, grad,
+                       adm_fast::kDdimRows, mean_type, -1);
   TORCH_CHECK(std::isfinite(eta), "adm_fast_native::ddim_step: eta must be finite, got ", eta);
   StepArgs a = step_args(x, model_out, noise, coefs, grad);
   Tensor sample = at::empty_like(a.x), x0 = at::empty_like(a.x);

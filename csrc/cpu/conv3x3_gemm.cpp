@@ -2,7 +2,7 @@
 // convolution: K and N are a UNet's channel counts (32-256), M a block of tiles;
 // A and C row-major, B (a weight transform, made once and kept) in strips of
 // 16 columns. MKL's batched sgemm runs such short-K shapes at about half the
-// FMA peak here; this runs at 75-90% of it (AVX2 EPYC: 58-70 GFLOP/s a core).
+// FMA peak; this runs much nearer it (docs/performance.md).
 //
 // An AVX2+FMA register tile of 6 rows x 16 columns (12 accumulators) walks K
 // with one broadcast of A and two loads of B per 12 FMAs; the rows of A stay

@@ -181,7 +181,7 @@ ADM_CLONES void weight_rows(const float* __restrict k, int64_t ks, float* __rest
 // A thread's buffer `slot` of at least n floats, kept for its next call: a
 // fresh V and M per call (up to 4 MB) cost a zero-fill and, past malloc's mmap
 // threshold, a page fault per 4 KB: on an 8x8 map at 256 channels, more than
-// half of the call (4.3 -> 1.7 ms without them).
+// half of the call (docs/performance.md).
 float* scratch(int slot, int64_t n) {
   thread_local std::vector<float> buffers[4];
   std::vector<float>& b = buffers[slot];

@@ -1,5 +1,5 @@
 // One DDPM / DDIM sampling step on the CPU, in one pass (fp32). Arithmetic in
-// the order of adm_fast/ops/step_math.py (guided-diffusion's).
+// the order of adm_fast/ops/diffusion_step.py (guided-diffusion's).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -39,8 +39,8 @@ template <int MEAN, int VAR, bool CLIP, bool GRAD>
 ADM_CLONES void ddpm_row(const float* x, const float* out, const float* v, const float* noise,
                          const float* grad, float* sample, float* x0_out, int64_t n,
                          const float* k) {
-  const float a = k[0], b = k[1], c1 = k[2], c2 = k[3], lo = k[4], hi = k[5], fixed_var = k[6],
-              nonzero = k[7];
+  const float a = k[kDdpmA], b = k[kDdpmB], c1 = k[kDdpmC1], c2 = k[kDdpmC2], lo = k[kDdpmLo],
+              hi = k[kDdpmHi], fixed_var = k[kDdpmVar], nonzero = k[kDdpmNonzero];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float log_var, var;
@@ -68,7 +68,8 @@ template <int MEAN, bool CLIP, bool GRAD, bool NOISE>
 ADM_CLONES void ddim_row(const float* x, const float* out, const float* noise, const float* grad,
                          float* sample, float* x0_out, int64_t n, const float* k, float sigma,
                          float sqrt_ab_prev, float eps_coef, float guide) {
-  const float a = k[0], b = k[1], recip = k[2], recipm1 = k[3], nonzero = k[6];
+  const float a = k[kDdimA], b = k[kDdimB], recip = k[kDdimRecip], recipm1 = k[kDdimRecipm1],
+              nonzero = k[kDdimNonzero];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float x0 = pred_x0<MEAN, CLIP>(x[j], out[j], a, b);
@@ -140,8 +141,8 @@ void ddpm_step(const float* x, const float* model_out, const float* noise, const
                int64_t out_stride, int mean_type, int var_type, bool clip) {
   const DdpmFn row_fn = ddpm_pick(mean_type, var_type, clip, grad != nullptr);
   over_samples(B, CHW, [&](int64_t n, int64_t start, int64_t len) {
-    float k[8];
-    for (int r = 0; r < 8; ++r) k[r] = coefs[r * B + n];
+    float k[adm_fast::kDdpmRows];
+    for (int r = 0; r < adm_fast::kDdpmRows; ++r) k[r] = coefs[r * B + n];
     const int64_t row = n * CHW + start;
     const float* out = model_out + n * out_stride + start;
     row_fn(x + row, out, var_type == adm_fast::kVarFixed ? nullptr : out + CHW, noise + row,
@@ -153,9 +154,9 @@ void ddim_step(const float* x, const float* model_out, const float* noise, const
                const float* coefs, float* sample, float* x0_out, int64_t B, int64_t CHW,
                int64_t out_stride, int mean_type, bool clip, float eta) {
   over_samples(B, CHW, [&](int64_t n, int64_t start, int64_t len) {
-    float k[7];
-    for (int r = 0; r < 7; ++r) k[r] = coefs[r * B + n];
-    const float ab = k[4], ab_prev = k[5];
+    float k[adm_fast::kDdimRows];
+    for (int r = 0; r < adm_fast::kDdimRows; ++r) k[r] = coefs[r * B + n];
+    const float ab = k[adm_fast::kDdimAlphaBar], ab_prev = k[adm_fast::kDdimAlphaBarPrev];
     const float sigma =
         eta * std::sqrt((1.0f - ab_prev) / (1.0f - ab)) * std::sqrt(1.0f - ab / ab_prev);
     const int64_t row = n * CHW + start;

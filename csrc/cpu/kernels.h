@@ -36,7 +36,7 @@ void group_norm_act_bwd_nhwc(const T* dy, const T* x, const float* mean, const f
                              const float* shift, T* dx, float* dscale, float* dshift, float* t1,
                              float* t2, int64_t N, int64_t C, int64_t HW, int64_t G, bool act);
 
-// One DDPM / DDIM step (adm_fast.ops.step_math), fp32; coefs is [rows, B].
+// One DDPM / DDIM step (adm_fast.ops.diffusion_step), fp32; coefs is [rows, B].
 // model_out is [B, C or 2C, HW] with sample stride out_stride; mean_type and
 // var_type are the codes of csrc/step_codes.h.
 void ddpm_step(const float* x, const float* model_out, const float* noise, const float* grad,

@@ -205,8 +205,8 @@ StepArgs step_args(const Tensor& x, const Tensor& model_out, const Tensor& noise
   return a;
 }
 
-// fp32 outputs: what adm_fast.ops.step_op.out_dtypes gives for the fp32
-// coefficients adm_fast passes; a direct caller casts as it likes.
+// fp32 outputs: what the step ops' out_dtypes (adm_fast.ops.diffusion_step) give for the
+// fp32 coefficients adm_fast passes; a direct caller casts as it likes.
 std::tuple<Tensor, Tensor> run_step(const Tensor& x, const Tensor& model_out, const Tensor& noise,
                                     const Tensor& coefs, const optional<Tensor>& grad,
                                     int64_t mean_type, bool clip, bool ddim, int64_t var_type,
@@ -214,7 +214,7 @@ std::tuple<Tensor, Tensor> run_step(const Tensor& x, const Tensor& model_out, co
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor c = coefs.to(at::kFloat).contiguous();
   StepArgs a = step_args(x, model_out, noise, c, grad.has_value() ? *grad : Tensor());
-  // In x's layout, which x's strides index (adm_fast.ops.step_op.like_x): a
+  // In x's layout, which x's strides index (adm_fast.ops.diffusion_step.like_x): a
   // channels-last x is dense, so empty_like keeps its strides.
   auto empty_out = [&] {
     return x.is_contiguous() ? at::empty(x.sizes(), x.options().dtype(at::kFloat))
@@ -237,8 +237,8 @@ std::tuple<Tensor, Tensor> ddpm_step_op(const Tensor& x, const Tensor& model_out
                                         const Tensor& noise, const Tensor& coefs,
                                         const optional<Tensor>& grad, int64_t mean_type,
                                         int64_t var_type, bool clip) {
-  adm_fast::check_step("adm_fast_native::ddpm_step", x, model_out, noise, coefs, grad, 8,
-                       mean_type, var_type);
+  adm_fast::check_step("adm_fast_native::ddpm_step", x, model_out, noise, coefs, grad,
+                       adm_fast::kDdpmRows, mean_type, var_type);
   TORCH_CHECK(var_type >= 0, "adm_fast_native::ddpm_step: var_type code ", var_type,
               " is negative");
   return run_step(x, model_out, noise, coefs, grad, mean_type, clip, false, var_type, 0.0);
@@ -248,8 +248,8 @@ std::tuple<Tensor, Tensor> ddim_step_op(const Tensor& x, const Tensor& model_out
                                         const Tensor& noise, const Tensor& coefs,
                                         const optional<Tensor>& grad, int64_t mean_type,
                                         bool clip, double eta) {
-  adm_fast::check_step("adm_fast_native::ddim_step", x, model_out, noise, coefs, grad, 7,
-                       mean_type, -1);
+  adm_fast::check_step("adm_fast_native::ddim_step", x, model_out, noise, coefs, grad,
+                       adm_fast::kDdimRows, mean_type, -1);
   TORCH_CHECK(std::isfinite(eta), "adm_fast_native::ddim_step: eta must be finite, got ", eta);
   return run_step(x, model_out, noise, coefs, grad, mean_type, clip, true, 0, eta);
 }

@@ -4,7 +4,7 @@
 // sample in x's memory order (x and the outputs coalesced); each other tensor
 // is read with its own strides, NCHW or channels-last (on a GPU the model
 // output and the guidance gradient come out channels_last, x and the noise
-// NCHW). Arithmetic in the order of adm_fast/ops/step_math.py, in fp32.
+// NCHW). Arithmetic in the order of adm_fast/ops/diffusion_step.py, in fp32.
 #include "../step_codes.h"
 #include "common.cuh"
 #include "kernels.h"
@@ -57,9 +57,10 @@ __global__ void ddpm_kernel(const T* __restrict__ x, const To* __restrict__ out,
                             bool clip) {
   const int64_t n = blockIdx.y, i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, b = g.b;
   if (i >= g.c * g.hw) return;
-  const float a = coefs[n], bb = coefs[b + n], c1 = coefs[2 * b + n], c2 = coefs[3 * b + n];
-  const float lo = coefs[4 * b + n], hi = coefs[5 * b + n], fixed_var = coefs[6 * b + n];
-  const float nonzero = coefs[7 * b + n];
+  const float a = coefs[kDdpmA * b + n], bb = coefs[kDdpmB * b + n];
+  const float c1 = coefs[kDdpmC1 * b + n], c2 = coefs[kDdpmC2 * b + n];
+  const float lo = coefs[kDdpmLo * b + n], hi = coefs[kDdpmHi * b + n];
+  const float fixed_var = coefs[kDdpmVar * b + n], nonzero = coefs[kDdpmNonzero * b + n];
   int64_t ch, p;
   locate(g, i, ch, p);
   const int64_t row = at(g.x, n, ch, p);
@@ -90,9 +91,10 @@ __global__ void ddim_kernel(const T* __restrict__ x, const To* __restrict__ out,
                             float eta) {
   const int64_t n = blockIdx.y, i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, b = g.b;
   if (i >= g.c * g.hw) return;
-  const float a = coefs[n], bb = coefs[b + n], recip = coefs[2 * b + n];
-  const float recipm1 = coefs[3 * b + n], ab = coefs[4 * b + n], ab_prev = coefs[5 * b + n];
-  const float nonzero = coefs[6 * b + n];
+  const float a = coefs[kDdimA * b + n], bb = coefs[kDdimB * b + n];
+  const float recip = coefs[kDdimRecip * b + n], recipm1 = coefs[kDdimRecipm1 * b + n];
+  const float ab = coefs[kDdimAlphaBar * b + n], ab_prev = coefs[kDdimAlphaBarPrev * b + n];
+  const float nonzero = coefs[kDdimNonzero * b + n];
   int64_t ch, p;
   locate(g, i, ch, p);
   const int64_t row = at(g.x, n, ch, p);

@@ -168,6 +168,23 @@ __global__ void gn_fwd_apply(const T* __restrict__ x, T* __restrict__ y, const f
   if constexpr (VEC) store16(y + m0, out);
 }
 
+// The V values of x and dy at off, as floats (one 16-byte load each when VEC).
+template <typename T, bool VEC>
+__device__ __forceinline__ void load_x_dy(const T* x, const T* dy, int64_t off, float* xv,
+                                          float* dv) {
+  if constexpr (VEC) {
+    const Vec16<T> a = load16(x + off), d = load16(dy + off);
+#pragma unroll
+    for (int j = 0; j < Vec16<T>::N; ++j) {
+      xv[j] = to_f(a.v[j]);
+      dv[j] = to_f(d.v[j]);
+    }
+  } else {
+    xv[0] = to_f(x[off]);
+    dv[0] = to_f(dy[off]);
+  }
+}
+
 // Per (n, c) over one range of positions: Σ g and Σ g·x̂ (NCHW: rows are contiguous).
 template <typename T, bool VEC>
 __global__ void gn_bwd_reduce_nchw(const T* __restrict__ x, const T* __restrict__ dy,
@@ -185,17 +202,7 @@ __global__ void gn_bwd_reduce_nchw(const T* __restrict__ x, const T* __restrict_
   const T* dr = dy + nc * L.hw;
   for (int64_t p = start + threadIdx.x * V; p < end; p += int64_t(blockDim.x) * V) {
     float xv[V], dv[V];
-    if constexpr (VEC) {
-      const Vec16<T> a = load16(xr + p), d = load16(dr + p);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        xv[j] = to_f(a.v[j]);
-        dv[j] = to_f(d.v[j]);
-      }
-    } else {
-      xv[0] = to_f(xr[p]);
-      dv[0] = to_f(dr[p]);
-    }
+    load_x_dy<T, VEC>(xr, dr, p, xv, dv);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float xhat = (xv[j] - mu) * r;
@@ -237,17 +244,7 @@ __global__ void gn_bwd_reduce_nhwc(const T* __restrict__ x, const T* __restrict_
   for (int64_t p = start; p < end; ++p) {
     const int64_t off = L.at(n, c0, p);
     float xv[V], dv[V];
-    if constexpr (VEC) {
-      const Vec16<T> a = load16(x + off), d = load16(dy + off);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        xv[j] = to_f(a.v[j]);
-        dv[j] = to_f(d.v[j]);
-      }
-    } else {
-      xv[0] = to_f(x[off]);
-      dv[0] = to_f(dy[off]);
-    }
+    load_x_dy<T, VEC>(x, dy, off, xv, dv);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float xhat = (xv[j] - mu[j]) * r[j];
@@ -302,17 +299,7 @@ __global__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ dy,
   const int64_t m0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (m0 >= total) return;
   float xv[V], dv[V];
-  if constexpr (VEC) {
-    const Vec16<T> a = load16(x + m0), d = load16(dy + m0);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      xv[j] = to_f(a.v[j]);
-      dv[j] = to_f(d.v[j]);
-    }
-  } else {
-    xv[0] = to_f(x[m0]);
-    dv[0] = to_f(dy[m0]);
-  }
+  load_x_dy<T, VEC>(x, dy, m0, xv, dv);
   const int64_t n = L.sample_of(m0);
   Vec16<T> out;
 #pragma unroll

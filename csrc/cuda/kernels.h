@@ -62,7 +62,7 @@ struct Strides3 {
   int64_t b, c, hw;
 };
 
-// One DDPM / DDIM step (adm_fast.ops.step_math). x, noise, grad: [B, C, HW]
+// One DDPM / DDIM step (adm_fast.ops.diffusion_step). x, noise, grad: [B, C, HW]
 // of dtype `dtype`; model_out [B, C or 2C, HW] of out_dtype, the variance half
 // from channel C; each with its own strides, NCHW-contiguous or channels-last
 // (C contiguous), x dense in its layout. coefs fp32 [rows, B]; grad may be

@@ -1,4 +1,5 @@
-"""Process-group setup for torchrun (no MPI): NCCL on GPUs, gloo on CPU.
+"""Process-group setup for torchrun (no MPI), shared by training and sampling:
+NCCL on GPUs, gloo on CPU.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; a plain
 `python`/`adm-fast` run is a world of one and never touches torch.distributed,
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ def env_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
-def setup(device: Optional[str] = None, timeout_s: float = 600.0) -> World:
+def setup(device: str | None = None, timeout_s: float = 600.0) -> World:
     """Join torchrun's process group when there is one and pick this rank's device.
 
     device: "cpu", "cuda" or None (cuda when available). Each rank takes

@@ -5,9 +5,11 @@ that it compiles. Here the launchers run on CPU tensors with the launch
 itself intercepted; each launch (kernel, arguments, meta-parameters) is then
 compiled ahead of time for sm_80/sm_90 with the very specialisation a real
 launch would get (dtypes, unit strides, 16-byte alignment), through Triton's
-bundled ptxas, and its registers, spills and vector loads are reported.
+bundled ptxas, and its registers, spills and vector loads are reported. It
+covers the kernel modules the op registry's Triton implementations name
+(TritonImpl.module), at the launch shapes CASES gives for each.
 
-    python -m adm_fast.kernels.aot            # table; exit status 1 on failure
+    python -m adm_fast.benchmarks.aot         # table; exit status 1 on failure
 
 Must run without TRITON_INTERPRET (the kernels must be JIT functions).
 """
@@ -15,12 +17,13 @@ Must run without TRITON_INTERPRET (the kernels must be JIT functions).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Tuple
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -39,11 +42,11 @@ class Launch:
 
 
 @contextlib.contextmanager
-def captured() -> Iterator[List[Launch]]:
+def captured() -> Iterator[list[Launch]]:
     """Record every Triton launch (instead of running it) inside the block."""
     from triton.runtime.jit import JITFunction
 
-    launches: List[Launch] = []
+    launches: list[Launch] = []
     real_run = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -120,7 +123,7 @@ def spill_allowed(launch: Launch) -> bool:
             and args.get("BLOCK_D", 0) > 128)
 
 
-def resource_usage(compiled) -> Tuple[int, int]:
+def resource_usage(compiled) -> tuple[int, int]:
     """(registers per thread, spill bytes: stack frame + local memory) of a
     compiled kernel, from its cubin."""
     from triton import knobs
@@ -150,7 +153,7 @@ def as_if_on_gpu(arch: int = 90):
     """The launchers pick launch shapes by device type (and architecture): make
     CPU tensors get an sm_<arch> GPU's, so that what is compiled is what that
     GPU would run."""
-    from . import group_norm_act, qkv_attention
+    from ..kernels import group_norm_act, qkv_attention
 
     tables = (group_norm_act.TILE, group_norm_act.FUSED_MAX, group_norm_act.TARGET_PROGRAMS)
     saved = [t.get("cpu") for t in tables]
@@ -168,15 +171,15 @@ def as_if_on_gpu(arch: int = 90):
         qkv_attention.TARGET_ARCH["cpu"] = saved_arch
 
 
-def representative_launches(arch: int = 90) -> List[Launch]:
-    """The launches of every kernel on ADM-like shapes, layouts and dtypes, as
-    an sm_<arch> GPU would make them."""
-    from . import diffusion_step, group_norm_act, qkv_attention
+def _channels_last(t):  # channels_last, or for [N, C, T] the view of a channels_last map
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
-    def channels_last(t):  # channels_last, or for [N, C, T] the view of a channels_last map
-        return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
-    cases: List[Tuple[str, Callable[[], object]]] = []
+Cases = list[tuple[str, Callable[[], object]]]
+
+
+def _group_norm_act_cases(group_norm_act) -> Cases:
+    cases: Cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         dn = str(dtype).replace("torch.", "")
         # The [N, C, T] ones are attention's norm on 8x8 and 16x16 maps, one
@@ -186,7 +189,7 @@ def representative_launches(arch: int = 90) -> List[Launch]:
                           ((8, 512, 64), True), ((4, 256, 256), True)):
             x = torch.randn(shape, dtype=dtype)
             if cl:
-                x = channels_last(x)
+                x = _channels_last(x)
             c, n = shape[1], shape[0]
             w, b = torch.ones(c), torch.zeros(c)
             s, sh = torch.zeros(n, 2 * c, dtype=dtype).chunk(2, dim=1)
@@ -201,6 +204,13 @@ def representative_launches(arch: int = 90) -> List[Launch]:
                 group_norm_act.backward(torch.randn_like(x), x, 32, w, b, s, sh, mean, mean + 1,
                                         True, True)
             cases += [(name + " fwd", fwd), (name + " bwd", bwd)]
+    return cases
+
+
+def _diffusion_step_cases(diffusion_step) -> Cases:
+    cases: Cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        dn = str(dtype).replace("torch.", "")
         x = torch.randn(16, 3, 64, 64, dtype=dtype)
         coefs = torch.rand(8, 16)
         # NCHW throughout, and as a GPU sampler has them: the model output and
@@ -209,13 +219,18 @@ def representative_launches(arch: int = 90) -> List[Launch]:
             out = torch.randn(16, 6, 64, 64, dtype=dtype)
             grad = torch.randn_like(x)
             if cl:
-                out, grad = channels_last(out), channels_last(grad)
+                out, grad = _channels_last(out), _channels_last(grad)
             cases.append((f"ddpm_step{layout} {dn}", lambda x=x, out=out, g=grad, c=coefs:
                           diffusion_step.ddpm_step(x, out, torch.randn_like(x), c, g, "eps",
                                                    "learned_range", True)))
             cases.append((f"ddim_step{layout} {dn}", lambda x=x, out=out, g=grad, c=coefs:
                           diffusion_step.ddim_step(x, out, torch.randn_like(x), c[:7], g, "eps",
                                                    True, 0.5)))
+    return cases
+
+
+def _qkv_attention_cases(qkv_attention) -> Cases:
+    cases: Cases = []
     for dtype in (torch.bfloat16, torch.float32):
         dn = str(dtype).replace("torch.", "")
         for heads, c, t, cl in ((4, 64, 1024, False), (2, 96, 256, False),
@@ -227,19 +242,41 @@ def representative_launches(arch: int = 90) -> List[Launch]:
             qkv = torch.randn(2, 3 * heads * c, t, dtype=dtype)
             dout = torch.randn(2, heads * c, t, dtype=dtype)
             if cl:
-                qkv, dout = channels_last(qkv), channels_last(dout)
+                qkv, dout = _channels_last(qkv), _channels_last(dout)
 
             def attn(qkv=qkv, dout=dout, heads=heads):
                 out, lse = qkv_attention.forward(qkv, heads, True)
                 qkv_attention.backward(dout, qkv, out, lse, heads, True)
             cases.append((f"attention hd{c} T{t}{' NTC' if cl else ''} {dn}", attn))
-    launches: List[Launch] = []
-    for name, run in cases:
-        with as_if_on_gpu(arch), captured() as got:
-            run()
-        for launch in got:
-            launch.case = name
-        launches += got
+    return cases
+
+
+# The launch shapes per kernel module: ADM-like shapes, layouts and dtypes.
+CASES = {"group_norm_act": _group_norm_act_cases, "diffusion_step": _diffusion_step_cases,
+         "qkv_attention": _qkv_attention_cases}
+
+
+def kernel_modules() -> list[str]:
+    """The kernel modules the op registry's Triton implementations name."""
+    from ..ops.backends import TRITON
+
+    return sorted(TRITON.modules)
+
+
+def representative_launches(arch: int = 90) -> list[Launch]:
+    """The launches of every kernel module the registry names, as an sm_<arch>
+    GPU would make them."""
+
+    launches: list[Launch] = []
+    for module in kernel_modules():
+        if module not in CASES:
+            raise KeyError(f"adm_fast/kernels/{module}.py has no launch shapes in aot.CASES")
+        for name, run in CASES[module](importlib.import_module(f"adm_fast.kernels.{module}")):
+            with as_if_on_gpu(arch), captured() as got:
+                run()
+            for launch in got:
+                launch.case = name
+            launches += got
     return launches
 
 
