@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -114,7 +115,7 @@ setup(
     name="adm_fast",
     version="0.1.0",
     description="A fast, exact engine for ADM (guided-diffusion) models",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["adm_fast", "adm_fast.*"]),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Optional
 
 COMMANDS = {
     "info": ("adm_fast.info", "which backends are built and usable here, and why not"),
@@ -28,6 +27,7 @@ COMMANDS = {
 }
 # The parsers that answer `adm-fast COMMAND --help` without importing the command.
 PARSERS = {
+    "info": "adm_fast.info:build_parser",
     "train": "adm_fast.train.config:diffusion_parser",
     "train-classifier": "adm_fast.train.config:classifier_parser",
     "sample": "adm_fast.sampling.flags:build_parser",
@@ -47,7 +47,7 @@ PARSERS = {
 OPENMP_SPIN = "10000"
 
 
-def openmp_defaults(environ=None) -> Optional[str]:
+def openmp_defaults(environ=None) -> str | None:
     """Set GOMP_SPINCOUNT for this process unless the user chose an OpenMP
     wait policy or torch is loaded already (too late to matter); returns what
     was set."""
@@ -58,31 +58,12 @@ def openmp_defaults(environ=None) -> Optional[str]:
     return OPENMP_SPIN
 
 
-# Commands whose module parses no flags of its own: their --help (and any stray
-# flag) is answered here, so that `adm-fast info --help` never runs info.
-_NO_PARSER = {"info"}
-
-
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
     return ("usage: adm-fast COMMAND [flags]   (adm-fast COMMAND --help for its flags)\n"
             "       adm-fast --version\n\n"
             "A fast, exact engine for ADM.\n\ncommands:\n" + rows)
-
-
-def _flagless(name: str, argv) -> Optional[int]:
-    """Parse a flagless command's argv: None to run it, else the exit code
-    (0 after --help, 2 for anything else given)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=f"adm-fast {name}", description=COMMANDS[name][1],
-                                     allow_abbrev=False)
-    try:
-        parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return None
 
 
 def main(argv=None) -> int:
@@ -100,10 +81,6 @@ def main(argv=None) -> int:
         what = "option" if name.startswith("-") else "command"
         print(f"adm-fast: unknown {what} {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    if name in _NO_PARSER and rest:
-        code = _flagless(name, rest)
-        if code is not None:
-            return code
     if name in PARSERS and any(a in ("-h", "--help") for a in rest):
         module, _, func = PARSERS[name].partition(":")
         try:

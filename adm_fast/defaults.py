@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Dict, Tuple
 
 NUM_CLASSES = 1000
 
 # channel_mult="" means this, per image size (guided-diffusion's choice).
-AUTO_CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
+AUTO_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
     128: (1, 1, 2, 3, 4),
     64: (1, 2, 3, 4),
 }
-SR_CHANNEL_MULT: Dict[int, Tuple[float, ...]] = {
+SR_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
     64: (1, 2, 3, 4),
@@ -104,7 +103,7 @@ def sr_model_and_diffusion_defaults():
 # before its layout error (docs/performance.md), and diffusion_steps 1e12
 # asked numpy for 7 TiB. Script flags and constructor arguments
 # (adm_fast.config) share the table where they share a name and meaning.
-SIZE_LIMITS: Dict[str, Tuple[int, int, int]] = {
+SIZE_LIMITS: dict[str, tuple[int, int, int]] = {
     "image_size": (1, 4096, 512),
     "large_size": (1, 4096, 512),
     "small_size": (1, 4096, 128),
@@ -178,7 +177,7 @@ MODEL_ADDITIONS = dict(null_class=False, num_classes=NUM_CLASSES, classifier_cha
 
 # One line per flag for --help: what it means in guided-diffusion's scripts
 # (adm_fast's additions say so).
-FLAG_HELP: Dict[str, str] = {
+FLAG_HELP: dict[str, str] = {
     # model (create_model, sr_create_model)
     "image_size": "side of the square images the model takes, in pixels",
     "num_channels": "base channel width of the UNet (its first level)",

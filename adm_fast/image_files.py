@@ -27,7 +27,7 @@ import logging
 import os
 import stat
 import warnings
-from typing import Iterator, List, Optional, Union
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -52,7 +52,7 @@ _warned: set = set()  # (folder, first skipped file): one warning per folder per
 class ImageFileError(ValueError):
     """A file of an image folder that is not read; the message names it."""
 
-    def __init__(self, path: str, reason: str, message: Optional[str] = None):
+    def __init__(self, path: str, reason: str, message: str | None = None):
         super().__init__(message or f"{path}: {reason}")
         self.path, self.reason = path, reason
 
@@ -73,7 +73,7 @@ def _is_image_name(name: str) -> bool:
     return "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_image_files(data_dir: Union[str, os.PathLike]) -> List[str]:
+def list_image_files(data_dir: str | os.PathLike) -> list[str]:
     """The image files under `data_dir`, recursively, in guided-diffusion's order
     (each level sorted). Special files named like images are left out (one
     warning). ImageFileError when the folder is missing, unreadable or holds no
@@ -84,8 +84,8 @@ def list_image_files(data_dir: Union[str, os.PathLike]) -> List[str]:
     if not os.path.isdir(root):
         raise ImageFileError(root, "is not a directory",
                              f"data directory {root!r} is not a directory")
-    found: List[str] = []
-    special: List[str] = []
+    found: list[str] = []
+    special: list[str] = []
     _walk(root, found, special, set())
     if special and (root, special[0]) not in _warned:
         _warned.add((root, special[0]))
@@ -99,7 +99,7 @@ def list_image_files(data_dir: Union[str, os.PathLike]) -> List[str]:
     return found
 
 
-def _walk(directory: str, out: List[str], special: List[str], seen: set) -> None:
+def _walk(directory: str, out: list[str], special: list[str], seen: set) -> None:
     try:
         st = os.stat(directory)
         names = sorted(os.listdir(directory))
@@ -150,7 +150,7 @@ def _open_regular(path: str):
 
 
 @contextlib.contextmanager
-def open_image(path: Union[str, os.PathLike], max_pixels: Optional[int] = MAX_PIXELS,
+def open_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS,
                limit_hint: str = "") -> Iterator[Image.Image]:
     """The image at `path`, its header read and its size checked, not decoded yet
     (PIL decodes on load() or the first pixel access). Raises NotARegularFile,
@@ -179,7 +179,7 @@ def open_image(path: Union[str, os.PathLike], max_pixels: Optional[int] = MAX_PI
             yield im
 
 
-def read_rgb(path: Union[str, os.PathLike], max_pixels: Optional[int] = MAX_PIXELS,
+def read_rgb(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS,
              limit_hint: str = "") -> Image.Image:
     """The image at `path` decoded, as RGB (open_image's checks and errors)."""
     path = os.fspath(path)
@@ -193,7 +193,7 @@ def read_rgb(path: Union[str, os.PathLike], max_pixels: Optional[int] = MAX_PIXE
             raise UnreadableImage(path, _reason(e)) from None
 
 
-def _formats() -> List[str]:
+def _formats() -> list[str]:
     # A PIL built without one of them (WebP) would fail on the name.
     Image.init()
     return [f for f in FORMATS if f in Image.OPEN]

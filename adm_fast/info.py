@@ -11,7 +11,6 @@ import argparse
 import os
 import platform
 import sys
-from typing import List
 
 
 def _openmp_wait() -> str:
@@ -24,7 +23,7 @@ def _openmp_wait() -> str:
             "commands: on a shared machine set it before importing torch)")
 
 
-def _here(backend, devices: List[str]) -> str:
+def _here(backend, devices: list[str]) -> str:
     """"usable" or why not, on this machine's devices."""
     why = backend.unavailable_reasons()
     if why:
@@ -96,7 +95,7 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def _refused() -> List[str]:
+def _refused() -> list[str]:
     """What auto will not use here: implementations that disagreed with the
     reference on this machine and build (ops/verify.py)."""
     from .ops import store, verify
@@ -114,16 +113,24 @@ def _refused() -> List[str]:
     return lines
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adm-fast info", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--retune", action="store_true",
                         help="forget this machine's stored autotune timings ($ADM_FAST_CACHE/"
                              "autotune.json), e.g. ones taken while the machine was busy: the "
                              "next runs time their candidates again")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # --help, or a flag it does not know: argparse said which
+        return int(e.code or 0)
     if args.retune:
-        from .ops import autotune, ops as all_ops
+        from .ops import autotune
+        from .ops import ops as all_ops
 
         dropped = autotune.forget()
         for op in all_ops().values():  # and this process times them again too

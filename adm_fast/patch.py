@@ -14,7 +14,8 @@ import math
 
 from torch import nn
 
-from .models import blocks, fused, nn as adm_nn, unet
+from .models import blocks, fused, unet
+from .models import nn as adm_nn
 
 # name -> (adm_fast class, attributes its forward needs)
 _BLOCKS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {

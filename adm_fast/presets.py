@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 # Torch and the models are imported where a model is built: the preset table
 # itself is data, which every command's --help reads.
@@ -25,14 +24,14 @@ class Preset:
     name: str
     kind: str  # "unet", "classifier" or "sr"
     checkpoint: str  # the file name as released
-    flags: Dict = field(default_factory=dict)
-    classifier: Optional[str] = None
-    classifier_scale: Optional[float] = None
+    flags: dict = field(default_factory=dict)
+    classifier: str | None = None
+    classifier_scale: float | None = None
     timestep_respacing: str = "250"
     # The model that produced samples for an upsampler, or that a classifier guides.
-    pairs_with: Optional[str] = None
+    pairs_with: str | None = None
 
-    def model_flags(self) -> Dict:
+    def model_flags(self) -> dict:
         return {"kind": self.kind, **self.flags}
 
     def build(self, device=None, dtype=None, **overrides):
@@ -57,7 +56,7 @@ def _unet(name, classifier=None, scale=None, respacing="250", **flags):
     return Preset(name, "unet", f"{name}.pt", flags, classifier, scale, respacing)
 
 
-PRESETS: Dict[str, Preset] = {p.name: p for p in [
+PRESETS: dict[str, Preset] = {p.name: p for p in [
     _unet("64x64_diffusion", "64x64_classifier", 1.0, **dict(
         _ADM, class_cond=True, dropout=0.1, image_size=64, noise_schedule="cosine",
         num_channels=192, num_head_channels=64, num_res_blocks=3,
@@ -100,14 +99,14 @@ def get(name: str) -> Preset:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-def names() -> List[str]:
+def names() -> list[str]:
     return list(PRESETS)
 
 
-Layout = Tuple[Tuple[str, Tuple[int, ...]], ...]
+Layout = tuple[tuple[str, tuple[int, ...]], ...]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def layout(name: str) -> Layout:
     """The preset's state_dict keys and shapes, in order (built on meta)."""
     model = get(name).build(device="meta")

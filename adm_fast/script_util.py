@@ -11,15 +11,27 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Tuple
 
-from .defaults import (AUTO_CHANNEL_MULT, FLAG_HELP, MODEL_ADDITIONS, NUM_CLASSES,  # noqa: F401
-                       SR_CHANNEL_MULT, add_dict_to_argparser, args_to_dict,
-                       classifier_and_diffusion_defaults, classifier_defaults, diffusion_defaults,
-                       model_and_diffusion_defaults, show_default, size_problems,
-                       sr_model_and_diffusion_defaults, str2bool)
+from .defaults import (  # noqa: F401
+    AUTO_CHANNEL_MULT,
+    FLAG_HELP,
+    MODEL_ADDITIONS,
+    NUM_CLASSES,
+    SR_CHANNEL_MULT,
+    add_dict_to_argparser,
+    args_to_dict,
+    classifier_and_diffusion_defaults,
+    classifier_defaults,
+    diffusion_defaults,
+    model_and_diffusion_defaults,
+    show_default,
+    size_problems,
+    sr_model_and_diffusion_defaults,
+    str2bool,
+)
 from .diffusion import create_gaussian_diffusion
 from .models import EncoderUNetModel, SuperResModel, UNetModel
+
 
 def parse_channel_mult(channel_mult, image_size: int, table=AUTO_CHANNEL_MULT,
                        what: str = "image size"):
@@ -35,11 +47,11 @@ def parse_channel_mult(channel_mult, image_size: int, table=AUTO_CHANNEL_MULT,
     try:
         values = [float(v) for v in channel_mult.split(",")]
     except ValueError:
-        raise ValueError(f"channel_mult must be a comma list of numbers, got {channel_mult!r}")
+        raise ValueError(f"channel_mult must be a comma list of numbers, got {channel_mult!r}") from None
     return tuple(int(v) if v.is_integer() else v for v in values)
 
 
-def attention_downsample_rates(attention_resolutions, image_size: int) -> Tuple[int, ...]:
+def attention_downsample_rates(attention_resolutions, image_size: int) -> tuple[int, ...]:
     """"32,16,8" (pixel resolutions) -> downsample rates for an image_size UNet."""
     if isinstance(attention_resolutions, (tuple, list)):
         items = list(attention_resolutions)
@@ -51,7 +63,7 @@ def attention_downsample_rates(attention_resolutions, image_size: int) -> Tuple[
             res = int(r)
         except ValueError:
             raise ValueError(f"attention_resolutions must be a comma list of integers, "
-                             f"got {attention_resolutions!r}")
+                             f"got {attention_resolutions!r}") from None
         if res <= 0 or image_size % res:
             raise ValueError(f"attention resolution {res} does not divide image size "
                              f"{image_size}")

@@ -1,14 +1,15 @@
 """Tiny checkpoints and a runner for the `adm-fast sample` tests."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import adm_fast
 from adm_fast import cli
-from adm_fast.sampling import shards
 from adm_fast.checkpoint import read_state_dict
+from adm_fast.sampling import shards
 
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
             attention_resolutions="4", learn_sigma=True)
@@ -84,9 +85,9 @@ def _bad_files(d, paths):
     paths["hello"], paths["empty"] = str(d / "hello.pt"), str(d / "empty.pt")
     paths["base0d"] = str(d / "base0d.npz")
     np.savez(paths["base0d"], np.array(5))
-    whole = open(paths["base"], "rb").read()
+    whole = Path(paths["base"]).read_bytes()
     paths["base_cut"] = str(d / "base_cut.npz")
-    open(paths["base_cut"], "wb").write(whole[:len(whole) // 2])
+    Path(paths["base_cut"]).write_bytes(whole[:len(whole) // 2])
     paths["base_empty"] = str(d / "base_empty.npz")
     open(paths["base_empty"], "wb").close()
     paths["base_npy"] = str(d / "base.npy")

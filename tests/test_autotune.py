@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+import adm_fast
 from adm_fast import ops
 from adm_fast.ops import autotune
-import adm_fast
 
 
 @pytest.fixture

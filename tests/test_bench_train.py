@@ -6,10 +6,10 @@ import re
 
 import pytest
 import torch
+from helpers import CPU_EXT
 
 from adm_fast.benchmarks import train as bench_train
 from adm_fast.benchmarks.saved_bytes import SavedBytes
-from helpers import CPU_EXT
 
 
 def test_counts_saved_input_and_excludes_parameter():

@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from helpers import build_case, load_case, rel_err, run_case
 
 import adm_fast
 from adm_fast import presets
-from helpers import build_case, load_case, rel_err, run_case
 
 UNET = "unet_cond_scaleshift_legacyattn"
 

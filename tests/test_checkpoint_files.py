@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_case
 from safetensors.torch import save_file
 
 import adm_fast
@@ -20,7 +21,6 @@ import adm_fast.io
 from adm_fast import checkpoint as ckpt
 from adm_fast.checkpoint import CheckpointError, DiskFullError
 from adm_fast.checkpoint.build import CONFIG_SCHEMA, MODEL_CLASSES, least_size
-from helpers import load_case
 
 DEMO = Path(adm_fast.__file__).parent / "demo" / "weights" / "diffusion.safetensors"
 FLAGS = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
@@ -556,7 +556,7 @@ def _full_disk(monkeypatch, after=100):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(adm_fast.io, "open", lambda *a, **k: Full(builtins.open(*a, **k)),
+    monkeypatch.setattr(adm_fast.io, "open", lambda *a, **k: Full(builtins.open(*a, **k)),  # noqa: SIM115 (Full closes it)
                         raising=False)
 
 

@@ -7,10 +7,10 @@ checks."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 from adm_fast import ops
 from adm_fast.ops.conv3x3 import NATIVE, NATIVE_WEIGHT_GRAD
-from helpers import rel_err
 
 SHAPES = [  # N, C, H, W, O: ADM res-block convs, then odd sizes and channel counts;
     # the kernel takes maps whose V and M exceed 4 MiB by blocks of tiles (the
@@ -143,9 +143,10 @@ def test_model_convs_go_through_the_op_under_auto_or_a_per_op_setting():
     unlike the other ops (adm_fast.models.fused.apply_conv says why: conv3x3
     has no triton, cuda or sdpa implementation, and such a setting names the
     fused ops)."""
+    from torch import nn
+
     from adm_fast.models.fused import apply_conv, is_conv3x3
     from adm_fast.ops.conv3x3 import CONV3X3
-    from torch import nn
     c3, strided = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
     assert is_conv3x3(c3) and not is_conv3x3(strided) and not is_conv3x3(nn.Conv2d(8, 8, 1))
     x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)

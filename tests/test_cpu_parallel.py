@@ -9,10 +9,10 @@ import threading
 
 import pytest
 import torch
+from helpers import CPU_EXT
 
 from adm_fast import ops
 from adm_fast.ops import use_backend
-from helpers import CPU_EXT
 
 pytestmark = pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
 

@@ -4,12 +4,19 @@
 import numpy as np
 import pytest
 import torch
+from helpers import build_case, load_case, rel_err
 
 import adm_fast
-from adm_fast.diffusion import (GaussianDiffusion, LossType, ModelMeanType, ModelVarType,
-                                NonFiniteSampleError, create_named_schedule_sampler,
-                                get_named_beta_schedule, space_timesteps)
-from helpers import build_case, load_case, rel_err
+from adm_fast.diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    NonFiniteSampleError,
+    create_named_schedule_sampler,
+    get_named_beta_schedule,
+    space_timesteps,
+)
 
 SMALL = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
              attention_resolutions="16", num_head_channels=16, class_cond=True,

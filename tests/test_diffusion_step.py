@@ -3,9 +3,9 @@ numbers are checked against guided-diffusion in test_reference_diffusion)."""
 
 import pytest
 import torch
+from helpers import CPU_EXT, DEVICE, REF, assert_lowp_close, launched_pointers, poisoned, rel_err
 
 from adm_fast import ops
-from helpers import CPU_EXT, DEVICE, REF, assert_lowp_close, launched_pointers, poisoned, rel_err
 
 X = torch.randn(2, 3, 4, 4)
 
@@ -59,8 +59,13 @@ def test_steps_are_registered_and_explained():
 # --- the Triton step kernels ---------------------------------------------------------
 
 import adm_fast  # noqa: E402
-from adm_fast.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType  # noqa: E402
-from adm_fast.diffusion import get_named_beta_schedule  # noqa: E402
+from adm_fast.diffusion import (  # noqa: E402
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    get_named_beta_schedule,  # noqa: E402
+)
 
 STEPS_ON_TRITON = {"ddpm_step": "triton", "ddim_step": "triton"}
 FUSED = ["triton"] + (["cpu"] if CPU_EXT and DEVICE == "cpu" else []) + (

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import CPU_EXT
 
 import adm_fast
 from adm_fast import ops
-from helpers import CPU_EXT
 
 
 class Fp64Only(ops.Impl):

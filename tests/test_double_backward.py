@@ -4,10 +4,10 @@ attention is first-order, as torch's fused SDPA kernels are, and says so."""
 
 import pytest
 import torch
+from helpers import CPU_EXT, rel_err
 
 from adm_fast import ops
 from adm_fast.ops import use_backend
-from helpers import CPU_EXT, rel_err
 
 
 def _penalty_grad(setting, fn, leaves):

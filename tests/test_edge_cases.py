@@ -10,10 +10,10 @@ import textwrap
 
 import pytest
 import torch
+from helpers import CPU_EXT
 
 import adm_fast
 from adm_fast import ops
-from helpers import CPU_EXT
 
 
 def _survives(code: str):

@@ -12,10 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adm_fast.evaluation import (EvaluationError, Evaluator, feature_statistics,
-                                 frechet_distance, inception_score, manifold_radii,
-                                 pairwise_distances, precision_recall, random_weights)
-from adm_fast.evaluation import network
+from adm_fast.evaluation import (
+    EvaluationError,
+    Evaluator,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    manifold_radii,
+    network,
+    pairwise_distances,
+    precision_recall,
+    random_weights,
+)
 from adm_fast.evaluation.batches import folder_images, read_stats
 from adm_fast.image_files import center_crop_arr
 
@@ -455,9 +463,9 @@ def test_npz_images_are_streamed_in_batches(tmp_path):
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
                                                  "shape": (9, 5, 4, 3)})
         f.write(x.tobytes())
-    with pytest.raises(EvaluationError, match="short.npz: arr_0 is truncated: 7 of 9"):
-        with open_images(str(tmp_path / "short.npz")):
-            pass
+    with (pytest.raises(EvaluationError, match="short.npz: arr_0 is truncated: 7 of 9"),
+          open_images(str(tmp_path / "short.npz"))):
+        pass
 
 
 def test_cli_imports_neither_the_network_nor_scipy():

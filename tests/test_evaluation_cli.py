@@ -12,8 +12,7 @@ import torch
 
 import adm_fast
 from adm_fast import cli
-from adm_fast.evaluation import (Evaluator, inception_score, precision_recall,
-                                 random_weights)
+from adm_fast.evaluation import Evaluator, inception_score, precision_recall, random_weights
 
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
             attention_resolutions="4", learn_sigma=True, class_cond=False)

@@ -20,9 +20,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from adm_fast.evaluation import EvaluationError
+from adm_fast.evaluation import EvaluationError, cli
 from adm_fast.evaluation import batches as B
-from adm_fast.evaluation import cli
 from adm_fast.evaluation import evaluator as evaluator_module
 
 METRICS = {"Inception Score": 1.5, "FID": 2.25, "sFID": 3.0, "Precision": 0.5, "Recall": 0.75}
@@ -437,9 +436,9 @@ def test_a_bad_crc_in_the_images_is_found_as_they_are_read(tmp_path):
         path = tmp_path / f"{save.__name__}.npz"
         save(path, _images(0, n=7), labels=np.arange(7))
         _flip(path, _data_offset(path, "arr_0.npy") + 150)
-        with pytest.raises(EvaluationError, match=f"^{path}: arr_0 is damaged \\("):
-            with B.open_images(str(path)) as reader:
-                list(reader.batches(3))
+        with (pytest.raises(EvaluationError, match=f"^{path}: arr_0 is damaged \\("),
+              B.open_images(str(path)) as reader):
+            list(reader.batches(3))
 
 
 def _read_all(path):
@@ -496,9 +495,9 @@ def test_a_fortran_ordered_batch_larger_than_memory_is_refused(tmp_path, monkeyp
     monkeypatch.setattr(B, "_free_memory", lambda: 100)
     with pytest.raises(EvaluationError, match=(
             f"^{path}: arr_0 is Fortran-ordered, which is read whole, and 384 bytes: more than "
-            r"the 100 bytes of memory free; save it C-ordered \(np.ascontiguousarray\)")):
-        with B.open_images(str(path)):
-            pass
+            r"the 100 bytes of memory free; save it C-ordered \(np.ascontiguousarray\)")), \
+            B.open_images(str(path)):
+        pass
     monkeypatch.setattr(B, "_free_memory", lambda: 384)
     with B.open_images(str(path)) as reader:
         np.testing.assert_array_equal(np.concatenate(list(reader.batches(1))), _images(7))

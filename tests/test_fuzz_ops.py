@@ -19,9 +19,9 @@ import sys
 
 import pytest
 import torch
+from helpers import CPU_EXT
 
 from adm_fast import ops
-from helpers import CPU_EXT
 
 SCALE = max(1, int(os.environ.get("ADM_FAST_FUZZ", "1")))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

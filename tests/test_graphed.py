@@ -3,11 +3,10 @@ CPU the same buffers run eagerly; on CUDA the step is a replayed graph)."""
 
 import pytest
 import torch
+from helpers import DEVICE
 
 import adm_fast
 from adm_fast.sampling.api import sample_images
-
-from helpers import DEVICE
 
 
 def _models():

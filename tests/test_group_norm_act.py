@@ -3,9 +3,9 @@
 
 import pytest
 import torch
+from helpers import CPU_EXT, DEVICE, assert_lowp_close, launched_pointers, poisoned, rel_err
 
 from adm_fast import ops
-from helpers import CPU_EXT, DEVICE, assert_lowp_close, launched_pointers, poisoned, rel_err
 
 
 def gn_act_fp64(x, g, w, b, scale, shift, eps, act):

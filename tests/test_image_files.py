@@ -156,9 +156,9 @@ def test_only_pils_own_decoders_are_tried(tmp_path):
     # An EPS named like a PNG: PIL would hand it to Ghostscript.
     eps = tmp_path / "a_0.png"
     eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
-    with pytest.raises(F.UnreadableImage, match=r"a_0\.png: UnidentifiedImageError"):
-        with F.open_image(eps):
-            pass
+    with pytest.raises(F.UnreadableImage, match=r"a_0\.png: UnidentifiedImageError"), \
+            F.open_image(eps):
+        pass
     jpeg_named_png = tmp_path / "b_0.png"  # a common mislabel, still read
     Image.new("RGB", (8, 8), (10, 20, 30)).save(jpeg_named_png, format="JPEG")
     assert F.read_rgb(jpeg_named_png).size == (8, 8)

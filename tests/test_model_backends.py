@@ -2,10 +2,19 @@
 
 import pytest
 import torch
+from helpers import (
+    CPU_EXT,
+    DEVICE,
+    NUMERIC_CASES,
+    assert_grads_close,
+    build_case,
+    case_inputs,
+    load_case,
+    rel_err,
+)
 
 import adm_fast
-from helpers import (CPU_EXT, DEVICE, NUMERIC_CASES, assert_grads_close, build_case,
-                     case_inputs, load_case, rel_err)
+
 
 def _forward_and_grads(model, case, batch):
     """Output, input gradient and parameter gradients on the first `batch` samples."""

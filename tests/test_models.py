@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from helpers import build_case, load_case
 
 import adm_fast
 from adm_fast.models import timestep_embedding
-from helpers import build_case, load_case
 
 SMALL = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
              attention_resolutions="16", num_head_channels=16)

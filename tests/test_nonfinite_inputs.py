@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from helpers import CPU_EXT
 
 from adm_fast import ops
-from helpers import CPU_EXT
 
 needs_ext = pytest.mark.skipif(not CPU_EXT, reason="the C++ CPU extension is not built")
 INF, NAN = math.inf, math.nan

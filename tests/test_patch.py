@@ -2,12 +2,19 @@
 
 import pytest
 import torch
+from gd_like import foreign
+from helpers import (
+    NUMERIC_CASES,
+    assert_grads_close,
+    build_case,
+    case_inputs,
+    load_case,
+    rel_err,
+    run_case,
+)
 
 import adm_fast
 from adm_fast.models import unet
-from gd_like import foreign
-from helpers import (NUMERIC_CASES, assert_grads_close, build_case, case_inputs, load_case,
-                     rel_err, run_case)
 
 
 def _params(model):

@@ -4,11 +4,11 @@ one token kept; tidy_strides (adm_fast.models.layout) at batch one."""
 
 import pytest
 import torch
+from helpers import rel_err
 from torch import nn
 
 from adm_fast import ops
 from adm_fast.models.fused import conv1x1, conv1x1_token
-from helpers import rel_err
 
 
 def channels_last_1d(x):

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers import MANIFESTS, REF
 
 import adm_fast
 from adm_fast import presets
-from helpers import MANIFESTS, REF
 
 
 def manifest(name):

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICE, assert_lowp_close, launched_pointers, poisoned, rel_err
 
 from adm_fast import ops
-from helpers import DEVICE, assert_lowp_close, launched_pointers, poisoned, rel_err
 
 
 def attention_fp64(qkv, heads, legacy):

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
+from helpers import CPU_EXT
 
 import adm_fast
 from adm_fast.benchmarks.saved_bytes import SavedBytes
-from helpers import CPU_EXT
 
 pytestmark = pytest.mark.skipif(not CPU_EXT, reason="needs the CPU extension (a fused backend)")
 FUSED = {"group_norm_act": "cpu"}

@@ -4,9 +4,9 @@ values computed by guided-diffusion itself (tests/reference/diffusion)."""
 import numpy as np
 import pytest
 import torch
+from helpers import REF, rel_err
 
 import adm_fast
-from helpers import REF, rel_err
 
 CASES = sorted(p.stem for p in (REF / "diffusion").glob("*.pt"))
 TOL = 1e-5

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import NUMERIC_CASES, build_case, case_inputs, load_case, rel_err, run_case
 
 import adm_fast
-from helpers import NUMERIC_CASES, build_case, case_inputs, load_case, rel_err, run_case
 
 TOL = 1e-5
 

@@ -8,11 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from sample_helpers import CLOSING, make_checkpoints, npz, run, with_metadata  # noqa: F401
 
 import adm_fast
 from adm_fast import cli
 from adm_fast.sampling.api import batch_seed, iter_batches, sample_images, to_uint8_nhwc
-from sample_helpers import CLOSING, make_checkpoints, npz, run, with_metadata  # noqa: F401
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -438,7 +439,7 @@ def test_messages_never_land_inside_a_bar(ckpt, tmp_path, capsys, monkeypatch):
     real = sampling_api.to_uint8_nhwc
 
     def noisy(x):
-        warnings.warn("probe warning from inside a batch")
+        warnings.warn("probe warning from inside a batch", stacklevel=1)
         return real(x)
 
     monkeypatch.setattr(sampling_api, "to_uint8_nhwc", noisy)

@@ -10,17 +10,18 @@ import math
 import os
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from sample_helpers import make_checkpoints, npz, run, stop_after
 
 import adm_fast
 from adm_fast import io
-from adm_fast.sampling import cli as sample_cli
 from adm_fast.diffusion import NonFiniteSampleError
+from adm_fast.sampling import cli as sample_cli
 from adm_fast.sampling import shards
 from adm_fast.sampling.api import iter_batches, sample_images, save_samples
-from sample_helpers import make_checkpoints, npz, run, stop_after
 
 NAME = "samples_5x8x8x3"
 
@@ -121,10 +122,10 @@ def test_save_samples_keeps_a_file_unless_overwrite(tmp_path):
     first = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
     second = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
     written = save_samples(first, None, str(tmp_path))
-    data = open(written["npz"], "rb").read()
+    data = Path(written["npz"]).read_bytes()
     with pytest.raises(io.OutputExists, match="is already there: pass overwrite=True"):
         save_samples(second, None, str(tmp_path))
-    assert open(written["npz"], "rb").read() == data
+    assert Path(written["npz"]).read_bytes() == data
     assert sorted(os.listdir(tmp_path)) == ["samples_3x4x4x3.npz", "samples_3x4x4x3.png"]
     save_samples(second, None, str(tmp_path), overwrite=True)
     np.testing.assert_array_equal(npz(written["npz"])["arr_0"], second)

@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from sample_helpers import CLOSING, make_checkpoints, npz, run, stop_after
 
 from adm_fast import io, load_checkpoint, save_checkpoint
 from adm_fast.sampling import cli as sample_cli
 from adm_fast.sampling import shards
 from adm_fast.sampling.npz import write_npz
-from sample_helpers import CLOSING, make_checkpoints, npz, run, stop_after
 
 NAME = "samples_5x8x8x3"
 
@@ -25,7 +25,7 @@ def ckpt(tmp_path_factory):
 
 
 def flags(ckpt, *extra, seed=9, model="cond"):
-    path = ckpt[0][model] if model in ckpt[0] else model
+    path = ckpt[0].get(model, model)
     return ["--model_path", path, "--timestep_respacing", 2, "--num_samples", 5,
             "--batch_size", 2, "--seed", seed, *extra]
 
@@ -226,9 +226,9 @@ def test_npz_bytes_do_not_depend_on_the_clock_or_the_chunks(tmp_path, monkeypatc
     labels = rng.integers(0, 10, 7)
     out = []
     for i, chunks in enumerate(([images], [images[:3], images[3:]])):
-        monkeypatch.setattr(time, "time", lambda: 1e9 + 1e6 * i)
+        monkeypatch.setattr(time, "time", lambda i=i: 1e9 + 1e6 * i)
         path = tmp_path / f"{i}.npz"
-        io.atomic_write(str(path), lambda f: write_npz(
+        io.atomic_write(str(path), lambda f, chunks=chunks: write_npz(
             f, [("arr_0", np.uint8, images.shape, chunks),
                 ("arr_1", np.int64, labels.shape, [labels])]))
         out.append(path.read_bytes())
@@ -236,6 +236,5 @@ def test_npz_bytes_do_not_depend_on_the_clock_or_the_chunks(tmp_path, monkeypatc
     got = npz(tmp_path / "0.npz")
     np.testing.assert_array_equal(got["arr_0"], images)
     np.testing.assert_array_equal(got["arr_1"], labels)
-    with pytest.raises(ValueError, match="chunks hold 3 rows"):
-        write_npz(open(tmp_path / "bad.npz", "wb"),
-                  [("arr_0", np.uint8, images.shape, [images[:3]])])
+    with open(tmp_path / "bad.npz", "wb") as f, pytest.raises(ValueError, match="chunks hold 3 rows"):
+        write_npz(f, [("arr_0", np.uint8, images.shape, [images[:3]])])

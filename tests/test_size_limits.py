@@ -10,8 +10,13 @@ import adm_fast
 from adm_fast import presets
 from adm_fast.defaults import SIZE_LIMITS, size_problems
 from adm_fast.diffusion import create_gaussian_diffusion, get_named_beta_schedule
-from adm_fast.script_util import (create_classifier, create_model, create_model_and_diffusion,
-                                  model_and_diffusion_defaults, sr_create_model)
+from adm_fast.script_util import (
+    create_classifier,
+    create_model,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    sr_create_model,
+)
 
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
             attention_resolutions="4", num_head_channels=16)
@@ -99,7 +104,7 @@ def test_every_released_model_is_within_the_limits():
         assert size_problems(preset.flags) == [], name
         model = preset.build(device="meta")
         assert size_problems(model.config) == [], name
-        for key, (low, high, released) in SIZE_LIMITS.items():
+        for key, (_low, high, released) in SIZE_LIMITS.items():
             value = model.config.get(key, preset.flags.get(key))
             if isinstance(value, int) and value != -1:
                 assert value <= released <= high / 8, (name, key, value)

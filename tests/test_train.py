@@ -11,8 +11,8 @@ import torch
 import adm_fast
 import adm_fast.cli
 from adm_fast.checkpoint import read_state_dict
-from adm_fast.train import make_image_folder, train
 from adm_fast.distributed import World
+from adm_fast.train import make_image_folder, train
 from adm_fast.train.state import find_latest
 from adm_fast.train.tasks import ClassifierTrainLoop, DiffusionTrainLoop
 
@@ -191,7 +191,8 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         cut, _ = read_state_dict(str(tmp_path / "cut" / name))
         for k in full:
             assert torch.equal(full[k], cut[k]), (name, k)
-    rows = [json.loads(line) for line in open(tmp_path / "cut" / "progress.jsonl")]
+    rows = [json.loads(line)
+            for line in (tmp_path / "cut" / "progress.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     model = adm_fast.load_checkpoint(str(tmp_path / "cut" / "ema_0.99_000004.safetensors"))
     assert model.flags["num_channels"] == 64
@@ -212,7 +213,7 @@ def test_classifier_cli_trains_and_saves(data_dir, tmp_path, capsys):
     for k, v in TINY_CLS.items():
         argv += [f"--{k}", str(v)]
     assert adm_fast.cli.main(argv) == 0
-    rows = [json.loads(line) for line in open(tmp_path / "progress.jsonl")]
+    rows = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert {"train_loss", "train_acc@1", "val_loss", "val_acc@5"} <= set(rows[-1])
     model = adm_fast.load_checkpoint(str(tmp_path / "model000002.safetensors"))
     assert type(model).__name__ == "EncoderUNetModel"
@@ -276,8 +277,8 @@ def test_fp16_run_tracks_fp32_and_saves_fp32_masters(data_dir, tmp_path):
     # tested on MixedPrecisionTrainer itself; here the loop runs with it.
     train(**_train_flags(data_dir, tmp_path / "h", max_steps=3, use_fp16=True, ema_rate=""))
     train(**_train_flags(data_dir, tmp_path / "f", max_steps=3, ema_rate=""))
-    half = [json.loads(line) for line in open(tmp_path / "h" / "progress.jsonl")]
-    full = [json.loads(line) for line in open(tmp_path / "f" / "progress.jsonl")]
+    half = [json.loads(line) for line in (tmp_path / "h" / "progress.jsonl").read_text().splitlines()]
+    full = [json.loads(line) for line in (tmp_path / "f" / "progress.jsonl").read_text().splitlines()]
     assert half[-1]["lg_loss_scale"] == pytest.approx(
         20 + 1e-3 * (3 - half[-1]["skipped_steps"]) - half[-1]["skipped_steps"])
     for a, b in zip(half, full):

@@ -7,13 +7,13 @@ import re
 
 import pytest
 import torch
+from test_checkpoint_files import _full_disk
 
 import adm_fast.cli
 from adm_fast import checkpoint as ckpt
 from adm_fast.checkpoint import read_class_names, read_diffusion_flags
 from adm_fast.train import make_image_folder, train, train_classifier
 from adm_fast.train.config import defaults, parse, parser
-from test_checkpoint_files import _full_disk
 
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
             attention_resolutions="4", num_head_channels=16, diffusion_steps=50,
@@ -170,7 +170,7 @@ def test_a_full_disk_while_logging_says_so(tmp_path, monkeypatch):
 
     m = metrics.Metrics(str(tmp_path))
     m.add("grad_norm", 1.0)
-    monkeypatch.setattr(metrics, "open", lambda *a, **k: Full(builtins.open(*a, **k)),
+    monkeypatch.setattr(metrics, "open", lambda *a, **k: Full(builtins.open(*a, **k)),  # noqa: SIM115 (Full closes it)
                         raising=False)
     with pytest.raises(ckpt.DiskFullError, match="disk full: cannot write .*progress.jsonl"):
         m.dump(1)

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import adm_fast
+from adm_fast.distributed import World
 from adm_fast.train import make_image_folder
 from adm_fast.train.config import flags_from_kwargs
 from adm_fast.train.data import load_data
-from adm_fast.distributed import World
 from adm_fast.train.run import _build
 from adm_fast.train.tasks import DiffusionTrainLoop
 

@@ -444,10 +444,10 @@ def test_a_state_saved_for_other_flags_is_one_line(data_dir, cut, tmp_path, caps
 
 
 def _tiny_loop(data_dir, log_dir, **kw):
-    from adm_fast.script_util import create_model_and_diffusion, model_and_diffusion_defaults
     from adm_fast.diffusion import create_named_schedule_sampler
-    from adm_fast.train.data import load_data
     from adm_fast.distributed import World
+    from adm_fast.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from adm_fast.train.data import load_data
     from adm_fast.train.tasks import DiffusionTrainLoop
 
     torch.manual_seed(0)

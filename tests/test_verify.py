@@ -11,11 +11,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import CPU_EXT
 
 import adm_fast
 from adm_fast import ops
 from adm_fast.ops import autotune, verify
-from helpers import CPU_EXT
 
 pytestmark = pytest.mark.skipif(not CPU_EXT, reason="the wrong kernels are the C++ CPU ones")
 GN = ops.GROUP_NORM_ACT
@@ -198,9 +198,9 @@ def test_timed_candidates_are_checked_first(verifying, monkeypatch):
     x = (torch.randn(2, 16, 8, 8) + 0.3).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(16, 16, 3, 3) / 12, torch.randn(16)
     with torch.no_grad():
-        with wrong(("conv3x3_winograd_u", "conv3x3_winograd"), lambda y: y + 1e-2):
-            with pytest.warns(verify.VerificationWarning, match="conv3x3 on cpu"):
-                y = ops.conv3x3(x, w, b)
+        with wrong(("conv3x3_winograd_u", "conv3x3_winograd"), lambda y: y + 1e-2), \
+                pytest.warns(verify.VerificationWarning, match="conv3x3 on cpu"):
+            y = ops.conv3x3(x, w, b)
         assert timed == [] and torch.equal(y, torch.nn.functional.conv2d(x, w, b, padding=1))
         x2 = x[:1].clone()  # a new signature, the kernel right: checked, timed, chosen
         with adm_fast.use_backend("cpu"):

@@ -9,12 +9,12 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CPU_EXT
 
 from adm_fast import ops
 from adm_fast.ops.backends import CPU
 from adm_fast.ops.conv3x3 import FROM_U, NATIVE
 from adm_fast.ops.winograd_weights import TRANSFORM, WinogradWeights
-from helpers import CPU_EXT
 
 pytestmark = pytest.mark.skipif(CPU.ext is None or not CPU.ext.has_avx2_fma(),
                                 reason="the Winograd ops need the C++ extension on AVX2+FMA")

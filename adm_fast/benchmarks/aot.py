@@ -22,11 +22,10 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
-
 
 # Shared memory one block may use (bytes): sm_90 227 KB, sm_80 163 KB.
 SHARED_LIMIT = {90: 232448, 80: 166912}

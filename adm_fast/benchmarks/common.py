@@ -16,8 +16,8 @@ import os
 import platform
 import statistics
 import subprocess
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 

@@ -19,8 +19,15 @@ import torch
 from .. import ops
 from ..diffusion import create_gaussian_diffusion
 from ..ops.diffusion_step import ddim_reference, ddpm_reference
-from .common import (add_results_flags, ceilings, context, median_ms, print_table, save_rows,
-                     try_compile)
+from .common import (
+    add_results_flags,
+    ceilings,
+    context,
+    median_ms,
+    print_table,
+    save_rows,
+    try_compile,
+)
 
 SIZES = (64, 256, 512)
 BATCHES = (1, 8, 32)

@@ -29,8 +29,14 @@ import torch
 
 from ..evaluation import Evaluator, feature_statistics, random_weights
 from ..evaluation.manifold import BLOCK, manifold_radii, pairwise_distances, precision_recall
-from .common import (add_results_flags, append_rows, context, format_table, results_file,
-                     time_once_ms)
+from .common import (
+    add_results_flags,
+    append_rows,
+    context,
+    format_table,
+    results_file,
+    time_once_ms,
+)
 
 
 def _median_ms(fn, device, repeats: int) -> float:

@@ -25,9 +25,9 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Sequence
 
 PY = sys.executable
 BENCH = [PY, "-m", "adm_fast.cli", "bench"]

@@ -18,8 +18,16 @@ import torch
 
 from .. import ops
 from ..ops.group_norm_act import reference
-from .common import (add_results_flags, ceilings, context, median_ms, op_backends, print_table,
-                     save_rows, try_compile)
+from .common import (
+    add_results_flags,
+    ceilings,
+    context,
+    median_ms,
+    op_backends,
+    print_table,
+    save_rows,
+    try_compile,
+)
 
 # (C, H·W) pairs from ADM's levels: 128 channels at 128², ..., 1024 at 8².
 SHAPES = [(128, 128 * 128), (256, 64 * 64), (256, 32 * 32), (512, 16 * 16), (1024, 8 * 8),

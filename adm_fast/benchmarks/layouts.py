@@ -10,15 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from .. import presets as _presets
 from ..checkpoint import load_checkpoint
-from ..models.precision import apply_dtype
 from ..diffusion import create_gaussian_diffusion
-from .. import ops
+from ..models.precision import apply_dtype
 from ..ops.backend import Setting
 from ..script_util import create_from_flags
-
 from .flags import GPU_PRESETS, TINY_NAME, BenchInputError  # noqa: F401  (re-exported)
+
 
 @dataclass(frozen=True)
 class Layout:

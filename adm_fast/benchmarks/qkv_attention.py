@@ -19,8 +19,15 @@ import torch.nn.functional as F
 from .. import ops
 from ..models import AttentionBlock
 from ..ops.qkv_attention import reference, split_heads
-from .common import (add_results_flags, ceilings, context, median_ms, op_backends, print_table,
-                     save_rows)
+from .common import (
+    add_results_flags,
+    ceilings,
+    context,
+    median_ms,
+    op_backends,
+    print_table,
+    save_rows,
+)
 
 # (model, heads, head dim, tokens, legacy order) at each attention resolution.
 SHAPES = [

@@ -16,8 +16,8 @@ import copy
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -26,8 +26,16 @@ from ..models.layout import use_preferred_layout
 from ..ops import BackendNotSupported, use_backend
 from . import common
 from .flops import step_flops
-from .layouts import (TINY, BenchInputError, Layout, backend_settings, build, layout,
-                      make_diffusion, model_fn)
+from .layouts import (
+    TINY,
+    BenchInputError,
+    Layout,
+    backend_settings,
+    build,
+    layout,
+    make_diffusion,
+    model_fn,
+)
 
 __all__ = ["SampleBenchConfig", "run_sample_bench", "TINY", "TABLE_KEYS"]
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import traceback
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ops import op as _op
 from ..ops.norm_act_conv import walking

@@ -27,12 +27,12 @@ Rows go to bench/results/train_<cpu|gpu>.csv with device, commit and date.
 from __future__ import annotations
 
 import argparse
-import sys
 import contextlib
 import copy
 import gc
 import math
 import statistics
+import sys
 import time
 
 import torch

@@ -29,11 +29,31 @@ from ..models.precision import apply_dtype
 from ..presets import Preset
 from .build import MODEL_CLASSES, build, check_dtypes
 from .diagnose import check_fits, detect_preset, diff, mismatch_error, model_layout, shapes_of
-from .formats import (CheckpointFile, UnsafeCheckpointError, digest, open_checkpoint,
-                      read_metadata, read_state_dict, write_safetensors)
-from .metadata import (META_CLASS, META_CLASSES, META_CONFIG, META_DIFFUSION, META_DIGEST,
-                       META_FLAGS, META_PRESET, META_SHA256, CheckpointError, checked_classes,
-                       checked_diffusion, class_names_of, diffusion_flags_of, metadata_digest)
+from .formats import (
+    CheckpointFile,
+    UnsafeCheckpointError,
+    digest,
+    open_checkpoint,
+    read_metadata,
+    read_state_dict,
+    write_safetensors,
+)
+from .metadata import (
+    META_CLASS,
+    META_CLASSES,
+    META_CONFIG,
+    META_DIFFUSION,
+    META_DIGEST,
+    META_FLAGS,
+    META_PRESET,
+    META_SHA256,
+    CheckpointError,
+    checked_classes,
+    checked_diffusion,
+    class_names_of,
+    diffusion_flags_of,
+    metadata_digest,
+)
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "DiskFullError", "CheckpointFile",
            "is_safetensors", "open_checkpoint", "read_state_dict", "read_metadata",

@@ -17,8 +17,16 @@ from ..defaults import size_problems
 from ..models import EncoderUNetModel, SuperResModel, UNetModel
 from ..presets import Preset
 from ..script_util import create_from_flags
-from .metadata import (KIND_OF_CLASS, META_CLASS, META_CONFIG, META_FLAGS, META_PRESET,
-                       CheckpointError, json_meta, model_flags_of)
+from .metadata import (
+    KIND_OF_CLASS,
+    META_CLASS,
+    META_CONFIG,
+    META_FLAGS,
+    META_PRESET,
+    CheckpointError,
+    json_meta,
+    model_flags_of,
+)
 
 
 class ArgType(NamedTuple):

@@ -13,8 +13,16 @@ from torch import Tensor, nn
 
 from .. import presets as _presets
 from ..presets import Preset
-from .metadata import (CLASS_OF_KIND, KIND_OF_CLASS, META_CLASS, META_CONFIG, META_FLAGS,
-                       META_PRESET, CheckpointError, loads)
+from .metadata import (
+    CLASS_OF_KIND,
+    KIND_OF_CLASS,
+    META_CLASS,
+    META_CONFIG,
+    META_FLAGS,
+    META_PRESET,
+    CheckpointError,
+    loads,
+)
 
 _SHOW = 3  # keys shown per category in a mismatch error
 

@@ -7,7 +7,6 @@ import math
 import os
 import sys
 import time
-from typing import Optional
 
 import torch
 
@@ -20,7 +19,7 @@ from .flags import PROG, DemoError, build_parser  # noqa: F401  (build_parser: t
 RESULTS = "results.json"  # written last: its presence marks a finished demo
 
 
-def _cell(value: Optional[float], fmt: str) -> str:
+def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else format(value, fmt)
 

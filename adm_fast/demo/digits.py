@@ -11,7 +11,6 @@ digits without it.
 from __future__ import annotations
 
 import os
-from typing import Tuple
 
 import numpy as np
 from PIL import Image
@@ -28,7 +27,7 @@ class DigitsUnavailable(RuntimeError):
     """scikit-learn is not installed, so the digits cannot be loaded for training."""
 
 
-def load_split() -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
+def load_split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """((train images, labels), (held-out images, labels)); images uint8 [N, 8, 8] in 0..16."""
     try:
         from sklearn.datasets import load_digits
@@ -71,7 +70,7 @@ def save_heldout(path: str, images8: np.ndarray, labels: np.ndarray) -> None:
     np.savez_compressed(path, images=images8.astype(np.uint8), labels=labels.astype(np.int64))
 
 
-def load_heldout(path: str = HELDOUT_FILE) -> Tuple[np.ndarray, np.ndarray]:
+def load_heldout(path: str = HELDOUT_FILE) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 [N, 8, 8], int64 [N]) of the held-out digits."""
     with np.load(path) as f:
         return f["images"], f["labels"]

@@ -11,8 +11,8 @@ import copy
 import itertools
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,15 +37,15 @@ class Row:
     fidelity: float
     diversity: float
     images_per_s: float
-    eager_images_per_s: Optional[float]
+    eager_images_per_s: float | None
     seconds: float
 
 
-def _schedule() -> Dict[str, str]:
+def _schedule() -> dict[str, str]:
     return dict(zip(SCHEDULE[0::2], SCHEDULE[1::2]))
 
 
-def load_models(weights_dir: str = WEIGHTS_DIR, device="cpu") -> Dict[str, torch.nn.Module]:
+def load_models(weights_dir: str = WEIGHTS_DIR, device="cpu") -> dict[str, torch.nn.Module]:
     """The three demo models in fp32, eval mode, on `device`, checked to be
     what the demo expects."""
     models = {}
@@ -101,7 +101,7 @@ def _clock(device: torch.device) -> float:
 
 
 def sample(models, diffusion, scale: float, labels: torch.Tensor, batch_size: int,
-           seed: int, max_steps: Optional[int] = None) -> Tuple[Optional[np.ndarray], float, int]:
+           seed: int, max_steps: int | None = None) -> tuple[np.ndarray | None, float, int]:
     """(uint8 NHWC samples or None, seconds, loop steps run).
 
     Ancestral sampling with guided-diffusion's cond_fn; scale 0 skips the
@@ -125,7 +125,7 @@ def sample(models, diffusion, scale: float, labels: torch.Tensor, batch_size: in
                     steps_run += 1
                 return None, _clock(device) - start, steps_run
             final = None
-            for final in loop:
+            for final in loop:  # noqa: B007 (the last is the result)
                 steps_run += 1
             out.append(((final["sample"] + 1) * 127.5).clamp(0, 255).to(torch.uint8))
         seconds = _clock(device) - start
@@ -135,7 +135,7 @@ def sample(models, diffusion, scale: float, labels: torch.Tensor, batch_size: in
 
 @torch.no_grad()
 def judge(clean: EncoderUNetModel, images: np.ndarray,
-          batch_size: int = 500) -> Tuple[np.ndarray, np.ndarray]:
+          batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """(predicted digit [N], L2-normalised features [N, D]) from the clean classifier.
 
     The features are the attention pool's pooled token before its output
@@ -143,7 +143,7 @@ def judge(clean: EncoderUNetModel, images: np.ndarray,
     digit logits are compared: the other 990 of guided-diffusion's 1000
     outputs were never a target.
     """
-    feats: List[torch.Tensor] = []
+    feats: list[torch.Tensor] = []
     hook = clean.out[2].c_proj.register_forward_pre_hook(
         lambda _m, args: feats.append(args[0][:, :, 0]))
     preds = []
@@ -178,14 +178,14 @@ def diversity(features: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(per_label)) if per_label else float("nan")
 
 
-def heldout_reference(clean: EncoderUNetModel) -> Tuple[float, float]:
+def heldout_reference(clean: EncoderUNetModel) -> tuple[float, float]:
     """(fidelity, diversity) of the real held-out digits, by their true labels."""
     images8, labels = digits.load_heldout()
     preds, feats = judge(clean, digits.upsample(images8))
     return fidelity(preds, labels), diversity(feats, labels)
 
 
-def engine_models(models, device) -> Dict[str, torch.nn.Module]:
+def engine_models(models, device) -> dict[str, torch.nn.Module]:
     """adm_fast's copies of the models, in the device's preferred layout for
     sampling; the originals stay as loaded: guided-diffusion's computation, for
     the eager column."""
@@ -209,12 +209,12 @@ ROUNDS = 6
 
 
 def step_rates(runs, diffusion, scale: float, labels: torch.Tensor, batch_size: int,
-               seed: int, steps: int, rounds: int = ROUNDS) -> List[float]:
+               seed: int, steps: int, rounds: int = ROUNDS) -> list[float]:
     """images/s of each (models, backend) in runs, all measured alike: `steps`
     steps of the same batch, after a warm-up, in interleaved rounds (a noisy
     machine slows them all alike), the median per step scaled to the full loop."""
     probe = labels[:batch_size]
-    per_step: List[List[float]] = [[] for _ in runs]
+    per_step: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
         for i, (models, backend) in enumerate(runs):
             with ops.use_backend(backend):
@@ -225,7 +225,7 @@ def step_rates(runs, diffusion, scale: float, labels: torch.Tensor, batch_size: 
 
 
 def run_scale(fast, eager, diffusion, scale: float, num_samples: int, batch_size: int,
-              seed: int, probe_steps: int, rates: Dict) -> Tuple[Row, np.ndarray]:
+              seed: int, probe_steps: int, rates: dict) -> tuple[Row, np.ndarray]:
     """Sample one scale with adm_fast (its default backend and layout) and judge
     it. The speed columns come from step_rates, once per kind of step (guided or
     not: the work per step is the same at every nonzero scale), kept in rates."""
@@ -245,7 +245,7 @@ def run_scale(fast, eager, diffusion, scale: float, num_samples: int, batch_size
 
 
 def grid(images: np.ndarray, labels: Sequence[int], max_cols: int = 10,
-         zoom: Optional[int] = None, pad: int = 2) -> np.ndarray:
+         zoom: int | None = None, pad: int = 2) -> np.ndarray:
     """One row per digit asked for (up to its first `max_cols` samples), enlarged
     (nearest) to a readable size (default: grid.zoom_for the image size)."""
     labels = np.asarray(labels)

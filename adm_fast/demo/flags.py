@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import List
 
 NUM_DIGITS = 10  # the classes of scikit-learn's digits
 
@@ -53,7 +52,7 @@ def _int_at_least(low: int):
     return parse
 
 
-def _scales(text: str) -> List[float]:
+def _scales(text: str) -> list[float]:
     try:
         values = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:

@@ -28,7 +28,6 @@ import os
 import shlex
 import sys
 import time
-from typing import Dict, List, Tuple
 
 from . import digits
 
@@ -42,7 +41,7 @@ COMMON = ["--image_size", str(digits.IMAGE_SIZE), "--random_flip", "False", "--n
           "--progress", "False", "--save_interval", "1000"]
 CLASSES = ["--num_classes", "1000"]
 
-COMMANDS: Dict[str, List[str]] = {
+COMMANDS: dict[str, list[str]] = {
     "diffusion": ["train", "--data_dir", "{train}", "--log_dir", "{log}", *COMMON, *SCHEDULE,
                   "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2,2",
                   "--attention_resolutions", "4", "--num_head_channels", "32",
@@ -80,11 +79,11 @@ SHIPPED = {"diffusion": "ema_0.995_{step:06d}.safetensors",
            "classifier": "model{step:06d}.safetensors", "clean": "model{step:06d}.safetensors"}
 
 
-def _max_steps(argv: List[str]) -> int:
+def _max_steps(argv: list[str]) -> int:
     return int(argv[argv.index("--max_steps") + 1])
 
 
-def command(part: str, root: str) -> List[str]:
+def command(part: str, root: str) -> list[str]:
     """The `adm-fast` argv of one part, with its folders under `root`."""
     paths = dict(train=os.path.join(root, "data", "train"),
                  heldout=os.path.join(root, "data", "heldout"),
@@ -92,11 +91,11 @@ def command(part: str, root: str) -> List[str]:
     return [a.format(**paths) for a in COMMANDS[part]]
 
 
-def shell_lines(root: str) -> List[str]:
+def shell_lines(root: str) -> list[str]:
     return [shlex.join(["adm-fast", *command(part, root)]) for part in PARTS]
 
 
-def prepare_data(root: str) -> Dict[str, int]:
+def prepare_data(root: str) -> dict[str, int]:
     """Write the training and held-out image folders (and the held-out .npz)."""
     (train_x, train_y), (held_x, held_y) = digits.load_split()
     data = os.path.join(root, "data")
@@ -106,7 +105,7 @@ def prepare_data(root: str) -> Dict[str, int]:
     return {"train": n_train, "heldout": n_held}
 
 
-def trained_with(part: str) -> Tuple[Dict, List[str]]:
+def trained_with(part: str) -> tuple[dict, list[str]]:
     """(diffusion flags, class names) a part's file carries: the diffusion flags
     of its command as adm_fast's trainer stores them, and the digits as the
     trainer names them from the image folder (`{digit}_*.png`, sorted). The
@@ -141,7 +140,8 @@ def export(part: str, root: str, dest: str) -> str:
 
 def train_all(root: str, parts=PARTS, log=print) -> str:
     """Prepare the data, run the parts' trainings, export to root/weights; returns that folder."""
-    from ..train.cli import main as train_main, main_classifier
+    from ..train.cli import main as train_main
+    from ..train.cli import main_classifier
 
     counts = prepare_data(root)
     log(f"digits: {counts['train']} training and {counts['heldout']} held-out images "

@@ -13,7 +13,6 @@ fused backends replace it without touching this file.
 from __future__ import annotations
 
 import enum
-from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -118,7 +117,7 @@ class GaussianDiffusion(SamplingLoops):
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             self.xprev_a = 1.0 / self.posterior_mean_coef1
             self.xprev_b = self.posterior_mean_coef2 / self.posterior_mean_coef1
-        self._device_tables: Dict = {}
+        self._device_tables: dict = {}
 
     # --- per-sample coefficients -------------------------------------------------
 
@@ -132,7 +131,7 @@ class GaussianDiffusion(SamplingLoops):
                 arr if isinstance(key, tuple) else arr[0]).to(device)
         return self._device_tables[cache_key]
 
-    def _check_t(self, t: Tensor, n: Optional[int] = None) -> Tensor:
+    def _check_t(self, t: Tensor, n: int | None = None) -> Tensor:
         """t, checked, with one entry per sample: a single timestep for a batch
         of n is broadcast to all of them, as guided-diffusion's indexing does."""
         if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dim() != 1:
@@ -222,7 +221,7 @@ class GaussianDiffusion(SamplingLoops):
         log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
-    def q_sample(self, x_start: Tensor, t: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+    def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Sample x_t ~ q(x_t | x_0)."""
         t = self._check_t(t, x_start.shape[0])
         if noise is None:
@@ -247,7 +246,7 @@ class GaussianDiffusion(SamplingLoops):
     # --- p: the reverse process --------------------------------------------------
 
     def p_mean_variance(self, model, x: Tensor, t: Tensor, clip_denoised: bool = True,
-                        denoised_fn=None, model_kwargs=None) -> Dict[str, Tensor]:
+                        denoised_fn=None, model_kwargs=None) -> dict[str, Tensor]:
         """Apply the model: mean, variance, log_variance of p(x_{t-1} | x_t) and
         pred_xstart, the prediction of x_0."""
         t = self._check_t(t, x.shape[0])
@@ -311,7 +310,7 @@ class GaussianDiffusion(SamplingLoops):
         return out
 
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                 model_kwargs=None) -> Dict[str, Tensor]:
+                 model_kwargs=None) -> dict[str, Tensor]:
         """x_{t-1} ~ p(x_{t-1} | x_t), guided by cond_fn when given."""
         t = self._check_t(t, x.shape[0])
         model_output = self._run_model(model, x, t, model_kwargs)
@@ -331,7 +330,7 @@ class GaussianDiffusion(SamplingLoops):
         return {"sample": sample, "pred_xstart": x0}
 
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                    model_kwargs=None, eta=0.0) -> Dict[str, Tensor]:
+                    model_kwargs=None, eta=0.0) -> dict[str, Tensor]:
         """x_{t-1} by DDIM (eta = 0: deterministic), guided by cond_fn when given."""
         t = self._check_t(t, x.shape[0])
         model_output = self._run_model(model, x, t, model_kwargs)
@@ -355,7 +354,7 @@ class GaussianDiffusion(SamplingLoops):
         return {"sample": sample, "pred_xstart": x0}
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None,
-                            model_kwargs=None, eta=0.0) -> Dict[str, Tensor]:
+                            model_kwargs=None, eta=0.0) -> dict[str, Tensor]:
         """x_{t+1} by the deterministic DDIM ODE run forward (eta must be 0)."""
         if eta != 0.0:
             raise ValueError("ddim_reverse_sample runs the deterministic ODE: eta must be 0")

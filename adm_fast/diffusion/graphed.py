@@ -16,7 +16,6 @@ that cannot be captured — the step warns once and runs eagerly.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -25,14 +24,14 @@ from .. import ops
 
 
 class GraphedStep:
-    def __init__(self, diffusion, kind: str, model, cond_fn, model_kwargs: Optional[Dict],
+    def __init__(self, diffusion, kind: str, model, cond_fn, model_kwargs: dict | None,
                  clip_denoised: bool, eta: float = 0.0, warmup: int = 2):
         if kind not in ("ddpm", "ddim"):
             raise ValueError(f"a graphed step is 'ddpm' or 'ddim', got {kind!r}")
         self.diffusion, self.kind, self.model, self.cond_fn = diffusion, kind, model, cond_fn
         self.model_kwargs = dict(model_kwargs or {})
         self.clip, self.eta, self.warmup = bool(clip_denoised), float(eta), warmup
-        self.static: Optional[Dict[str, Tensor]] = None
+        self.static: dict[str, Tensor] | None = None
         self.graph = None
         self.out = None
 
@@ -49,7 +48,7 @@ class GraphedStep:
         return ops.ddim_step(s["x"], model_output, s["noise"], s["coefs"], grad, mean_type,
                              self.clip, self.eta)
 
-    def __call__(self, x: Tensor, t: Tensor, i: int) -> Dict[str, Tensor]:
+    def __call__(self, x: Tensor, t: Tensor, i: int) -> dict[str, Tensor]:
         coefs = self.diffusion.step_coefs(self.kind, t)
         noise = torch.randn_like(x)  # both steps draw exactly this, once, per step
         if self.static is None:

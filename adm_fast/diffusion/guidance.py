@@ -3,8 +3,6 @@ classifier-free guidance for models trained with label dropout."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,7 +15,7 @@ def classifier_cond_fn(classifier: nn.Module, scale: float):
     Works when the sampler runs under torch.no_grad, with fp16/bf16
     classifiers (the log-softmax is taken in fp32), and returns x's dtype.
     """
-    def cond_fn(x: Tensor, t: Tensor, y: Optional[Tensor] = None, **unused) -> Tensor:
+    def cond_fn(x: Tensor, t: Tensor, y: Tensor | None = None, **unused) -> Tensor:
         if y is None:
             raise ValueError("classifier guidance needs the class labels: pass y in model_kwargs")
         with torch.enable_grad():
@@ -43,7 +41,7 @@ class ClassifierFreeGuidance(nn.Module):
     the sampler as usual.
     """
 
-    def __init__(self, model: nn.Module, guidance_scale: float, null_label: Optional[int] = None):
+    def __init__(self, model: nn.Module, guidance_scale: float, null_label: int | None = None):
         super().__init__()
         if null_label is None:
             null_label = getattr(model, "null_label", None)
@@ -54,7 +52,7 @@ class ClassifierFreeGuidance(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.null_label = int(null_label)
 
-    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, **kwargs) -> Tensor:
         if y is None:
             raise ValueError("classifier-free guidance needs the class labels y")
         n = x.shape[0]
@@ -69,5 +67,5 @@ class ClassifierFreeGuidance(nn.Module):
 
 
 def classifier_free_guidance(model: nn.Module, guidance_scale: float,
-                             null_label: Optional[int] = None) -> ClassifierFreeGuidance:
+                             null_label: int | None = None) -> ClassifierFreeGuidance:
     return ClassifierFreeGuidance(model, guidance_scale, null_label)

@@ -13,7 +13,7 @@ next check (every `check_every` steps and at the end).
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class SamplingLoops:
     check_every = 10  # steps between NaN/inf checks (each is one host sync)
 
     def _loop(self, step_fn, model, shape, noise, device, progress,
-              indices=None) -> Iterator[Dict[str, Tensor]]:
+              indices=None) -> Iterator[dict[str, Tensor]]:
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"shape must be a tuple or list (N, C, H, W), got {type(shape).__name__}")
         if device is None:
@@ -90,7 +90,7 @@ class SamplingLoops:
         """Samples by ancestral sampling (Algorithm 1 with cond_fn). cuda_graph:
         replay each whole step (model, cond_fn, update) as one CUDA graph."""
         final = None
-        for final in self.p_sample_loop_progressive(model, shape, noise, clip_denoised,
+        for final in self.p_sample_loop_progressive(model, shape, noise, clip_denoised,  # noqa: B007 (the last is the result)
                                                     denoised_fn, cond_fn, model_kwargs,
                                                     device, progress, cuda_graph):
             pass
@@ -114,7 +114,7 @@ class SamplingLoops:
                          eta=0.0, cuda_graph=False) -> Tensor:
         """Samples by DDIM (Algorithm 2 with cond_fn); cuda_graph as p_sample_loop."""
         final = None
-        for final in self.ddim_sample_loop_progressive(model, shape, noise, clip_denoised,
+        for final in self.ddim_sample_loop_progressive(model, shape, noise, clip_denoised,  # noqa: B007 (the last is the result)
                                                        denoised_fn, cond_fn, model_kwargs,
                                                        device, progress, eta, cuda_graph):
             pass
@@ -155,7 +155,7 @@ class SamplingLoops:
         final update, which keeps few-step runs stable.
         """
         final = None
-        for final in self.dpm_solver_sample_loop_progressive(
+        for final in self.dpm_solver_sample_loop_progressive(  # noqa: B007 (the last is the result)
                 model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device,
                 progress, steps, lower_order_final):
             pass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, List, Sequence, Set, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -45,14 +45,14 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float
     return np.array(betas)
 
 
-def _parse_counts(section_counts: str) -> List[int]:
+def _parse_counts(section_counts: str) -> list[int]:
     if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", section_counts):
         raise ValueError(f"malformed timestep respacing {section_counts!r}: expected "
                          f"'N', 'N1,N2,...' or 'ddimN' with positive integers")
     return [int(c) for c in section_counts.split(",")]
 
 
-def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]]) -> Set[int]:
+def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> set[int]:
     """The original timesteps a respaced process keeps.
 
     "250": 250 evenly spaced steps; "10,15,20": the process is cut into three

@@ -15,7 +15,7 @@ import math
 import os
 import zipfile
 import zlib
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def check_images(images, where: str) -> None:
 class ArrayReader:
     """arr_0 of an NPZ, read in batches: `shape`, `dtype`, `batches(n)`."""
 
-    def __init__(self, member, shape: Tuple[int, ...], dtype: np.dtype, where: str):
+    def __init__(self, member, shape: tuple[int, ...], dtype: np.dtype, where: str):
         self._f, self.shape, self.dtype, self._where = member, shape, dtype, where
         # Python ints: a hostile header's shape cannot overflow the byte count.
         self.row_bytes = math.prod(int(d) for d in shape[1:]) * dtype.itemsize
@@ -142,7 +142,7 @@ def _open_member(zf: zipfile.ZipFile, name: str, where: str):
         raise _damaged(where, e) from None
 
 
-def _free_memory() -> Optional[int]:
+def _free_memory() -> int | None:
     """Linux's MemAvailable (free memory and what the page cache would give
     back), or None where it cannot be read."""
     try:
@@ -155,7 +155,7 @@ def _free_memory() -> Optional[int]:
     return None
 
 
-def _npy_header(member, where: str) -> Tuple[Tuple[int, ...], bool, np.dtype]:
+def _npy_header(member, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran_order, dtype) from a .npy member's header, reading nothing
     else: neither a header that promises terabytes of data nor one that claims
     to be gigabytes long costs anything here."""
@@ -265,7 +265,7 @@ def _read_stat(zf: zipfile.ZipFile, path: str, key: str) -> np.ndarray:
     return array
 
 
-def read_stats(path: str) -> Optional[dict]:
+def read_stats(path: str) -> dict | None:
     """mu, sigma, mu_s, sigma_s from the NPZ when it has them (all four), else None.
     Each is checked (dtype, shape, size, CRC, finite) from its header before its
     data is read."""
@@ -281,7 +281,7 @@ def read_stats(path: str) -> Optional[dict]:
         return {k: _read_stat(zf, path, k) for k in STAT_KEYS}
 
 
-def reference_bytes(shape: Tuple[int, ...]) -> int:
+def reference_bytes(shape: tuple[int, ...]) -> int:
     """A lower bound on the size of a reference NPZ of `shape` images: arr_0, mu
     and mu_s (fp32), sigma and sigma_s (fp64)."""
     return (math.prod(int(d) for d in shape)
@@ -339,7 +339,7 @@ def write_atomic(path: str, write_file) -> None:
         raise EvaluationError(str(e)) from None
 
 
-def write_reference(path: str, shape: Tuple[int, ...], fill) -> None:
+def write_reference(path: str, shape: tuple[int, ...], fill) -> None:
     """Write a reference NPZ. `fill(write)` calls write(batch) for each uint8 batch of
     arr_0 (adding up to `shape`), streamed into the zip member, and returns the dict
     of arrays to store beside it. Through a temporary file, so that a failure
@@ -383,8 +383,8 @@ def _image_errors():
         raise EvaluationError(str(e)) from None
 
 
-def folder_images(folder: str, image_size: Optional[int] = None,
-                  max_pixels: Optional[int] = None):
+def folder_images(folder: str, image_size: int | None = None,
+                  max_pixels: int | None = None):
     """(shape, batches(n)) over the images of `folder` (recursively, guided-diffusion's
     order) as uint8 RGB. With image_size, each is resized and centre-cropped to it as
     guided-diffusion's data loader does; without, all must already share one size.

@@ -18,8 +18,15 @@ import json
 import os
 import sys
 
-from .batches import (EvaluationError, check_output, open_images, positive_int, read_stats,
-                      reference_bytes, write_atomic)
+from .batches import (
+    EvaluationError,
+    check_output,
+    open_images,
+    positive_int,
+    read_stats,
+    reference_bytes,
+    write_atomic,
+)
 
 PROG = "adm-fast evaluate"
 ORDER = ("Inception Score", "FID", "sFID", "Precision", "Recall")

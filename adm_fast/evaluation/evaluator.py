@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
-from .batches import (EvaluationError, check_images, folder_images, open_images, positive_int,
-                      read_stats, write_reference)
+from .batches import (
+    EvaluationError,
+    check_images,
+    folder_images,
+    open_images,
+    positive_int,
+    read_stats,
+    write_reference,
+)
 from .manifold import BLOCK, precision_recall
 from .network import InceptionV3, ieee_fp32, read_weights
 from .stats import Statistics, feature_statistics, inception_score, resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-Activations = Tuple[np.ndarray, np.ndarray]  # (pool_3 [N, 2048], spatial [N, 2023]), fp32
+Activations = tuple[np.ndarray, np.ndarray]  # (pool_3 [N, 2048], spatial [N, 2023]), fp32
 
 
 def _device(device) -> torch.device:
@@ -72,8 +78,8 @@ class Evaluator:
                     pool, spatial = self.network(x)
         return pool.cpu().numpy(), spatial.cpu().numpy()
 
-    def _run(self, batches: Iterable, total: Optional[int], where: str,
-             keep: Optional[Callable] = None) -> Activations:
+    def _run(self, batches: Iterable, total: int | None, where: str,
+             keep: Callable | None = None) -> Activations:
         from tqdm.auto import tqdm
 
         pools, spatials = [], []
@@ -123,7 +129,7 @@ class Evaluator:
         return feature_statistics(activations, device=self.device)
 
     def read_statistics(self, npz_path: str, activations: Activations
-                        ) -> Tuple[Statistics, Statistics]:
+                        ) -> tuple[Statistics, Statistics]:
         """The NPZ's own mu, sigma, mu_s, sigma_s when it has them (as the
         evaluator), else those of the activations."""
         stats = read_stats(npz_path)
@@ -132,12 +138,12 @@ class Evaluator:
                     Statistics(stats["mu_s"], stats["sigma_s"]))
         return tuple(self.compute_statistics(a) for a in activations)
 
-    def compute_prec_recall(self, ref_pool, sample_pool) -> Tuple[float, float]:
+    def compute_prec_recall(self, ref_pool, sample_pool) -> tuple[float, float]:
         rows, cols = self.blocks
         return precision_recall(ref_pool, sample_pool, k=3, row_batch_size=rows,
                                 col_batch_size=cols, device=self.device)
 
-    def evaluate(self, ref_batch: str, sample_batch: str) -> Dict[str, float]:
+    def evaluate(self, ref_batch: str, sample_batch: str) -> dict[str, float]:
         """The evaluator's five numbers, in its order and with its names."""
         ref_acts = self.read_activations(ref_batch)
         ref_stats, ref_spatial = self.read_statistics(ref_batch, ref_acts)
@@ -149,7 +155,7 @@ class Evaluator:
                 "sFID": sample_spatial.frechet_distance(ref_spatial),
                 "Precision": precision, "Recall": recall}
 
-    def save_reference(self, source: str, out_path: str, image_size: Optional[int] = None) -> int:
+    def save_reference(self, source: str, out_path: str, image_size: int | None = None) -> int:
         """Write a reference batch (arr_0 and mu, sigma, mu_s, sigma_s) from a folder of
         images or an NPZ, in one streamed pass; returns the number of images."""
         if os.path.isdir(source):

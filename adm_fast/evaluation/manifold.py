@@ -17,8 +17,6 @@ needed (the (k+1)-th smallest of the union is the same value).
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import numpy as np
 import torch
 
@@ -89,7 +87,7 @@ def _on_manifolds(ref, ref_radii, sample, sample_radii, rows: int, cols: int):
 
 def precision_recall(ref_features, sample_features, k: int = 3,
                      row_batch_size: int = BLOCK, col_batch_size: int = BLOCK,
-                     device=None) -> Tuple[float, float]:
+                     device=None) -> tuple[float, float]:
     """(precision, recall) of sample_features [N2, D] against ref_features [N1, D],
     as the evaluator's compute_prec_recall (numpy arrays or tensors)."""
     k = positive_int(k, "k")

@@ -41,7 +41,6 @@ import importlib.util
 import io
 import os
 import sys
-from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -76,7 +75,7 @@ def _import_without_package_init(name: str):
         sys.modules.pop(package, None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_port():
     """torch-fidelity's InceptionV3 module: the ordinary import where torchvision
     works, else the module alone (see _import_without_package_init)."""
@@ -104,7 +103,7 @@ def default_weights_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_url()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _port_class():
     base = load_port().FeatureExtractorInceptionV3
 
@@ -135,14 +134,14 @@ def _empty_port() -> nn.Module:
     return net
 
 
-def _layout(net: nn.Module) -> Dict[str, Tuple[int, ...]]:
+def _layout(net: nn.Module) -> dict[str, tuple[int, ...]]:
     # BatchNorm fills in num_batches_tracked when a state dict lacks it, as the
     # converted weights do.
     return {k: tuple(v.shape) for k, v in net.state_dict().items()
             if not k.endswith("num_batches_tracked")}
 
 
-def random_weights(seed: int = 0) -> Dict[str, torch.Tensor]:
+def random_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     """A state dict in the port's layout with seeded random values: the real
     architecture without the real weights (tests, benchmarks). Convolutions are
     He-normal so activations keep their scale through the 94 layers; BatchNorm
@@ -163,7 +162,7 @@ def random_weights(seed: int = 0) -> Dict[str, torch.Tensor]:
     return out
 
 
-def read_weights(path: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def read_weights(path: str | None = None) -> dict[str, torch.Tensor]:
     """The weights at `path`, else at torch-fidelity's cache location; never downloaded."""
     from ..checkpoint import CheckpointError, read_state_dict
 
@@ -190,7 +189,7 @@ class InceptionV3(nn.Module):
     (pool_3 [N, 2048], mixed_6/conv[..., :7] flattened [N, 2023]), both fp32.
     `logits_weight` [1008, 2048] is softmax/logits/MatMul's weight."""
 
-    def __init__(self, state_dict: Dict[str, torch.Tensor], where: str = "the weights"):
+    def __init__(self, state_dict: dict[str, torch.Tensor], where: str = "the weights"):
         super().__init__()
         net = _empty_port()
         want, have = _layout(net), {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -223,7 +222,7 @@ class InceptionV3(nn.Module):
     def logits_weight(self) -> torch.Tensor:
         return self.net.fc.weight
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The port takes uint8 NCHW and resizes and normalises it itself.
         (pool,) = self.net(images.permute(0, 3, 1, 2))
         spatial, self._spatial = self._spatial, None

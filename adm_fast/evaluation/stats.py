@@ -63,7 +63,7 @@ class Statistics:
     mu: np.ndarray
     sigma: np.ndarray
 
-    def frechet_distance(self, other: "Statistics", eps: float = 1e-6) -> float:
+    def frechet_distance(self, other: Statistics, eps: float = 1e-6) -> float:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, eps=eps)
 
 

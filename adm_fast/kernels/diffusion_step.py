@@ -21,7 +21,6 @@ operations) in fp32.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -21,7 +21,6 @@ allocate and pick tile sizes.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -18,11 +18,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import (AttentionBlock, AttentionPool2d, Downsample, ResBlock,
-                     TimestepEmbedSequential, Upsample)
+from .blocks import (
+    AttentionBlock,
+    AttentionPool2d,
+    Downsample,
+    ResBlock,
+    TimestepEmbedSequential,
+    Upsample,
+)
 from .fused import norm_act, norm_act_conv
-from .nn import (check_dims, convert_torso, normalization, param_dtype, timestep_embedding,
-                 zero_module)
+from .nn import (
+    check_dims,
+    convert_torso,
+    normalization,
+    param_dtype,
+    timestep_embedding,
+    zero_module,
+)
 
 
 def constructor_config(args: dict) -> dict:

@@ -8,9 +8,16 @@ autograd and implementations, registered as the file is imported.
 """
 
 from . import backends as _backends  # noqa: F401  (registers the backends)
+from .backend import (
+                      Backend,
+                      BackendNotSupported,
+                      backends,
+                      current_backend,
+                      register_backend,
+                      set_backend,
+                      use_backend,
+)
 from .conv3x3 import CONV3X3, conv3x3
-from .backend import (Backend, BackendNotSupported, backends, current_backend,
-                      register_backend, set_backend, use_backend)
 from .diffusion_step import DDIM_STEP, DDPM_STEP, ddim_step, ddpm_step
 from .group_norm_act import GROUP_NORM_ACT, group_norm_act
 from .impl import Call, Impl

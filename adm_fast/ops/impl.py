@@ -11,8 +11,8 @@ why each was passed over. `kind` tells the op machinery how to call it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor

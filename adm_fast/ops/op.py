@@ -32,8 +32,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import backend as _backend
 from . import autotune, dispatch, verify
+from . import backend as _backend
 from .impl import FLOATS, Call, Impl, holds_values
 from .native import one_device
 

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,11 +29,10 @@ from ..io import OutputExists, atomic_write
 from ..models import SuperResModel
 from .base_samples import check_labels, check_low_res, load_base_samples
 from .classes import check_classes
-from .npz import npz_members, write_npz
-from .grid import GRID_MAX_IMAGES, image_grid
-from .progress import Progress
 from .flags import SAMPLERS, check_options
-
+from .grid import GRID_MAX_IMAGES, image_grid
+from .npz import npz_members, write_npz
+from .progress import Progress
 
 __all__ = ["SAMPLERS", "GRID_MAX_IMAGES", "batch_seed", "check_low_res", "image_grid",
            "iter_batches", "load_base_samples", "low_res_batch", "named_labels", "sample_images",
@@ -48,7 +47,7 @@ class _DropLabels(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, **kwargs) -> Tensor:
         return self.model(x, t, **kwargs)
 
 
@@ -81,7 +80,7 @@ def batch_seed(seed: int, batch: int) -> int:
     return int(words[0])
 
 
-def _loop(diffusion, sampler: str, eta: float, steps: Optional[int]):
+def _loop(diffusion, sampler: str, eta: float, steps: int | None):
     if sampler == "ddpm":
         return diffusion.p_sample_loop_progressive, {}
     if sampler == "ddim":
@@ -93,18 +92,18 @@ def _loop(diffusion, sampler: str, eta: float, steps: Optional[int]):
 class _Plan:
     """Everything a batch needs, checked once."""
     model_fn: Callable
-    cond_fn: Optional[Callable]
+    cond_fn: Callable | None
     loop: Callable
-    loop_kwargs: Dict
+    loop_kwargs: dict
     num_samples: int
     batch_size: int
     image_size: int
     device: torch.device
     clip_denoised: bool
-    labels_from: Optional[int]  # draw labels among this many classes (None: no draw)
-    classes: Optional[Tensor]  # ... or among these, on the device
-    low_res: Optional[np.ndarray]
-    low_res_labels: Optional[np.ndarray]
+    labels_from: int | None  # draw labels among this many classes (None: no draw)
+    classes: Tensor | None  # ... or among these, on the device
+    low_res: np.ndarray | None
+    low_res_labels: np.ndarray | None
 
     @property
     def num_batches(self) -> int:
@@ -158,7 +157,7 @@ def _plan(model, diffusion, *, num_samples, batch_size, classifier=None, classif
                  low_res, None if not (is_sr and class_cond) else np.asarray(low_res_labels))
 
 
-def _sample_batch(plan: _Plan, b: int, progress: Optional[Progress]):
+def _sample_batch(plan: _Plan, b: int, progress: Progress | None):
     bs, dev = plan.batch_size, plan.device
     kwargs = {}
     if plan.low_res is not None:
@@ -173,7 +172,7 @@ def _sample_batch(plan: _Plan, b: int, progress: Optional[Progress]):
     if progress is not None:
         progress.start_batch()
     final = None
-    for final in plan.loop(plan.model_fn, (bs, 3, plan.image_size, plan.image_size),
+    for final in plan.loop(plan.model_fn, (bs, 3, plan.image_size, plan.image_size),  # noqa: B007 (the last is the result)
                            clip_denoised=plan.clip_denoised, cond_fn=plan.cond_fn,
                            model_kwargs=kwargs, device=dev, **plan.loop_kwargs):
         if progress is not None:
@@ -192,7 +191,7 @@ def _check_batch(plan: _Plan, b) -> None:
         raise ValueError(f"batch index {b!r} is not in 0..{plan.num_batches - 1}")
 
 
-def _run(plan: _Plan, order: Iterable[int], seed: Optional[int], progress: Optional[Progress]):
+def _run(plan: _Plan, order: Iterable[int], seed: int | None, progress: Progress | None):
     cuda = [plan.device] if plan.device.type == "cuda" else []
     for b in order:
         _check_batch(plan, b)  # an iterator's indices are checked as they come
@@ -206,9 +205,9 @@ def _run(plan: _Plan, order: Iterable[int], seed: Optional[int], progress: Optio
 
 
 def iter_batches(model: nn.Module, diffusion, *, num_samples: int, batch_size: int,
-                 batches: Optional[Iterable[int]] = None, seed: Optional[int] = 0,
-                 progress: Optional[Progress] = None,
-                 **options) -> Iterator[Tuple[int, np.ndarray, Optional[np.ndarray]]]:
+                 batches: Iterable[int] | None = None, seed: int | None = 0,
+                 progress: Progress | None = None,
+                 **options) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Yield (b, uint8 images [k, H, W, 3], int64 labels [k] or None) for each
     batch index b in `batches` (default all, in order), k = the images of
     batch b that are within num_samples. The arguments are sample_images's
@@ -230,13 +229,13 @@ def iter_batches(model: nn.Module, diffusion, *, num_samples: int, batch_size: i
 
 
 def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: int,
-                  classifier: Optional[nn.Module] = None, classifier_scale: float = 0.0,
-                  cfg_scale: Optional[float] = None, sampler: str = "ddpm", eta: float = 0.0,
-                  steps: Optional[int] = None, clip_denoised: bool = True,
-                  low_res: Optional[np.ndarray] = None, low_res_labels=None,
-                  classes: Optional[Sequence[int]] = None, seed: Optional[int] = 0, device=None,
+                  classifier: nn.Module | None = None, classifier_scale: float = 0.0,
+                  cfg_scale: float | None = None, sampler: str = "ddpm", eta: float = 0.0,
+                  steps: int | None = None, clip_denoised: bool = True,
+                  low_res: np.ndarray | None = None, low_res_labels=None,
+                  classes: Sequence[int] | None = None, seed: int | None = 0, device=None,
                   progress: bool = False,
-                  cuda_graph: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], Dict]:
+                  cuda_graph: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Sample `num_samples` images in batches of `batch_size`.
 
     sampler: "ddpm" (p_sample_loop), "ddim" (ddim_sample_loop, with eta) or
@@ -295,7 +294,7 @@ def sample_images(model: nn.Module, diffusion, *, num_samples: int, batch_size: 
 
 # --- output files ------------------------------------------------------------------
 
-def write_png(images: np.ndarray, path: str) -> Optional[str]:
+def write_png(images: np.ndarray, path: str) -> str | None:
     """A .png grid of the first images (atomically); None without Pillow."""
     try:
         from PIL import Image
@@ -306,8 +305,8 @@ def write_png(images: np.ndarray, path: str) -> Optional[str]:
     return path
 
 
-def save_samples(images: np.ndarray, labels: Optional[np.ndarray], out_dir: str,
-                 png: bool = True, overwrite: bool = False) -> Dict[str, str]:
+def save_samples(images: np.ndarray, labels: np.ndarray | None, out_dir: str,
+                 png: bool = True, overwrite: bool = False) -> dict[str, str]:
     """Write samples_{N}x{H}x{W}x3.npz as guided-diffusion does (arr_0 the uint8
     images, arr_1 the labels when there are any; the same arrays always give
     the same bytes) and, with png and Pillow installed, a .png grid of the

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
-from typing import Optional
 
 import numpy as np
 
@@ -50,7 +49,7 @@ def check_labels(labels, num_classes: int, where: str) -> None:
                          f"{num_classes} classes (0-{num_classes - 1})")
 
 
-def _kind_problem(path: str) -> Optional[str]:
+def _kind_problem(path: str) -> str | None:
     """Why `path` cannot be an .npz, judged from its first bytes (None: it may be)."""
     size = os.path.getsize(path)
     if size == 0:
@@ -64,7 +63,7 @@ def _kind_problem(path: str) -> Optional[str]:
     return None
 
 
-def load_base_samples(path: str, small_size: Optional[int] = None):
+def load_base_samples(path: str, small_size: int | None = None):
     """(uint8 NHWC images, labels or None) from an .npz as image_sample.py writes
     it (arr_0, and arr_1 when there), for super-resolution. Every problem is one
     ValueError naming the file."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 
 
-def parse_classes(text: str) -> List[int]:
+def parse_classes(text: str) -> list[int]:
     """'0-4,7,9' -> [0, 1, 2, 3, 4, 7, 9]: sorted, each class once."""
     out = set()
     for part in (p.strip() for p in text.split(",")):
@@ -26,8 +26,8 @@ def parse_classes(text: str) -> List[int]:
     return sorted(out)
 
 
-def check_classes(classes: Optional[Iterable[int]], num_classes: Optional[int],
-                  what: str) -> Optional[List[int]]:
+def check_classes(classes: Iterable[int] | None, num_classes: int | None,
+                  what: str) -> list[int] | None:
     """classes as a sorted list of distinct ints, each below num_classes (the
     classes of `what`, the model or the classifier that draws the labels);
     None stays None. num_classes None: nothing draws labels here."""

@@ -25,7 +25,6 @@ import itertools
 import os
 import sys
 import time
-from typing import Dict
 
 import torch
 
@@ -34,11 +33,11 @@ from ..diffusion import NonFiniteSampleError
 from ..io import OutputError, file_identity
 from ..models.layout import use_preferred_layout
 from ..ops import BackendNotSupported, current_backend, use_backend
+from .api import iter_batches, sample_images, save_samples, write_png
+from .flags import DEFAULTS, PROG, SCRIPT_DEFAULTS, InputError, build_parser
 from .job import Job, prepare
 from .progress import Progress
-from .flags import DEFAULTS, PROG, SCRIPT_DEFAULTS, InputError, build_parser
 from .shards import RunBusy, RunFolder, RunMismatch, batch_count, prepare_out
-from .api import iter_batches, sample_images, save_samples, write_png
 
 __all__ = ["main", "build_parser", "sample_images", "save_samples"]
 
@@ -54,7 +53,7 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
-def _run_record(args: Dict, job: Job, device: torch.device, backend: str) -> Dict:
+def _run_record(args: dict, job: Job, device: torch.device, backend: str) -> dict:
     """What determines the bytes of the samples (the manifest's "run")."""
     from .. import __version__
 
@@ -89,7 +88,7 @@ def _open_folder(args, job: Job, world, backend: str, log):
     return folder, done
 
 
-def _sample(args, job: Job, world, folder: RunFolder, progress: Progress) -> Dict:
+def _sample(args, job: Job, world, folder: RunFolder, progress: Progress) -> dict:
     """Sample this rank's missing batches into the folder; (images, seconds, batches)."""
     done = folder.finished()
     # One batch index at a time, never a list: --num_samples 1e9 --batch_size 1
@@ -133,7 +132,7 @@ def _rank_images(folder: RunFolder, done, rank: int, world_size: int) -> int:
     return mine * folder.batch_size - (short if takes_last else 0)
 
 
-def _report(args, job: Job, world, stats: Dict, seconds: float, backend: str) -> None:
+def _report(args, job: Job, world, stats: dict, seconds: float, backend: str) -> None:
     if stats["images"] == 0:
         print(f"all {args['num_samples']} images were sampled before; assembled them")
         return
@@ -147,7 +146,7 @@ def _report(args, job: Job, world, stats: Dict, seconds: float, backend: str) ->
           f"({job.kwargs['sampler']}, {job.steps} steps, {backend}, {world.device}, {job.dtype})")
 
 
-def _setup(args, explicit: Dict, world):
+def _setup(args, explicit: dict, world):
     """Everything before the first batch: models, flags, --out and the run
     folder. Any problem here is the user's input (exit 2)."""
     job = prepare(args, explicit, world.device, world.world_size)

@@ -12,8 +12,13 @@ import math
 import numbers
 
 from .. import presets as _presets
-from ..defaults import (MODEL_ADDITIONS, classifier_defaults, model_and_diffusion_defaults,
-                        sr_model_and_diffusion_defaults, str2bool)
+from ..defaults import (
+    MODEL_ADDITIONS,
+    classifier_defaults,
+    model_and_diffusion_defaults,
+    sr_model_and_diffusion_defaults,
+    str2bool,
+)
 from .classes import parse_classes
 
 PROG = "adm-fast sample"

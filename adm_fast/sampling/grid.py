@@ -5,7 +5,7 @@ optional left margin with a label per row."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def tile(images: np.ndarray, rows: Sequence[Sequence[int]], cols: int, zoom: int
 
 
 def image_grid(images: np.ndarray, max_images: int = GRID_MAX_IMAGES, pad: int = 2,
-               zoom: Optional[int] = None) -> np.ndarray:
+               zoom: int | None = None) -> np.ndarray:
     """The first max_images of uint8 [N, H, W, 3] in a near-square grid, each
     enlarged by `zoom` (default zoom_for the image size)."""
     images = images[:max_images]

@@ -4,7 +4,6 @@ sample_images arguments, with every problem an InputError before sampling."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
 
 import torch
 
@@ -23,13 +22,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Job:
     model: torch.nn.Module
     diffusion: object
-    kwargs: Dict  # sample_images's keyword arguments beyond the counts and the seed
+    kwargs: dict  # sample_images's keyword arguments beyond the counts and the seed
     dtype: str
     steps: int  # per batch
     labelled: bool  # whether the samples come with labels (arr_1)
-    warnings: List[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
+    warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
     # io.file_identity of the checkpoints as read ("model_path", "classifier_path")
-    files: Dict = dataclasses.field(default_factory=dict)
+    files: dict = dataclasses.field(default_factory=dict)
 
 
 def _dtype(args, device: torch.device, trained_fp16: bool) -> torch.dtype:
@@ -38,7 +37,7 @@ def _dtype(args, device: torch.device, trained_fp16: bool) -> torch.dtype:
     return torch.float16 if device.type == "cuda" and trained_fp16 else torch.float32
 
 
-def _check_flags(args, explicit: Dict, device: torch.device) -> str:
+def _check_flags(args, explicit: dict, device: torch.device) -> str:
     """The sampler the flags ask for, after the rules sample_images shares."""
     sampler = args["sampler"] or ("ddim" if args["use_ddim"] else "ddpm")
     if args["use_ddim"] and sampler != "ddim":
@@ -58,7 +57,7 @@ def _check_flags(args, explicit: Dict, device: torch.device) -> str:
     return sampler
 
 
-def _model_source(args, explicit: Dict) -> Source:
+def _model_source(args, explicit: dict) -> Source:
     sr_hint = bool(args["base_samples"]) or bool({"large_size", "small_size"} & set(explicit))
     fallback = ({"kind": "sr" if sr_hint else "unet"}
                 if set(explicit) & (set(CONSTRUCT["unet"]) | set(CONSTRUCT["sr"])) else None)
@@ -76,7 +75,7 @@ def _model_source(args, explicit: Dict) -> Source:
     return src
 
 
-def _classifier(args, explicit: Dict, model, src: Source, device: torch.device):
+def _classifier(args, explicit: dict, model, src: Source, device: torch.device):
     """(classifier or None, scale, the identity of its file as read)."""
     if not args["classifier_path"]:
         return None, 0.0, None
@@ -136,7 +135,7 @@ def _base_samples(args, src: Source, world_size: int):
     return low_res, labels
 
 
-def prepare(args, explicit: Dict, device: torch.device, world_size: int) -> Job:
+def prepare(args, explicit: dict, device: torch.device, world_size: int) -> Job:
     sampler = _check_flags(args, explicit, device)
     src = _model_source(args, explicit)
     low_res, labels = _base_samples(args, src, world_size)
@@ -170,7 +169,7 @@ def prepare(args, explicit: Dict, device: torch.device, world_size: int) -> Job:
                {"model_path": src.file.identity, "classifier_path": classifier_file})
 
 
-def _label_warnings(args, model, guide, classes) -> List[str]:
+def _label_warnings(args, model, guide, classes) -> list[str]:
     """A guiding classifier that names no classes and has more labels than the
     unconditional model's training images had classes: its labels are drawn
     from all of them, most likely ones the model never saw (a 1000-way head
@@ -186,7 +185,7 @@ def _label_warnings(args, model, guide, classes) -> List[str]:
             f"drawn from all {labels}; --classes 0-{n - 1} draws from the first {n}"]
 
 
-def _classes(args, model, guide, is_sr: bool) -> Optional[list]:
+def _classes(args, model, guide, is_sr: bool) -> list | None:
     if args["classes"] is None:
         return None
     if is_sr:

@@ -11,8 +11,8 @@ memory at once. Files reach the disk through adm_fast.io.atomic_write.
 from __future__ import annotations
 
 import zipfile
-from typing import BinaryIO
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 

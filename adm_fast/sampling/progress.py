@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Optional, TextIO
+from typing import TextIO
 
 
 class Progress:
     """Use as a context manager; `log` works before, during and after."""
 
     def __init__(self, enabled: bool, total: int, steps: int, initial: int = 0,
-                 file: Optional[TextIO] = None):
+                 file: TextIO | None = None):
         self.enabled, self.total, self.steps, self.initial = enabled, total, steps, initial
         self.file = file
         self._samples = self._steps = None
@@ -24,7 +24,7 @@ class Progress:
     def _out(self) -> TextIO:
         return self.file if self.file is not None else sys.stderr
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.enabled:
             from tqdm import tqdm
 

@@ -34,12 +34,19 @@ import json
 import os
 import shutil
 import zipfile
-from typing import Callable, Dict, Iterator, List, Optional, Set
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from ..io import (OutputError, OutputExists, atomic_write, describe_os_error, probe_write,
-                  remove_stale_temporaries, temp_name)
+from ..io import (
+    OutputError,
+    OutputExists,
+    atomic_write,
+    describe_os_error,
+    probe_write,
+    remove_stale_temporaries,
+    temp_name,
+)
 from .grid import GRID_MAX_IMAGES
 from .npz import write_npz
 
@@ -78,7 +85,7 @@ def prepare_out(out: str) -> None:
                           f"{describe_os_error(e, out, 'writing in')})") from None
 
 
-def _flatten(d: Dict, prefix: str = "") -> Dict:
+def _flatten(d: dict, prefix: str = "") -> dict:
     flat = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -101,7 +108,7 @@ def _shown(key: str) -> str:
     return {"device_type": "device type", "adm_fast": "adm_fast version"}.get(key, key)
 
 
-def _differences(stored: Dict, now: Dict) -> List[str]:
+def _differences(stored: dict, now: dict) -> list[str]:
     a, b = _flatten(stored), _flatten(now)
     return [f"{_shown(k)}: {a.get(k, '(unset)')!r} there, {b.get(k, '(unset)')!r} here"
             for k in sorted(set(a) | set(b)) if a.get(k, "(unset)") != b.get(k, "(unset)")]
@@ -128,7 +135,7 @@ class RunBusy(Exception):
 SAME = "same"  # RunFolder._final: OUT holds this run's finished .npz
 
 
-def run_comment(run: Dict) -> bytes:
+def run_comment(run: dict) -> bytes:
     """What the final .npz records of the run that wrote it (its zip comment,
     which np.load does not read): the manifest's run, or its hash when that
     is too long for a zip comment."""
@@ -138,11 +145,11 @@ def run_comment(run: Dict) -> bytes:
     return text.encode()
 
 
-def _run_hash(run: Dict) -> str:
+def _run_hash(run: dict) -> str:
     return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
 
 
-def _recorded_run(comment: bytes) -> Optional[Dict]:
+def _recorded_run(comment: bytes) -> dict | None:
     """The record of run_comment (None: the file records no run)."""
     try:
         record = json.loads(comment.decode())
@@ -167,8 +174,8 @@ class RunFolder:
         self.image_size, self.labelled = image_size, labelled
         self.num_batches = -(-num_samples // batch_size)
         self.overwrite = overwrite
-        self.run: Optional[Dict] = None
-        self._lock_fd: Optional[int] = None
+        self.run: dict | None = None
+        self._lock_fd: int | None = None
 
     def shard(self, b: int) -> str:
         return os.path.join(self.parts, f"batch_{b:06d}.npz")
@@ -176,8 +183,8 @@ class RunFolder:
     def rows(self, b: int) -> int:
         return min(self.batch_size, self.num_samples - b * self.batch_size)
 
-    def open(self, run: Dict, info: Dict, log: Callable[[str], None],
-             write_png: Callable[[np.ndarray, str], Optional[str]]) -> bool:
+    def open(self, run: dict, info: dict, log: Callable[[str], None],
+             write_png: Callable[[np.ndarray, str], str | None]) -> bool:
         """Clean up after killed runs, then continue the run in OUT (same
         arguments) or start one. Rank 0 calls this, alone.
 
@@ -215,7 +222,7 @@ class RunFolder:
                 log(f"{self.shard(b)} {problem}: removed, its batch is sampled again")
         return False
 
-    def _write_manifest(self, manifest: str, info: Dict) -> None:
+    def _write_manifest(self, manifest: str, info: dict) -> None:
         try:
             os.makedirs(self.parts, exist_ok=True)
         except OSError as e:
@@ -225,7 +232,7 @@ class RunFolder:
 
     # --- the finished file ---------------------------------------------------------
 
-    def _final(self) -> Optional[str]:
+    def _final(self) -> str | None:
         """None: no .npz at OUT yet; SAME: this run's finished samples are
         there; else why the file there is not this run's (a phrase)."""
         if not os.path.lexists(self.npz):
@@ -343,7 +350,7 @@ class RunFolder:
 
     # --- the batches ---------------------------------------------------------------
 
-    def _check_manifest(self, manifest: str, info: Dict, log: Callable[[str], None]) -> None:
+    def _check_manifest(self, manifest: str, info: dict, log: Callable[[str], None]) -> None:
         try:
             with open(manifest, encoding="utf-8") as f:
                 stored = json.load(f)
@@ -365,13 +372,13 @@ class RunFolder:
             f"other arguments ({'; '.join(diff)}): rerun with that run's arguments to "
             f"finish it, choose another --out, or delete {self.parts}")
 
-    def _names(self) -> List[str]:
+    def _names(self) -> list[str]:
         try:
             return os.listdir(self.parts)
         except FileNotFoundError:
             return []
 
-    def finished(self) -> Set[int]:
+    def finished(self) -> set[int]:
         done = set()
         for name in self._names():
             if name.startswith("batch_") and name.endswith(".npz"):
@@ -383,12 +390,12 @@ class RunFolder:
                     done.add(b)
         return done
 
-    def missing(self, done: Set[int]) -> Iterator[int]:
+    def missing(self, done: set[int]) -> Iterator[int]:
         """The batches not in `done`, in order, one at a time: a run of a billion
         batches is never listed."""
         return (b for b in range(self.num_batches) if b not in done)
 
-    def _check_shard(self, b: int) -> Optional[str]:
+    def _check_shard(self, b: int) -> str | None:
         """Why shard b cannot be used (None: its headers are as expected)."""
         want = {"images.npy": ((self.rows(b), self.image_size, self.image_size, 3), "u1")}
         if self.labelled:
@@ -405,7 +412,7 @@ class RunFolder:
             return f"is damaged ({type(e).__name__}: {e})"
         return None
 
-    def write(self, b: int, images: np.ndarray, labels: Optional[np.ndarray]) -> None:
+    def write(self, b: int, images: np.ndarray, labels: np.ndarray | None) -> None:
         members = [("images", np.uint8, images.shape, [images])]
         if self.labelled:
             members.append(("labels", np.int64, labels.shape, [labels]))
@@ -422,7 +429,7 @@ class RunFolder:
                               "removed: rerun the same command to sample its batch again") \
                 from None
 
-    def assemble(self, write_png: Callable[[np.ndarray, str], Optional[str]]) -> Dict[str, str]:
+    def assemble(self, write_png: Callable[[np.ndarray, str], str | None]) -> dict[str, str]:
         """The final .npz (and .png, by write_png(images, path)) from every shard,
         in batch order, the run recorded in the .npz's zip comment; then the
         folder goes. Returns the paths written. Memory: one shard at a time

@@ -12,6 +12,7 @@ on any number of processes. The Python entry points are `train(**flags)` and
 from __future__ import annotations
 
 import sys
+
 from ..defaults import str2bool
 from .config import TrainError, flags_from_kwargs, parse, prog
 

@@ -13,10 +13,15 @@ import datetime
 import logging
 import os
 import sys
-from typing import Dict, Optional
 
-from ..defaults import (FLAG_HELP, add_dict_to_argparser, classifier_and_diffusion_defaults,
-                        classifier_defaults, diffusion_defaults, model_and_diffusion_defaults)
+from ..defaults import (
+    FLAG_HELP,
+    add_dict_to_argparser,
+    classifier_and_diffusion_defaults,
+    classifier_defaults,
+    diffusion_defaults,
+    model_and_diffusion_defaults,
+)
 
 DIFFUSION_DEFAULTS = dict(
     data_dir="", schedule_sampler="uniform", lr=1e-4, weight_decay=0.0, lr_anneal_steps=0,
@@ -117,7 +122,7 @@ def _tables(kind: str):
     return out
 
 
-def defaults(kind: str) -> Dict:
+def defaults(kind: str) -> dict:
     if kind == "diffusion":
         return {**DIFFUSION_DEFAULTS, **model_and_diffusion_defaults(), **ADDED,
                 **ADDED_DIFFUSION}
@@ -146,7 +151,7 @@ def classifier_parser() -> argparse.ArgumentParser:
     return parser("classifier")
 
 
-def parse(kind: str, argv) -> Dict:
+def parse(kind: str, argv) -> dict:
     """Flags as a dict; with --preset, the preset's flags fill in what the
     command line does not set explicitly."""
     p = parser(kind)
@@ -156,7 +161,7 @@ def parse(kind: str, argv) -> Dict:
     return apply_preset(kind, args, explicit)
 
 
-def apply_preset(kind: str, flags: Dict, explicit) -> Dict:
+def apply_preset(kind: str, flags: dict, explicit) -> dict:
     name = flags.get("preset")
     if not name:
         return flags
@@ -182,13 +187,13 @@ def apply_preset(kind: str, flags: Dict, explicit) -> Dict:
     return out
 
 
-def _cuda_device(flags: Dict) -> bool:
+def _cuda_device(flags: dict) -> bool:
     import torch
     return (flags.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")) \
         .startswith("cuda")
 
 
-def flags_from_kwargs(kind: str, kwargs: Dict) -> Dict:
+def flags_from_kwargs(kind: str, kwargs: dict) -> dict:
     known = defaults(kind)
     unknown = set(kwargs) - set(known)
     if unknown:
@@ -196,7 +201,7 @@ def flags_from_kwargs(kind: str, kwargs: Dict) -> Dict:
     return apply_preset(kind, {**known, **kwargs}, set(kwargs))
 
 
-def precision_of(flags: Dict, fp16_key: str) -> str:
+def precision_of(flags: dict, fp16_key: str) -> str:
     if flags["bf16"] and flags[fp16_key]:
         raise TrainError(f"--bf16 and --{fp16_key} exclude each other: choose one precision")
     return "bf16" if flags["bf16"] else ("fp16" if flags[fp16_key] else "fp32")
@@ -207,7 +212,7 @@ def default_log_dir() -> str:
         "runs", datetime.datetime.now().strftime("train-%Y%m%d-%H%M%S"))
 
 
-def setup_logging(log_dir: Optional[str], is_main: bool) -> None:
+def setup_logging(log_dir: str | None, is_main: bool) -> None:
     logger = logging.getLogger("adm_fast")
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     for h in list(logger.handlers):

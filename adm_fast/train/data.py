@@ -26,7 +26,7 @@ import logging
 import math
 import multiprocessing
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ class DataError(ValueError):
     """A problem with the training data or its settings; the message names the path."""
 
 
-def list_image_files(data_dir: Union[str, os.PathLike]) -> List[str]:
+def list_image_files(data_dir: str | os.PathLike) -> list[str]:
     """Image files under `data_dir`, recursively, in guided-diffusion's order;
     special files (FIFOs, devices, sockets) left out with a warning
     (adm_fast.image_files.list_image_files, errors as DataError)."""
@@ -61,19 +61,19 @@ def list_image_files(data_dir: Union[str, os.PathLike]) -> List[str]:
         raise DataError(str(e)) from None
 
 
-def class_of(path: Union[str, os.PathLike]) -> str:
+def class_of(path: str | os.PathLike) -> str:
     """A file's class: its name up to the first `_` (the whole name if it has none)."""
     return os.path.basename(os.fspath(path)).split("_")[0]
 
 
-def class_names(files: Sequence[Union[str, os.PathLike]]) -> List[str]:
+def class_names(files: Sequence[str | os.PathLike]) -> list[str]:
     """The sorted distinct classes of `files`; a label is an index into this list."""
     return sorted({class_of(f) for f in files})
 
 
 def random_crop_arr(pil_image: Image.Image, image_size: int, min_crop_frac: float = 0.8,
                     max_crop_frac: float = 1.0,
-                    rng: Optional[np.random.Generator] = None) -> np.ndarray:
+                    rng: np.random.Generator | None = None) -> np.ndarray:
     """Resize the shorter side to a random size in [S/max_frac, S/min_frac], crop S×S anywhere."""
     if not 0 < min_crop_frac <= max_crop_frac <= 1:
         raise DataError(f"random_crop_arr: need 0 < min_crop_frac <= max_crop_frac <= 1, got "
@@ -86,7 +86,7 @@ def random_crop_arr(pil_image: Image.Image, image_size: int, min_crop_frac: floa
     return arr[top:top + image_size, left:left + image_size]
 
 
-def _decode(path: str, max_pixels: Optional[int]) -> Image.Image:
+def _decode(path: str, max_pixels: int | None) -> Image.Image:
     return image_files.read_rgb(path, max_pixels, _LIMIT_HINT)
 
 
@@ -105,7 +105,7 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, data_dir_or_files, image_size: int, *, class_cond: bool = False,
-                 classes: Optional[Sequence[str]] = None, random_crop: bool = False,
+                 classes: Sequence[str] | None = None, random_crop: bool = False,
                  random_flip: bool = True, shard: int = 0, num_shards: int = 1,
                  on_error: str = "stop", allow_upscale: bool = False, seed: int = 0,
                  max_pixels: int = MAX_PIXELS):
@@ -133,8 +133,8 @@ class ImageFolderDataset(Dataset):
         if not self.files:
             raise DataError(f"shard (rank) {shard} of num_shards (world_size) {num_shards} gets "
                             f"no images: there are only {len(all_files)}")
-        self.classes: Optional[List[str]] = None
-        self.labels: Optional[List[int]] = None
+        self.classes: list[str] | None = None
+        self.labels: list[int] | None = None
         if class_cond:
             # Labels come from all files so that every rank numbers classes alike.
             self.classes = class_names(all_files) if classes is None else _checked(classes)
@@ -154,7 +154,7 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     @property
-    def skipped_files(self) -> List[str]:
+    def skipped_files(self) -> list[str]:
         """Files found undecodable so far (on_error="skip"), in shard order."""
         return [f for f, bad in zip(self.files, self._bad) if bad]
 
@@ -162,7 +162,7 @@ class ImageFolderDataset(Dataset):
     def skipped_count(self) -> int:
         return int(np.frombuffer(self._bad, dtype=np.uint8).sum())
 
-    def __getitem__(self, key) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         n = len(self.files)
         if not -n <= index < n:
@@ -182,7 +182,7 @@ class ImageFolderDataset(Dataset):
         cond = {} if self.labels is None else {"y": torch.tensor(self.labels[j], dtype=torch.int64)}
         return x, cond
 
-    def _load(self, index: int) -> Tuple[int, Image.Image]:
+    def _load(self, index: int) -> tuple[int, Image.Image]:
         """The image at `index`, or with on_error="skip" the next decodable one after it."""
         n = len(self.files)
         for step in range(n):
@@ -211,7 +211,7 @@ class ImageFolderDataset(Dataset):
                         f"decoded (first: {self.files[0]})")
 
 
-def _checked(classes: Sequence[str]) -> List[str]:
+def _checked(classes: Sequence[str]) -> list[str]:
     names = list(classes)
     if not names or not all(isinstance(c, str) for c in names) or len(set(names)) != len(names):
         raise DataError(f"classes must be a non-empty list of distinct names, got {classes!r}")
@@ -291,9 +291,9 @@ def _worker_message(e: DataError) -> str:
 
 def load_data(*, data_dir, batch_size: int, image_size: int, class_cond: bool = False,
               deterministic: bool = False, random_crop: bool = False, random_flip: bool = True,
-              rank: int = 0, world_size: int = 1, num_workers: Optional[int] = None,
+              rank: int = 0, world_size: int = 1, num_workers: int | None = None,
               on_error: str = "stop", seed: int = 0, start_batch: int = 0,
-              classes: Optional[Sequence[str]] = None,
+              classes: Sequence[str] | None = None,
               allow_upscale: bool = False, max_pixels: int = MAX_PIXELS) -> ImageBatchStream:
     """guided-diffusion's load_data as a resumable stream; `batch_size` is per rank.
 
@@ -332,7 +332,7 @@ def load_data(*, data_dir, batch_size: int, image_size: int, class_cond: bool = 
 
 
 def make_image_folder(path, num_images: int, size, classes: Sequence[str] = ("a", "b"),
-                      seed: int = 0, ext: str = "png") -> List[str]:
+                      seed: int = 0, ext: str = "png") -> list[str]:
     """Write `num_images` synthetic images `{class}_{i:05d}.{ext}`; return their paths, sorted.
 
     Image i has class i % len(classes); a class has its own hue and stripe

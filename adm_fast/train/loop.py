@@ -20,22 +20,21 @@ import math
 import os
 import resource
 import time
-from typing import Dict, List, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import checkpoint as ckpt
+from ..distributed import World, barrier
 from . import state as st
 from .config import TrainError
-from ..distributed import World, barrier
 from .metrics import Metrics
 from .precision import MixedPrecisionTrainer
 
 log = logging.getLogger("adm_fast.train")
 
 
-def parse_ema_rates(ema_rate) -> List[str]:
+def parse_ema_rates(ema_rate) -> list[str]:
     if ema_rate in (None, ""):
         return []
     rates = [r.strip() for r in str(ema_rate).split(",") if r.strip()]
@@ -56,12 +55,12 @@ class TrainLoop:
     def __init__(self, *, model, diffusion, data, world: World, log_dir: str, batch_size: int,
                  lr: float = 1e-4, weight_decay: float = 0.0, microbatch: int = -1,
                  ema_rate="", log_interval: int = 10, save_interval: int = 10000,
-                 resume: Optional[Dict] = None, precision: str = "fp32",
+                 resume: dict | None = None, precision: str = "fp32",
                  fp16_scale_growth: float = 1e-3, initial_lg_loss_scale: float = 20.0,
                  schedule_sampler=None, lr_anneal_steps: int = 0, max_steps: int = 0,
-                 seed: int = 0, max_grad_norm: Optional[float] = None, progress: bool = True,
-                 run_info: Optional[Dict] = None, diffusion_flags: Optional[Dict] = None,
-                 classes: Optional[List[str]] = None):
+                 seed: int = 0, max_grad_norm: float | None = None, progress: bool = True,
+                 run_info: dict | None = None, diffusion_flags: dict | None = None,
+                 classes: list[str] | None = None):
         self.world, self.log_dir = world, log_dir
         self.diffusion, self.data = diffusion, data
         if batch_size < 1 or batch_size % world.world_size:
@@ -117,7 +116,7 @@ class TrainLoop:
         return self.share(t), self.share(weights)
 
     # --- one iteration ----------------------------------------------------
-    def run_step(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> bool:
+    def run_step(self, batch: torch.Tensor, cond: dict[str, torch.Tensor]) -> bool:
         dev = self.world.device
         gen = self.generator()
         t, weights = self.draw_timesteps(gen)
@@ -228,7 +227,7 @@ class TrainLoop:
             self.save()
         return self.step
 
-    def log_row(self, seconds: float, steps: int) -> Dict:
+    def log_row(self, seconds: float, steps: int) -> dict:
         extra = {"samples": self.step * self.global_batch,
                  "samples_per_s": steps * self.global_batch / max(seconds, 1e-9),
                  "lr": self.opt.param_groups[0]["lr"], "skipped_steps": self.mp.skipped_steps}
@@ -296,15 +295,15 @@ class TrainLoop:
             log.info("saved checkpoint at step %d in %s", self.step, self.log_dir)
         barrier(self.world)
 
-    def _gather_rng(self) -> List[Dict[str, torch.Tensor]]:
+    def _gather_rng(self) -> list[dict[str, torch.Tensor]]:
         mine = st.rng_state(self.world.device)
         if not self.world.distributed:
             return [mine]
-        out: List = [None] * self.world.world_size
+        out: list = [None] * self.world.world_size
         torch.distributed.all_gather_object(out, {k: v.cpu() for k, v in mine.items()})
         return out
 
-    def _restore(self, resume: Dict) -> None:
+    def _restore(self, resume: dict) -> None:
         ckpt.check_fits(resume["weights"], self.model, resume["path"],
                         "the model these flags build")
         self.mp.load_model_state_dict(resume["weights"])
@@ -344,7 +343,7 @@ class TrainLoop:
             torch.manual_seed(self.seed + self.world.rank + self.step)
         self._anneal_lr()
 
-    def _check_state_fits(self, state: Dict, path: str) -> None:
+    def _check_state_fits(self, state: dict, path: str) -> None:
         """CheckpointError (one line) unless the optimizer state and the schedule
         sampler's state have the model's and the sampler's shapes: a state saved
         for other flags (a damaged one was skipped before this)."""

@@ -21,7 +21,6 @@ import math
 import os
 import re
 from collections import defaultdict
-from typing import Dict, Optional
 
 import torch
 
@@ -31,11 +30,11 @@ log = logging.getLogger("adm_fast.train")
 
 
 class Metrics:
-    def __init__(self, log_dir: Optional[str], enabled: bool = True, start_step: int = 0):
+    def __init__(self, log_dir: str | None, enabled: bool = True, start_step: int = 0):
         self.log_dir = log_dir if enabled else None
-        self._sums: Dict[str, torch.Tensor] = {}
-        self._counts: Dict[str, torch.Tensor] = {}
-        self._scalars: Dict[str, list] = defaultdict(list)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, torch.Tensor] = {}
+        self._scalars: dict[str, list] = defaultdict(list)
         self._columns: list = []
         if self.log_dir is not None and os.path.exists(self._jsonl):
             self._repair(start_step)
@@ -78,7 +77,7 @@ class Metrics:
         atomic_write(os.path.join(self.log_dir, "progress.csv"), lambda f: f.write(data),
                      hint=True)
 
-    def add_losses(self, losses: Dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: int):
+    def add_losses(self, losses: dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: int):
         """Per-sample loss terms at timesteps t: overall means and per-quartile means."""
         quartile = (4 * t // num_timesteps).clamp_(0, 3)
         onehot = torch.nn.functional.one_hot(quartile, 4).to(torch.float64)
@@ -99,7 +98,7 @@ class Metrics:
         """A scalar (python number) averaged over the interval."""
         self._scalars[key].append(float(value))
 
-    def dump(self, step: int, extra: Optional[Dict] = None, world=None) -> Dict:
+    def dump(self, step: int, extra: dict | None = None, world=None) -> dict:
         row = {"step": step}
         keys = list(self._sums)
         if keys:
@@ -133,13 +132,13 @@ class Metrics:
             log.info(format_row(row))
         return row
 
-    def _write(self, row: Dict) -> None:
+    def _write(self, row: dict) -> None:
         try:
             self._append(row)
         except OSError as e:  # a full disk says so, naming the log
             raise output_error(self._jsonl, e, hint=True) from None
 
-    def _append(self, row: Dict) -> None:
+    def _append(self, row: dict) -> None:
         with open(self._jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         path = os.path.join(self.log_dir, "progress.csv")
@@ -166,7 +165,7 @@ def _ordered(columns: list) -> list:
     return sorted(columns, key=lambda c: (bases.index(_QUARTILE.sub("", c)), c))
 
 
-def format_row(row: Dict) -> str:
+def format_row(row: dict) -> str:
     """The log line: every value but the per-quartile ones (those go to the files)."""
     def fmt(v):
         if isinstance(v, float):

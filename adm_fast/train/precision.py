@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +71,7 @@ class MixedPrecisionTrainer:
 
     def __init__(self, model: nn.Module, *, precision: str = "fp32",
                  initial_lg_loss_scale: float = 20.0, fp16_scale_growth: float = 1e-3,
-                 min_lg_loss_scale: float = 0.0, max_grad_norm: Optional[float] = None):
+                 min_lg_loss_scale: float = 0.0, max_grad_norm: float | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -213,11 +212,11 @@ class MixedPrecisionTrainer:
 
     # -- trainer state -------------------------------------------------------
 
-    def state_dict(self) -> Dict[str, object]:
+    def state_dict(self) -> dict[str, object]:
         return {"precision": self.precision, "lg_loss_scale": self.lg_loss_scale,
                 "skipped_steps": self.skipped_steps}
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
+    def load_state_dict(self, state: dict[str, object]) -> None:
         missing = [k for k in ("precision", "lg_loss_scale", "skipped_steps")
                    if k not in state]
         if missing:
@@ -232,7 +231,7 @@ class MixedPrecisionTrainer:
 
     # -- master params <-> model state dicts (EMA, checkpoints) --------------
 
-    def master_params_to_state_dict(self, params: List[Tensor]) -> Dict[str, Tensor]:
+    def master_params_to_state_dict(self, params: list[Tensor]) -> dict[str, Tensor]:
         """A full model state_dict whose parameters are `params` (fp32, aligned
         with master_params, e.g. EMA params) and whose buffers are the model's."""
         self._check_aligned(params, "params")
@@ -241,7 +240,7 @@ class MixedPrecisionTrainer:
             state[name] = value.detach()
         return state
 
-    def state_dict_to_master_params(self, state_dict: Dict[str, Tensor]) -> List[Tensor]:
+    def state_dict_to_master_params(self, state_dict: dict[str, Tensor]) -> list[Tensor]:
         """fp32 copies of a model state_dict's parameters, aligned with master_params."""
         missing = [n for n in self._names if n not in state_dict]
         if missing:
@@ -252,7 +251,7 @@ class MixedPrecisionTrainer:
         return [v.detach().to(device=m.device, dtype=torch.float32, copy=True)
                 for v, m in zip(params, self.master_params)]
 
-    def load_model_state_dict(self, state_dict: Dict[str, Tensor]) -> None:
+    def load_model_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Load weights into both the model and the master params; with fp16, loading
         into the model alone would leave stale masters that the next step restores."""
         values = self.state_dict_to_master_params(state_dict)
@@ -261,7 +260,7 @@ class MixedPrecisionTrainer:
             for m, v in zip(self.master_params, values):
                 m.copy_(v)
 
-    def _check_aligned(self, params: List[Tensor], what: str) -> None:
+    def _check_aligned(self, params: list[Tensor], what: str) -> None:
         if len(params) != len(self.master_params):
             raise ValueError(f"{what} has {len(params)} parameters, the model has "
                              f"{len(self.master_params)}")

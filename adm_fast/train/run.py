@@ -6,28 +6,31 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional
 
 import torch
 
 from .. import ops
 from ..diffusion import create_named_schedule_sampler
+from ..distributed import barrier, broadcast_object, cleanup, env_world_size, setup
 from ..io import remove_stale_temporaries
 from ..models.layout import use_preferred_layout
-from ..script_util import (classifier_and_diffusion_defaults,
-                           create_classifier_and_diffusion, create_model_and_diffusion,
-                           diffusion_defaults, model_and_diffusion_defaults)
+from ..script_util import (
+    classifier_and_diffusion_defaults,
+    create_classifier_and_diffusion,
+    create_model_and_diffusion,
+    diffusion_defaults,
+    model_and_diffusion_defaults,
+)
 from . import state as st
 from .config import TrainError, default_log_dir, precision_of, setup_logging
 from .data import class_names, list_image_files, load_data
-from ..distributed import barrier, broadcast_object, cleanup, env_world_size, setup
 from .loop import parse_ema_rates
 from .tasks import ClassifierTrainLoop, DiffusionTrainLoop
 
 log = logging.getLogger("adm_fast.train")
 
 
-def _build(kind: str, flags: Dict):
+def _build(kind: str, flags: dict):
     if kind == "diffusion":
         keys = list(model_and_diffusion_defaults()) + ["null_class", "num_classes"]
         return create_model_and_diffusion(**{k: flags[k] for k in keys})
@@ -35,7 +38,7 @@ def _build(kind: str, flags: Dict):
     return create_classifier_and_diffusion(**{k: flags[k] for k in keys})
 
 
-def build_model(kind: str, flags: Dict, device, num_classes: int):
+def build_model(kind: str, flags: dict, device, num_classes: int):
     """(model, diffusion) as a training run builds them from its flags, before
     MixedPrecisionTrainer takes the model: the weights --seed gives, the
     checkpointing flags, and the layout of --backend on device. Shared with the
@@ -56,7 +59,7 @@ def build_model(kind: str, flags: Dict, device, num_classes: int):
     return model, diffusion
 
 
-def _resume(flags: Dict, log_dir: str, world) -> Optional[Dict]:
+def _resume(flags: dict, log_dir: str, world) -> dict | None:
     """The verified checkpoint to resume from: --resume_checkpoint as given
     (an error if its weights are damaged; its weights alone, said loudly, if
     only the state beside them is), else the newest intact set in log_dir,
@@ -93,7 +96,7 @@ def _resume(flags: Dict, log_dir: str, world) -> Optional[Dict]:
     return st.load_resume(chosen[0], rates, require_state=True)  # the other ranks
 
 
-def _no_intact_set(log_dir: str, rates) -> Optional[str]:
+def _no_intact_set(log_dir: str, rates) -> str | None:
     """Why training must not start from step 0 in log_dir, or None when it may:
     no save there ever finished (weights without a state file are a save cut
     short, written again)."""
@@ -114,7 +117,7 @@ def _no_intact_set(log_dir: str, rates) -> Optional[str]:
             "give another --log_dir. Nothing was overwritten")
 
 
-def _labels(kind: str, flags: Dict, resume: Optional[Dict]):
+def _labels(kind: str, flags: dict, resume: dict | None):
     """(class names, num_classes) for a class-conditional run, else (None, default).
 
     Names come from the checkpoint resumed (so labels keep their meaning) or
@@ -141,7 +144,7 @@ def _labels(kind: str, flags: Dict, resume: Optional[Dict]):
     return list(names), n
 
 
-def _labels_in(resume: Optional[Dict], kind: str, flags: Dict) -> Optional[int]:
+def _labels_in(resume: dict | None, kind: str, flags: dict) -> int | None:
     """The number of labels the checkpoint resumed has (a guided-diffusion
     release has 1000), so that resuming keeps the model's shape."""
     if resume is None:
@@ -155,7 +158,7 @@ def _labels_in(resume: Optional[Dict], kind: str, flags: Dict) -> Optional[int]:
     return None
 
 
-def run(kind: str, flags: Dict) -> int:
+def run(kind: str, flags: dict) -> int:
     fp16_key = "use_fp16" if kind == "diffusion" else "classifier_use_fp16"
     precision = precision_of(flags, fp16_key)
     if not flags["data_dir"]:

@@ -27,12 +27,13 @@ from step 0 over them.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -67,11 +68,11 @@ def state_file(step: int) -> str:
     return f"state{step:06d}.pt"
 
 
-def save_state(obj: Dict, path: str) -> None:
+def save_state(obj: dict, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), hint=True)
 
 
-def mark_latest(log_dir: str, step: int, files: List[str]) -> None:
+def mark_latest(log_dir: str, step: int, files: list[str]) -> None:
     missing = [f for f in files if not os.path.isfile(os.path.join(log_dir, f))]
     if missing:
         raise RuntimeError(f"refusing to mark step {step} as latest: {missing} not written")
@@ -87,7 +88,7 @@ def parse_step(path: str) -> int:
     return int(match.group(1))
 
 
-def read_state(path: str, step: int) -> Dict:
+def read_state(path: str, step: int) -> dict:
     """A state file, checked to hold everything resume reads, of the types,
     sizes and finite values resume needs (StateError if not)."""
     try:
@@ -124,7 +125,7 @@ def _count(v, low: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
-def _damage(state: Dict) -> Optional[str]:
+def _damage(state: dict) -> str | None:
     """Why the values of a well-formed state cannot be resumed from, or None.
     Everything _restore hands to torch is checked here, so that a damaged
     value is a skipped checkpoint, not a traceback at load or at the first step."""
@@ -173,12 +174,12 @@ def _rate(r) -> bool:
         return False
 
 
-def _optimizer_damage(opt: Dict) -> Optional[str]:
+def _optimizer_damage(opt: dict) -> str | None:
     groups, per = opt["param_groups"], opt["state"]
     if not isinstance(groups, list) or not groups or not isinstance(per, dict):
         return "optimizer param_groups or state"
     ref = torch.optim.AdamW([torch.zeros(1)]).param_groups[0]
-    ids: List = []
+    ids: list = []
     for g in groups:
         if not isinstance(g, dict) or not isinstance(g.get("params"), list) or not all(
                 _count(i) for i in g["params"]):
@@ -228,7 +229,7 @@ def _optimizer_damage(opt: Dict) -> Optional[str]:
     return None
 
 
-def _precision_damage(prec: Dict) -> Optional[str]:
+def _precision_damage(prec: dict) -> str | None:
     from .precision import PRECISIONS
 
     if prec.get("precision") not in PRECISIONS:
@@ -239,7 +240,7 @@ def _precision_damage(prec: Dict) -> Optional[str]:
     return None
 
 
-def _check_state_fits_weights(state: Dict, weights: Dict, path: str) -> None:
+def _check_state_fits_weights(state: dict, weights: dict, path: str) -> None:
     """A state's optimizer moments have the shapes of the weights saved with it
     (states that name their parameters; older ones are checked against the model
     at restore)."""
@@ -260,14 +261,14 @@ def _check_state_fits_weights(state: Dict, weights: Dict, path: str) -> None:
                                  f"{list(w.shape)})")
 
 
-def _check_finite_weights(weights: Dict, path: str) -> None:
+def _check_finite_weights(weights: dict, path: str) -> None:
     for name, t in weights.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{path}: weight {name!r} holds NaN or infinite values")
 
 
 def load_resume(path: str, ema_rates: Iterable[str] = (), require_state: bool = False,
-                weights_only: bool = False) -> Dict:
+                weights_only: bool = False) -> dict:
     """Everything needed to continue from model file `path`, verified: its
     step, the weights (and metadata), the EMAs and the training state.
 
@@ -309,17 +310,15 @@ def load_resume(path: str, ema_rates: Iterable[str] = (), require_state: bool = 
             "path": path}
 
 
-def _steps(log_dir: str) -> List[int]:
+def _steps(log_dir: str) -> list[int]:
     steps = set()
     for p in glob.glob(os.path.join(glob.escape(log_dir), "model*.safetensors")):
-        try:
+        with contextlib.suppress(CheckpointError):
             steps.add(parse_step(p))
-        except CheckpointError:
-            pass
     return sorted(steps, reverse=True)
 
 
-def newest_intact(log_dir: str, ema_rates: Iterable[str] = ()) -> Tuple[Optional[Dict], List[str]]:
+def newest_intact(log_dir: str, ema_rates: Iterable[str] = ()) -> tuple[dict | None, list[str]]:
     """(load_resume of the newest intact checkpoint set in log_dir or None,
     [why each newer set was skipped])."""
     skipped = []
@@ -332,13 +331,13 @@ def newest_intact(log_dir: str, ema_rates: Iterable[str] = ()) -> Tuple[Optional
     return None, skipped
 
 
-def finished_steps(log_dir: str) -> List[int]:
+def finished_steps(log_dir: str) -> list[int]:
     """The steps, newest first, whose save finished (the state file, written
     last, is there), intact or not."""
     return [s for s in _steps(log_dir) if os.path.isfile(os.path.join(log_dir, state_file(s)))]
 
 
-def newest_weights(log_dir: str, ema_rates: Iterable[str] = ()) -> Optional[str]:
+def newest_weights(log_dir: str, ema_rates: Iterable[str] = ()) -> str | None:
     """The model file of the newest step whose weights (and those EMAs of
     ema_rates that are there) are intact, its state read or not; None if none."""
     for step in _steps(log_dir):
@@ -351,31 +350,31 @@ def newest_weights(log_dir: str, ema_rates: Iterable[str] = ()) -> Optional[str]
     return None
 
 
-def find_latest(log_dir: str) -> Optional[str]:
+def find_latest(log_dir: str) -> str | None:
     """The model file of the newest intact checkpoint in log_dir, or None."""
     found, _ = newest_intact(log_dir)
     return found["path"] if found else None
 
 
-def sampler_state(sampler) -> Optional[Dict]:
+def sampler_state(sampler) -> dict | None:
     if not hasattr(sampler, "state_dict"):
         return None
     return {k: torch.from_numpy(np.asarray(v)) for k, v in sampler.state_dict().items()}
 
 
-def load_sampler_state(sampler, state: Optional[Dict]) -> None:
+def load_sampler_state(sampler, state: dict | None) -> None:
     if state is not None and hasattr(sampler, "load_state_dict"):
         sampler.load_state_dict({k: v.numpy() for k, v in state.items()})
 
 
-def rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: Dict[str, torch.Tensor], device: torch.device) -> None:
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -3,8 +3,6 @@ the noisy classifier (cross-entropy on q_sample(x, t), as the paper trains it)."
 
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -95,7 +93,7 @@ class ClassifierTrainLoop(TrainLoop):
         return took
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[Dict]:
+    def evaluate(self) -> dict | None:
         batch, cond = next(self.val_data)
         batch = batch.to(self.world.device)
         cond = {k: v.to(self.world.device) for k, v in cond.items()}
