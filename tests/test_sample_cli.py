@@ -140,6 +140,10 @@ def test_sample_images_guidance_and_draw_order(ckpt):
                         cond_fn=adm_fast.classifier_cond_fn(clf, 500.0))
     np.testing.assert_array_equal(to_uint8_nhwc(x).numpy(), guided)
     np.testing.assert_array_equal(labels.numpy(), yg)
+    # the one size rule the command line checks too (there naming the files)
+    with pytest.raises(ValueError, match="^the classifier is for 16x16 images but the model "
+                                         "samples 8x8$"):
+        sample_images(model, d, classifier=models["clf16"], classifier_scale=1.0, **kw)
 
 
 def test_each_batch_from_its_own_seed(ckpt):

@@ -29,7 +29,7 @@ from ..io import OutputExists, atomic_write
 from ..models import SuperResModel
 from .base_samples import check_labels, check_low_res, load_base_samples
 from .classes import check_classes
-from .flags import SAMPLERS, check_options
+from .flags import SAMPLERS, check_classifier_size, check_options
 from .grid import GRID_MAX_IMAGES, image_grid
 from .npz import npz_members, write_npz
 from .progress import Progress
@@ -131,9 +131,8 @@ def _plan(model, diffusion, *, num_samples, batch_size, classifier=None, classif
         check_low_res(low_res, low_res_labels, image_size, class_cond)
         if class_cond:
             check_labels(low_res_labels, num_classes, "low_res_labels")
-    if classifier is not None and classifier.image_size != image_size:
-        raise ValueError(f"the classifier is for {classifier.image_size}x{classifier.image_size} "
-                         f"images but the model samples {image_size}x{image_size}")
+    if classifier is not None:
+        check_classifier_size(classifier.image_size, image_size)
     guided = classifier is not None and classifier_scale != 0
     labels = None if is_sr else (num_classes if class_cond else
                                  classifier.out_channels if guided else None)

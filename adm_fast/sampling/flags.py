@@ -104,6 +104,18 @@ def check_options(*, num_samples, batch_size, sampler: str, eta, steps, cuda_gra
         raise InputError(f"{name('classifier_scale')} needs {name('classifier')}")
 
 
+def check_classifier_size(classifier_size: int, model_size: int, classifier: str = "",
+                          model: str = "") -> None:
+    """The classifier guides the model's own images: the same size. classifier,
+    model: what the message calls them beside 'the classifier'/'the model'
+    (the command line names their files)."""
+    if classifier_size != model_size:
+        raise InputError(
+            f"the classifier{' ' + classifier if classifier else ''} is for {classifier_size}x"
+            f"{classifier_size} images but the model{' ' + model if model else ''} samples "
+            f"{model_size}x{model_size}")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise InputError(message)

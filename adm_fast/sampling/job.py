@@ -12,7 +12,7 @@ from ..diffusion import create_gaussian_diffusion
 from ..ops.backend import check_name
 from .base_samples import check_labels, check_low_res, load_base_samples
 from .classes import check_classes
-from .flags import check_options
+from .flags import check_classifier_size, check_options
 from .resolve import CONSTRUCT, InputError, Source, resolve
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -86,11 +86,8 @@ def _classifier(args, explicit: dict, model, src: Source, device: torch.device):
                          f"{csrc.kind} model, not a classifier")
     classifier = load_checkpoint(csrc.file, preset=csrc.spec, device=device,
                                  dtype=_dtype(args, device, csrc.flags["classifier_use_fp16"]))
-    if classifier.image_size != model.image_size:
-        raise InputError(
-            f"the classifier {args['classifier_path']} is for {classifier.image_size}x"
-            f"{classifier.image_size} images but the model {args['model_path']} samples "
-            f"{model.image_size}x{model.image_size}")
+    check_classifier_size(classifier.image_size, model.image_size, args["classifier_path"],
+                          args["model_path"])
     scale = args.get("classifier_scale")
     if scale is None:
         preset_scale = src.preset.classifier_scale if src.preset else None
